@@ -1,0 +1,3 @@
+-- Delete a product; the trigger announces the deleted row.
+DELETE FROM products
+WHERE product_id = $1

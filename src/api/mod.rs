@@ -1,0 +1,47 @@
+//! The REST API for products: routes, handlers, the JSON extractor and the error type. Imports
+//! `db`, `product` and `config`; it never talks to the distributor: changes reach subscribers
+//! only through the database trigger, so REST and any other writer behave the same.
+
+mod error;
+mod json;
+mod products;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use sqlx::PgPool;
+
+pub use error::ApiError;
+pub use json::ApiJson;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The REST connection pool.
+    pub pool: PgPool,
+}
+
+/// The `/products` routes, with JSON errors for 404 and 405 and the body size limit.
+pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/products", get(products::list).post(products::create))
+        .route(
+            "/products/{id}",
+            get(products::get)
+                .put(products::replace)
+                .patch(products::patch)
+                .delete(products::delete),
+        )
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Answer for paths no route serves.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such path".to_owned())
+}
+
+/// Answer for a method a path does not support.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,184 @@
+//! Product queries, one SQL file per query under `sql/`. Maps database errors that mean
+//! something to a client (no such row, duplicate id) to [`StoreError`]; everything else is
+//! `StoreError::Database`, which the API reports as a 500 without details.
+
+use sqlx::PgPool;
+
+use crate::product::{NewProduct, Product, ProductId, ProductPatch};
+
+/// Outcome of a product query that did not produce a product.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No product has this id.
+    #[error("product {0} does not exist")]
+    NotFound(ProductId),
+    /// A product with this id already exists.
+    #[error("product {0} already exists")]
+    Conflict(ProductId),
+    /// Anything else: connection loss, timeouts, bugs. Details go to the log only.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Generated-id inserts retry this often on a duplicate key, which happens only when a
+/// concurrent client-chosen id raced the sequence adjustment.
+const INSERT_ATTEMPTS: usize = 5;
+
+#[derive(sqlx::FromRow)]
+struct ProductRow {
+    product_id: i64,
+    manufacturer: String,
+    price_per_unit: String,
+    units_available: i32,
+    product_name: String,
+}
+
+impl ProductRow {
+    fn into_product(self) -> Result<Product, StoreError> {
+        // The column has CHECK (product_id > 0), so a negative id is a broken database.
+        let product_id = ProductId::new(self.product_id).ok_or_else(|| {
+            StoreError::Database(sqlx::Error::Decode(
+                format!("product_id {} is negative", self.product_id).into(),
+            ))
+        })?;
+        Ok(Product {
+            product_id,
+            manufacturer: self.manufacturer,
+            price_per_unit: self.price_per_unit,
+            units_available: self.units_available,
+            product_name: self.product_name,
+        })
+    }
+}
+
+fn is_duplicate_key(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .is_some_and(|db| db.constraint() == Some("products_pkey"))
+}
+
+/// Products with id > `after`, ascending, at most `limit`.
+pub async fn list(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Product>, StoreError> {
+    sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_list.sql"))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(ProductRow::into_product)
+        .collect()
+}
+
+/// One product.
+pub async fn get(pool: &PgPool, id: ProductId) -> Result<Product, StoreError> {
+    sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_get.sql"))
+        .bind(id.get())
+        .fetch_optional(pool)
+        .await?
+        .ok_or(StoreError::NotFound(id))?
+        .into_product()
+}
+
+/// Creates a product, with the client's id if it chose one.
+pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Product, StoreError> {
+    match new.product_id {
+        Some(id) => insert_with_id(pool, id, new).await,
+        None => insert_generated(pool, new).await,
+    }
+}
+
+async fn insert_generated(pool: &PgPool, new: &NewProduct) -> Result<Product, StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_insert.sql"))
+            .bind(&new.manufacturer)
+            .bind(&new.price_per_unit)
+            .bind(new.units_available)
+            .bind(&new.product_name)
+            .fetch_one(pool)
+            .await;
+        match result {
+            Ok(row) => return row.into_product(),
+            Err(err) if is_duplicate_key(&err) && attempt < INSERT_ATTEMPTS => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+async fn insert_with_id(
+    pool: &PgPool,
+    id: ProductId,
+    new: &NewProduct,
+) -> Result<Product, StoreError> {
+    let mut tx = pool.begin().await?;
+    let row =
+        sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_insert_with_id.sql"))
+            .bind(id.get())
+            .bind(&new.manufacturer)
+            .bind(&new.price_per_unit)
+            .bind(new.units_available)
+            .bind(&new.product_name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|err| {
+                if is_duplicate_key(&err) {
+                    StoreError::Conflict(id)
+                } else {
+                    err.into()
+                }
+            })?;
+    sqlx::query(include_str!("../../sql/products_advance_id_sequence.sql"))
+        .bind(id.get())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    row.into_product()
+}
+
+/// Replaces every field of an existing product.
+pub async fn replace(
+    pool: &PgPool,
+    id: ProductId,
+    new: &NewProduct,
+) -> Result<Product, StoreError> {
+    sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_replace.sql"))
+        .bind(id.get())
+        .bind(&new.manufacturer)
+        .bind(&new.price_per_unit)
+        .bind(new.units_available)
+        .bind(&new.product_name)
+        .fetch_optional(pool)
+        .await?
+        .ok_or(StoreError::NotFound(id))?
+        .into_product()
+}
+
+/// Changes the given fields of an existing product.
+pub async fn patch(
+    pool: &PgPool,
+    id: ProductId,
+    patch: &ProductPatch,
+) -> Result<Product, StoreError> {
+    sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_patch.sql"))
+        .bind(id.get())
+        .bind(patch.manufacturer.as_deref())
+        .bind(patch.price_per_unit.as_deref())
+        .bind(patch.units_available)
+        .bind(patch.product_name.as_deref())
+        .fetch_optional(pool)
+        .await?
+        .ok_or(StoreError::NotFound(id))?
+        .into_product()
+}
+
+/// Deletes a product.
+pub async fn delete(pool: &PgPool, id: ProductId) -> Result<(), StoreError> {
+    let result = sqlx::query(include_str!("../../sql/products_delete.sql"))
+        .bind(id.get())
+        .execute(pool)
+        .await?;
+    if result.rows_affected() == 0 {
+        return Err(StoreError::NotFound(id));
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! The actor task: owns [`Subscriptions`] and applies commands one at a time, so the maps need
+//! no lock. It never awaits a session and does no I/O: outboxes are written with `try_send`, and
+//! a full one gets the session evicted (see the module doc of `distributor`).
+
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::subscriptions::{SessionId, Subscriptions};
+use super::{Command, Delivery, Registration, Stats};
+use crate::config::Limits;
+
+type Outbox<F> = mpsc::Sender<Delivery<F>>;
+
+/// The sink kept per session: its outbox and the token that tells it it was evicted.
+#[derive(Debug)]
+struct SessionSink<F> {
+    outbox: Outbox<F>,
+    evicted: CancellationToken,
+}
+
+impl<F> Clone for SessionSink<F> {
+    fn clone(&self) -> Self {
+        Self {
+            outbox: self.outbox.clone(),
+            evicted: self.evicted.clone(),
+        }
+    }
+}
+
+struct Distributor<F> {
+    subscriptions: Subscriptions<SessionSink<F>>,
+    limits: Limits,
+    next_session: u64,
+    stats: Stats,
+}
+
+pub(super) fn spawn<F: Clone + Send + 'static>(inbox: mpsc::Receiver<Command<F>>, limits: Limits) {
+    let actor = Distributor {
+        subscriptions: Subscriptions::default(),
+        limits,
+        next_session: 0,
+        stats: Stats::default(),
+    };
+    tokio::spawn(
+        actor
+            .run(inbox)
+            .instrument(tracing::info_span!("distributor")),
+    );
+}
+
+impl<F: Clone + Send + 'static> Distributor<F> {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Command<F>>) {
+        while let Some(command) = inbox.recv().await {
+            self.handle(command);
+        }
+        tracing::debug!("all handles dropped; distributor stops");
+    }
+
+    fn handle(&mut self, command: Command<F>) {
+        match command {
+            Command::Publish { product, frame } => {
+                self.stats.changes_published += 1;
+                let mut full = Vec::new();
+                for (id, sink) in self.subscriptions.subscribers(product) {
+                    match sink.outbox.try_send(Delivery::Change(frame.clone())) {
+                        Ok(()) => self.stats.messages_queued += 1,
+                        Err(TrySendError::Full(_)) => full.push(id),
+                        // The session ended; its Disconnect is on the way.
+                        Err(TrySendError::Closed(_)) => {}
+                    }
+                }
+                for id in full {
+                    self.evict(id);
+                }
+            }
+            Command::Register { reply } => {
+                self.next_session += 1;
+                let id = SessionId(self.next_session);
+                let (outbox, receiver) = mpsc::channel(self.limits.outbox_capacity);
+                let evicted = CancellationToken::new();
+                self.subscriptions.add_session(
+                    id,
+                    SessionSink {
+                        outbox,
+                        evicted: evicted.clone(),
+                    },
+                );
+                let registration = Registration {
+                    id,
+                    outbox: receiver,
+                    evicted,
+                };
+                if reply.send(registration).is_err() {
+                    // The session gave up while registering.
+                    self.subscriptions.remove_session(id);
+                }
+            }
+            Command::Subscribe { id, products } => {
+                let answer =
+                    match self
+                        .subscriptions
+                        .subscribe(id, &products, self.limits.max_subscriptions)
+                    {
+                        Ok(_) => Delivery::Subscribed(products),
+                        Err(over) => Delivery::Refused(over),
+                    };
+                self.deliver(id, answer);
+            }
+            Command::Unsubscribe { id, products } => {
+                self.subscriptions.unsubscribe(id, &products);
+                self.deliver(id, Delivery::Unsubscribed(products));
+            }
+            Command::Disconnect { id } => {
+                self.subscriptions.remove_session(id);
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(Stats {
+                    sessions: self.subscriptions.session_count(),
+                    subscriptions: self.subscriptions.subscription_count(),
+                    products_with_subscribers: self.subscriptions.product_count(),
+                    ..self.stats
+                });
+            }
+        }
+    }
+
+    /// Queues a reply for one session, evicting it if its outbox is full.
+    fn deliver(&mut self, id: SessionId, delivery: Delivery<F>) {
+        let Some(sink) = self.subscriptions.sink(id) else {
+            return;
+        };
+        match sink.outbox.try_send(delivery) {
+            Ok(()) => self.stats.messages_queued += 1,
+            Err(TrySendError::Full(_)) => self.evict(id),
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn evict(&mut self, id: SessionId) {
+        if let Some(sink) = self.subscriptions.remove_session(id) {
+            self.stats.slow_sessions_evicted += 1;
+            sink.evicted.cancel();
+            tracing::info!(session_id = %id, "outbox full; slow session evicted");
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! rowcast pushes committed Postgres row changes to browsers over WebSockets.
+//!
+//! Data flows one way, and the modules are listed in that order:
+//!
+//! ```text
+//! REST client ─▶ api ─▶ db ─▶ Postgres ─▶ trigger (pg_notify 'product_change')
+//!                                             │
+//!           browser ◀─ session ◀─ distributor ◀─ listener
+//! ```
+//!
+//! Commands flow the other way only from sessions to the distributor (subscribe, unsubscribe,
+//! disconnect). `app` wires the pieces; `main` parses the command line and runs it.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod distributor;
+pub mod listener;
+pub mod ops;
+pub mod product;
+pub mod protocol;
+pub mod session;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use app::App;
+pub use config::Config;

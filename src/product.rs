@@ -1,0 +1,389 @@
+//! The product domain: ids, products, the inputs that create or change them, and the change
+//! events the database announces. Everything that comes from outside (REST bodies, notification
+//! payloads, WebSocket ids) is turned into these types by a `parse` function here, so code past
+//! the edge never re-checks. No I/O; serde shapes are the wire shapes (camelCase).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A product's id: a non-negative 64-bit integer. Stored products have ids from 1 (the identity
+/// column); 0 can be named (and subscribed to: the classic browser snippet subscribes to
+/// `[...Array(1024).keys()]`, which starts at 0) but never exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProductId(i64);
+
+impl ProductId {
+    /// Accepts ids in `0..=i64::MAX`.
+    pub fn new(raw: i64) -> Option<Self> {
+        (raw >= 0).then_some(Self(raw))
+    }
+
+    /// The id as stored in the database.
+    pub fn get(self) -> i64 {
+        self.0
+    }
+
+    /// Reads an id from a JSON value: an integer (no fraction, no string) in range.
+    pub fn from_json(value: &Value) -> Option<Self> {
+        value.as_i64().and_then(Self::new)
+    }
+}
+
+impl fmt::Display for ProductId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A stored product, exactly as REST serves it and as change notifications carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Product {
+    /// Primary key.
+    pub product_id: ProductId,
+    /// Who makes it; never empty.
+    pub manufacturer: String,
+    /// Decimal price as text (e.g. `"12.50"`), kept as text so no rounding ever happens.
+    pub price_per_unit: String,
+    /// Stock level; never negative.
+    pub units_available: i32,
+    /// Display name; never empty.
+    pub product_name: String,
+}
+
+/// What a change did to a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    /// The product was created.
+    Insert,
+    /// The product was changed (its new state is carried).
+    Update,
+    /// The product was deleted (its last state is carried).
+    Delete,
+}
+
+/// One committed change, as the `product_change` trigger announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    /// INSERT, UPDATE or DELETE.
+    pub action: Action,
+    /// The new row, or the old row for DELETE.
+    pub product: Product,
+}
+
+impl Change {
+    /// Parses a `product_change` notification payload.
+    pub fn parse(payload: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(payload)
+    }
+}
+
+/// A client input that breaks a rule; `field` names the JSON field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// The camelCase JSON field name (or `body` for the whole document).
+    pub field: &'static str,
+    /// What was wrong, in words a client developer understands.
+    pub message: String,
+}
+
+impl ValidationError {
+    fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// The body of POST and PUT: every field of a product; the id is optional.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProductInput {
+    /// For POST: absent or 0 = assign one. For PUT: absent, or equal to the path id.
+    #[serde(default)]
+    pub product_id: Option<i64>,
+    /// See [`Product::manufacturer`].
+    pub manufacturer: String,
+    /// See [`Product::price_per_unit`].
+    pub price_per_unit: String,
+    /// Signed so that a negative number gets a validation message instead of a type error.
+    pub units_available: i64,
+    /// See [`Product::product_name`].
+    pub product_name: String,
+}
+
+/// A validated product without an id decision: what POST/PUT store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewProduct {
+    /// Present when the client chose an id.
+    pub product_id: Option<ProductId>,
+    /// Validated manufacturer.
+    pub manufacturer: String,
+    /// Validated decimal price text.
+    pub price_per_unit: String,
+    /// Validated stock level.
+    pub units_available: i32,
+    /// Validated name.
+    pub product_name: String,
+}
+
+impl NewProduct {
+    /// Validates a POST/PUT body. A `productId` of 0 means "assign one".
+    pub fn parse(input: ProductInput) -> Result<Self, ValidationError> {
+        let product_id = match input.product_id {
+            None | Some(0) => None,
+            Some(raw) => Some(ProductId::new(raw).ok_or_else(|| {
+                ValidationError::new(
+                    "productId",
+                    "must be a positive integer (or 0 to assign one)",
+                )
+            })?),
+        };
+        Ok(Self {
+            product_id,
+            manufacturer: parse_name("manufacturer", input.manufacturer)?,
+            price_per_unit: parse_price(input.price_per_unit)?,
+            units_available: parse_units(input.units_available)?,
+            product_name: parse_name("productName", input.product_name)?,
+        })
+    }
+}
+
+/// A validated JSON merge patch (RFC 7396) of a product: `None` fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProductPatch {
+    /// New manufacturer, if given.
+    pub manufacturer: Option<String>,
+    /// New price, if given.
+    pub price_per_unit: Option<String>,
+    /// New stock level, if given.
+    pub units_available: Option<i32>,
+    /// New name, if given.
+    pub product_name: Option<String>,
+}
+
+impl ProductPatch {
+    /// Validates a merge-patch document for product `path_id`. Every product field is required,
+    /// so `null` (which would remove a member) is refused; `productId`, if present, must equal
+    /// the path id.
+    pub fn parse(path_id: ProductId, document: Value) -> Result<Self, ValidationError> {
+        let Value::Object(members) = document else {
+            return Err(ValidationError::new(
+                "body",
+                "a merge patch must be a JSON object",
+            ));
+        };
+        let mut patch = Self::default();
+        for (key, value) in members {
+            match key.as_str() {
+                "productId" => {
+                    if ProductId::from_json(&value) != Some(path_id) {
+                        return Err(id_mismatch(path_id));
+                    }
+                }
+                "manufacturer" => {
+                    patch.manufacturer = Some(parse_name(
+                        "manufacturer",
+                        string_member("manufacturer", value)?,
+                    )?);
+                }
+                "pricePerUnit" => {
+                    patch.price_per_unit =
+                        Some(parse_price(string_member("pricePerUnit", value)?)?);
+                }
+                "unitsAvailable" => {
+                    let units = value.as_i64().ok_or_else(|| {
+                        ValidationError::new("unitsAvailable", "must be an integer")
+                    })?;
+                    patch.units_available = Some(parse_units(units)?);
+                }
+                "productName" => {
+                    patch.product_name = Some(parse_name(
+                        "productName",
+                        string_member("productName", value)?,
+                    )?);
+                }
+                _ => return Err(unknown_field(&key)),
+            }
+        }
+        Ok(patch)
+    }
+
+    /// True when the patch changes nothing (an empty object).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The error for a body whose `productId` differs from the id in the path.
+pub fn id_mismatch(path_id: ProductId) -> ValidationError {
+    ValidationError::new(
+        "productId",
+        format!("must be absent or equal to the id in the path ({path_id})"),
+    )
+}
+
+fn unknown_field(key: &str) -> ValidationError {
+    ValidationError::new(
+        "body",
+        format!(
+            "unknown field `{key}`; expected productId, manufacturer, pricePerUnit, unitsAvailable or productName"
+        ),
+    )
+}
+
+fn string_member(field: &'static str, value: Value) -> Result<String, ValidationError> {
+    match value {
+        Value::String(text) => Ok(text),
+        Value::Null => Err(ValidationError::new(
+            field,
+            "cannot be removed (null); every product field is required",
+        )),
+        _ => Err(ValidationError::new(field, "must be a string")),
+    }
+}
+
+/// Longest text accepted in a name field: far above real names (a 100 KB name must still work)
+/// while keeping one row well below the HTTP body limit.
+const MAX_TEXT_CHARS: usize = 200_000;
+
+fn parse_name(field: &'static str, value: String) -> Result<String, ValidationError> {
+    if value.trim().is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if value.chars().count() > MAX_TEXT_CHARS {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_TEXT_CHARS} characters"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ValidationError::new(
+            field,
+            "must not contain NUL characters",
+        ));
+    }
+    Ok(value)
+}
+
+/// Prices are decimal text with an optional fraction ("12", "12.5", "0.99"): what a shop shows,
+/// kept exact instead of going through a float.
+fn parse_price(value: String) -> Result<String, ValidationError> {
+    let (whole, fraction) = match value.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (value.as_str(), None),
+    };
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    let valid = value.len() <= 40 && digits(whole) && fraction.is_none_or(digits);
+    if valid {
+        Ok(value)
+    } else {
+        Err(ValidationError::new(
+            "pricePerUnit",
+            format!("must be a non-negative decimal number as text, like \"12.50\"; got {value:?}"),
+        ))
+    }
+}
+
+fn parse_units(value: i64) -> Result<i32, ValidationError> {
+    if value < 0 {
+        return Err(ValidationError::new(
+            "unitsAvailable",
+            "must not be negative",
+        ));
+    }
+    i32::try_from(value).map_err(|_| {
+        ValidationError::new("unitsAvailable", format!("must be at most {}", i32::MAX))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn input(value: Value) -> ProductInput {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn valid() -> Value {
+        json!({"manufacturer": "Acme", "pricePerUnit": "12.50", "unitsAvailable": 3, "productName": "Anvil"})
+    }
+
+    #[test]
+    fn new_product_accepts_valid_input_and_treats_zero_id_as_absent() {
+        let mut body = valid();
+        body["productId"] = json!(0);
+        let product = NewProduct::parse(input(body)).unwrap();
+        assert_eq!(product.product_id, None);
+        assert_eq!(product.units_available, 3);
+    }
+
+    #[test]
+    fn new_product_rejects_each_bad_field_by_name() {
+        for (field, bad) in [
+            ("manufacturer", json!("  ")),
+            ("productName", json!("")),
+            ("pricePerUnit", json!("12,50")),
+            ("pricePerUnit", json!("-1")),
+            ("pricePerUnit", json!("1.")),
+            ("unitsAvailable", json!(-1)),
+            ("unitsAvailable", json!(3_000_000_000_i64)),
+            ("productId", json!(-4)),
+        ] {
+            let mut body = valid();
+            body[field] = bad.clone();
+            let err = NewProduct::parse(input(body)).unwrap_err();
+            assert_eq!(err.field, field, "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_the_body_type() {
+        let mut body = valid();
+        body["colour"] = json!("red");
+        assert!(serde_json::from_value::<ProductInput>(body).is_err());
+    }
+
+    #[test]
+    fn patch_takes_given_fields_and_refuses_null_unknown_and_other_ids() {
+        let id = ProductId::new(7).unwrap();
+        let patch = ProductPatch::parse(id, json!({"unitsAvailable": 9, "productId": 7})).unwrap();
+        assert_eq!(patch.units_available, Some(9));
+        assert_eq!(patch.manufacturer, None);
+        assert!(ProductPatch::parse(id, json!({})).unwrap().is_empty());
+
+        let null = ProductPatch::parse(id, json!({"productName": null})).unwrap_err();
+        assert_eq!(null.field, "productName");
+        let other = ProductPatch::parse(id, json!({"productId": 8})).unwrap_err();
+        assert_eq!(other.field, "productId");
+        let unknown = ProductPatch::parse(id, json!({"colour": "red"})).unwrap_err();
+        assert!(unknown.message.contains("colour"));
+        assert!(ProductPatch::parse(id, json!([1])).is_err());
+    }
+
+    #[test]
+    fn change_payload_round_trips_the_rest_shape() {
+        let payload = r#"{"action":"DELETE","product":{"productId":1,"manufacturer":"A","pricePerUnit":"1","unitsAvailable":0,"productName":"B"}}"#;
+        let change = Change::parse(payload).unwrap();
+        assert_eq!(change.action, Action::Delete);
+        assert_eq!(serde_json::to_string(&change).unwrap(), payload);
+        assert!(Change::parse(r#"{"action":"TRUNCATE","product":{}}"#).is_err());
+    }
+
+    #[test]
+    fn product_ids_must_be_non_negative_integers() {
+        assert!(ProductId::from_json(&json!(1)).is_some());
+        assert!(ProductId::from_json(&json!(0)).is_some());
+        for bad in [json!(-1), json!(1.5), json!("1"), json!(u64::MAX)] {
+            assert!(ProductId::from_json(&bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The WebSocket wire protocol: parsing client commands, encoding server messages, and the
+//! closed table of close codes. Pure: no I/O, no sockets; `session` and `listener` call it.
+//!
+//! Client → server (text frames):
+//! `{"command":"subscribe","productIDs":[1,2]}`, `{"command":"unsubscribe","productIDs":[2]}`.
+//! Server → client: `{"type":"subscribed"|"unsubscribed","productIDs":[…]}` once the command is
+//! applied, `{"type":"change","action":…,"product":{…}}` per committed change, and
+//! `{"type":"error","error":<code>,"message":…}` for input the server could not use.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::product::{Change, ProductId};
+
+/// WebSocket close codes rowcast sends, each with when and what a client should do.
+pub mod close_code {
+    /// 1001 Going Away: the server is shutting down. Reconnect (with backoff) to another or the
+    /// restarted instance.
+    pub const GOING_AWAY: u16 = 1001;
+    /// 1008 Policy Violation: the peer stopped answering pings in time. Reconnect if still alive.
+    pub const POLICY: u16 = 1008;
+    /// 1009 Message Too Big: a client frame exceeded the configured limit. Fix the client; do not
+    /// resend the same frame.
+    pub const TOO_BIG: u16 = 1009;
+    /// 1011 Internal Error: the server could not serve the session (its distributor stopped).
+    /// Reconnect with backoff.
+    pub const INTERNAL: u16 = 1011;
+    /// 1013 Try Again Later: the client read too slowly and its queue overflowed, so it was
+    /// disconnected to protect everyone else. Reconnect and read faster.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Machine-readable error codes in `{"type":"error"}` messages. The connection stays open and
+/// keeps its subscriptions after each of them.
+pub mod error_code {
+    /// The frame is not valid JSON.
+    pub const MALFORMED_JSON: &str = "malformed_json";
+    /// The JSON is not an object with a known `command`.
+    pub const UNKNOWN_COMMAND: &str = "unknown_command";
+    /// The command's fields are missing, unknown or of the wrong type.
+    pub const INVALID_COMMAND: &str = "invalid_command";
+    /// An id is not an integer in 0..=9223372036854775807.
+    pub const INVALID_PRODUCT_ID: &str = "invalid_product_id";
+    /// The frame was binary; only text frames carry commands.
+    pub const BINARY_FRAME: &str = "binary_frame";
+    /// Applying the subscribe would exceed the per-connection cap; nothing was applied.
+    pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
+}
+
+/// A command a client sent, parsed and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCommand {
+    /// Start receiving changes of these products (set semantics: repeats are no-ops).
+    Subscribe(Vec<ProductId>),
+    /// Stop receiving changes of these products.
+    Unsubscribe(Vec<ProductId>),
+}
+
+/// Why a client frame could not be used; becomes one `{"type":"error"}` message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ProtocolError {
+    /// One of [`error_code`].
+    pub code: &'static str,
+    /// Human-readable detail naming what was wrong.
+    pub message: String,
+}
+
+impl ProtocolError {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl ClientCommand {
+    /// Parses one text frame. Ids are deduplicated, keeping the first occurrence's position.
+    pub fn parse(text: &str) -> Result<Self, ProtocolError> {
+        let value: Value = serde_json::from_str(text).map_err(|err| {
+            ProtocolError::new(
+                error_code::MALFORMED_JSON,
+                format!("frame is not valid JSON: {err}"),
+            )
+        })?;
+        let Value::Object(mut members) = value else {
+            return Err(ProtocolError::new(
+                error_code::UNKNOWN_COMMAND,
+                "expected a JSON object like {\"command\":\"subscribe\",\"productIDs\":[1]}",
+            ));
+        };
+        let command = match members.remove("command") {
+            Some(Value::String(command)) => command,
+            Some(_) => {
+                return Err(ProtocolError::new(
+                    error_code::UNKNOWN_COMMAND,
+                    "`command` must be a string: \"subscribe\" or \"unsubscribe\"",
+                ));
+            }
+            None => {
+                return Err(ProtocolError::new(
+                    error_code::UNKNOWN_COMMAND,
+                    "missing `command`: expected \"subscribe\" or \"unsubscribe\"",
+                ));
+            }
+        };
+        let make: fn(Vec<ProductId>) -> Self = match command.as_str() {
+            "subscribe" => Self::Subscribe,
+            "unsubscribe" => Self::Unsubscribe,
+            other => {
+                return Err(ProtocolError::new(
+                    error_code::UNKNOWN_COMMAND,
+                    format!("unknown command {other:?}: expected \"subscribe\" or \"unsubscribe\""),
+                ));
+            }
+        };
+        let ids = match members.remove("productIDs") {
+            Some(Value::Array(ids)) => ids,
+            Some(_) => {
+                return Err(ProtocolError::new(
+                    error_code::INVALID_COMMAND,
+                    "`productIDs` must be an array of product ids",
+                ));
+            }
+            None => {
+                return Err(ProtocolError::new(
+                    error_code::INVALID_COMMAND,
+                    format!("`{command}` needs `productIDs`, an array of product ids"),
+                ));
+            }
+        };
+        if let Some(unknown) = members.keys().next() {
+            return Err(ProtocolError::new(
+                error_code::INVALID_COMMAND,
+                format!("unknown field `{unknown}` in `{command}`"),
+            ));
+        }
+        let mut parsed = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        for (index, raw) in ids.iter().enumerate() {
+            let id = ProductId::from_json(raw).ok_or_else(|| {
+                ProtocolError::new(
+                    error_code::INVALID_PRODUCT_ID,
+                    format!(
+                        "productIDs[{index}] = {raw} is not a product id (an integer from 0 to {})",
+                        i64::MAX
+                    ),
+                )
+            })?;
+            if seen.insert(id) {
+                parsed.push(id);
+            }
+        }
+        Ok(make(parsed))
+    }
+}
+
+/// Encodes a change once; the same bytes go to every subscriber.
+pub fn encode_change(change: &Change) -> String {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        r#type: &'static str,
+        #[serde(flatten)]
+        change: &'a Change,
+    }
+    to_json(&Wire {
+        r#type: "change",
+        change,
+    })
+}
+
+/// Encodes the acknowledgement of an applied subscribe or unsubscribe.
+pub fn encode_ack(subscribed: bool, ids: &[ProductId]) -> String {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        r#type: &'static str,
+        #[serde(rename = "productIDs")]
+        product_ids: &'a [ProductId],
+    }
+    to_json(&Wire {
+        r#type: if subscribed {
+            "subscribed"
+        } else {
+            "unsubscribed"
+        },
+        product_ids: ids,
+    })
+}
+
+/// Encodes an error message for the client.
+pub fn encode_error(code: &str, message: &str) -> String {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        r#type: &'static str,
+        error: &'a str,
+        message: &'a str,
+    }
+    to_json(&Wire {
+        r#type: "error",
+        error: code,
+        message,
+    })
+}
+
+fn to_json(value: &impl Serialize) -> String {
+    // Serializing these plain structs (strings, integers, derived enums) to a String cannot fail:
+    // serde_json fails only for non-string map keys or failing custom Serialize impls.
+    serde_json::to_string(value).unwrap_or_else(|err| {
+        tracing::error!(cause = %err, "encoding a server message failed");
+        String::new()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::product::{Action, Product};
+
+    fn id(raw: i64) -> ProductId {
+        ProductId::new(raw).unwrap()
+    }
+
+    #[test]
+    fn parses_subscribe_and_unsubscribe_with_deduplicated_ids() {
+        assert_eq!(
+            ClientCommand::parse(r#"{"command":"subscribe","productIDs":[0,1]}"#).unwrap(),
+            ClientCommand::Subscribe(vec![id(0), id(1)]),
+            "0 never exists but may be subscribed to"
+        );
+        assert_eq!(
+            ClientCommand::parse(r#"{"command":"subscribe","productIDs":[3,1,3]}"#).unwrap(),
+            ClientCommand::Subscribe(vec![id(3), id(1)])
+        );
+        assert_eq!(
+            ClientCommand::parse(r#"{"productIDs":[],"command":"unsubscribe"}"#).unwrap(),
+            ClientCommand::Unsubscribe(vec![])
+        );
+    }
+
+    #[test]
+    fn each_bad_frame_gets_its_own_code() {
+        for (frame, code) in [
+            ("{nope", error_code::MALFORMED_JSON),
+            ("[1]", error_code::UNKNOWN_COMMAND),
+            (r#"{"productIDs":[1]}"#, error_code::UNKNOWN_COMMAND),
+            (
+                r#"{"command":"publish","productIDs":[1]}"#,
+                error_code::UNKNOWN_COMMAND,
+            ),
+            (
+                r#"{"command":7,"productIDs":[1]}"#,
+                error_code::UNKNOWN_COMMAND,
+            ),
+            (r#"{"command":"subscribe"}"#, error_code::INVALID_COMMAND),
+            (
+                r#"{"command":"subscribe","productIDs":1}"#,
+                error_code::INVALID_COMMAND,
+            ),
+            (
+                r#"{"command":"subscribe","productIDs":[1],"x":1}"#,
+                error_code::INVALID_COMMAND,
+            ),
+            (
+                r#"{"command":"subscribe","productIDs":[1.5]}"#,
+                error_code::INVALID_PRODUCT_ID,
+            ),
+            (
+                r#"{"command":"subscribe","productIDs":["1"]}"#,
+                error_code::INVALID_PRODUCT_ID,
+            ),
+            (
+                r#"{"command":"subscribe","productIDs":[-1]}"#,
+                error_code::INVALID_PRODUCT_ID,
+            ),
+            (
+                r#"{"command":"subscribe","productIDs":[9223372036854775808]}"#,
+                error_code::INVALID_PRODUCT_ID,
+            ),
+        ] {
+            assert_eq!(
+                ClientCommand::parse(frame).unwrap_err().code,
+                code,
+                "{frame}"
+            );
+        }
+    }
+
+    #[test]
+    fn encodes_messages_in_the_documented_shape() {
+        let change = Change {
+            action: Action::Update,
+            product: Product {
+                product_id: id(1),
+                manufacturer: "A".into(),
+                price_per_unit: "1.00".into(),
+                units_available: 2,
+                product_name: "\"B\"".into(),
+            },
+        };
+        assert_eq!(
+            encode_change(&change),
+            r#"{"type":"change","action":"UPDATE","product":{"productId":1,"manufacturer":"A","pricePerUnit":"1.00","unitsAvailable":2,"productName":"\"B\""}}"#
+        );
+        assert_eq!(
+            encode_ack(true, &[id(1), id(2)]),
+            r#"{"type":"subscribed","productIDs":[1,2]}"#
+        );
+        assert_eq!(
+            encode_error("x", "y"),
+            r#"{"type":"error","error":"x","message":"y"}"#
+        );
+    }
+}

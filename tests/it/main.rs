@@ -1,0 +1,16 @@
+//! Integration tests, grouped by what a user can observe. One binary: one link step, shared
+//! helpers compiled once.
+
+// Items here are `pub` for sibling test modules; the crate itself is never a library.
+#![allow(unreachable_pub)]
+// A failed unwrap in a test is a failed test, with its location: what a test should do.
+#![allow(clippy::unwrap_used)]
+
+mod bad_input;
+mod listener_recovery;
+mod ordering;
+mod process;
+mod products_api;
+mod slow_client;
+mod subscriptions;
+mod support;

@@ -1,0 +1,107 @@
+//! A client that stops reading is cut off (close 1013) without delaying anyone else, and the
+//! server holds a bounded amount for it.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::{WsClient, product, spawn_app_with, wait_until};
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_evicted_and_others_keep_getting_changes() {
+    let app = spawn_app_with(&["--outbox-capacity", "256"]).await;
+    let mut body = product("Heavy");
+    // ~4 KB per change, so the stuck client's socket buffers fill after about a thousand.
+    body["productName"] = json!("x".repeat(4000));
+    let id = app.create_product(body).await["productId"]
+        .as_i64()
+        .unwrap();
+
+    let mut stuck = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
+    stuck.subscribe(&[id]).await;
+    let mut reader = WsClient::connect(&app.ws_url).await;
+    reader.subscribe(&[id]).await;
+
+    // 80 transactions of 100 changes each (32 MB in all for the stuck client); the reader
+    // reads each batch before the next is written, so it is never more than 100 behind.
+    let mut expected = 0;
+    for _ in 0..80 {
+        sqlx::query(
+            "DO $$ BEGIN FOR i IN 1..100 LOOP
+                 UPDATE products SET units_available = units_available + 1
+                 WHERE product_id = (SELECT min(product_id) FROM products);
+             END LOOP; END $$",
+        )
+        .execute(&app.pool)
+        .await
+        .unwrap();
+        for _ in 0..100 {
+            expected += 1;
+            assert_eq!(
+                reader.next_change().await["product"]["unitsAvailable"],
+                10 + expected
+            );
+        }
+    }
+
+    wait_until(
+        Duration::from_secs(10),
+        "the slow client's eviction",
+        || async { app.stats().await["slowSessionsEvicted"] == json!(1) },
+    )
+    .await;
+    let stats = app.stats().await;
+    assert_eq!(
+        stats["sessions"], 1,
+        "the stuck session is gone, and with it its queue"
+    );
+    assert_eq!(stats["subscriptions"], 1);
+
+    // The reader still gets fresh changes promptly.
+    let mut latencies = Vec::new();
+    for units in 0..5 {
+        let started = Instant::now();
+        app.patch_product(id, json!({"unitsAvailable": units}))
+            .await;
+        assert_eq!(
+            reader.next_change().await["product"]["unitsAvailable"],
+            units
+        );
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    assert!(
+        latencies[2] < Duration::from_millis(100),
+        "median write-to-delivery {:?} for the reader after the eviction",
+        latencies[2]
+    );
+
+    // When the stuck client finally reads, it finds what was buffered, then the connection
+    // ends (with close 1013 if the close frame fit into its buffers).
+    let code = stuck.close_code().await;
+    assert!(matches!(code, Some(1013) | None), "got close code {code:?}");
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_disconnected() {
+    let app = spawn_app_with(&[
+        "--heartbeat-interval",
+        "200ms",
+        "--heartbeat-timeout",
+        "300ms",
+    ])
+    .await;
+    let mut live = WsClient::connect(&app.ws_url).await;
+    live.subscribe(&[1]).await;
+    let mut silent = WsClient::connect(&app.ws_url).await;
+    silent.subscribe(&[2]).await;
+    // `silent` never reads, so it never answers pings; `live` keeps reading (and answering).
+    live.expect_silence(Duration::from_millis(1500)).await;
+    let stats = app.stats().await;
+    assert_eq!(stats["sessions"], 1, "{stats}");
+    assert_eq!(stats["subscriptions"], 1);
+    // The close frame (1008) is sent, but the silent peer's pending pongs fail to write once
+    // the server has closed, so the client may see the TCP end first.
+    let code = silent.close_code().await;
+    assert!(matches!(code, Some(1008) | None), "got close code {code:?}");
+}

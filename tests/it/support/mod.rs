@@ -1,0 +1,254 @@
+//! Shared test harness: one private PostgreSQL cluster per test process (or the server named by
+//! `DATABASE_URL`), a fresh database per test, and rowcast running in-process on 127.0.0.1:0.
+//! Logs are silent unless `TEST_LOG` is set.
+
+pub mod ws;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rowcast::config::Cli;
+use rowcast::db::embedded::EmbeddedPostgres;
+use rowcast::shutdown::Shutdown;
+use rowcast::{App, telemetry};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+pub use ws::WsClient;
+
+/// The admin URL of the Postgres every test database lives on.
+fn admin_url() -> &'static str {
+    static ADMIN_URL: OnceLock<String> = OnceLock::new();
+    ADMIN_URL.get_or_init(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            telemetry::init(rowcast::config::LogFormat::Text);
+        }
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            return url;
+        }
+        // The cluster lives on a thread that never ends, so it lives as long as the test
+        // process; when the process exits, the cluster's watchdog stops it and deletes it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the test cluster");
+            runtime.block_on(async move {
+                let cluster = EmbeddedPostgres::start_ephemeral(&std::env::temp_dir())
+                    .await
+                    .expect("private PostgreSQL cluster for the tests");
+                tx.send(cluster.url("postgres"))
+                    .expect("test harness waits for the URL");
+                std::future::pending::<()>().await;
+                drop(cluster);
+            });
+        });
+        rx.recv().expect("test cluster thread reports its URL")
+    })
+}
+
+/// `url` with its database name replaced.
+pub fn url_for_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let authority_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{database}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// A fresh, empty, randomly named database (migrations not applied).
+pub async fn fresh_database() -> (String, String) {
+    let name = format!("rowcast_test_{:016x}", rand::random::<u64>());
+    let admin = PgPool::connect(admin_url())
+        .await
+        .expect("admin connection");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    let url = url_for_database(admin_url(), &name);
+    (name, url)
+}
+
+/// Drops a test database, disconnecting whoever still uses it.
+fn drop_database(name: String) {
+    let admin = admin_url().to_owned();
+    // Drop runs inside the test's runtime, which must not block on itself: use a thread.
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime for cleanup");
+        runtime.block_on(async move {
+            if let Ok(pool) = PgPool::connect(&admin).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&pool)
+                    .await;
+                pool.close().await;
+            }
+        });
+    })
+    .join();
+}
+
+/// rowcast running in this process against its own database.
+#[derive(Debug)]
+pub struct TestApp {
+    pub base_url: String,
+    pub ws_url: String,
+    /// A pool of the test's own, for writing behind the API's back and for inspection.
+    pub pool: PgPool,
+    pub http: reqwest::Client,
+    pub shutdown: Shutdown,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    database: String,
+}
+
+/// Starts rowcast with default settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Starts rowcast with extra command-line flags (e.g. `["--outbox-capacity", "8"]`).
+pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
+    let (database, database_url) = fresh_database().await;
+    let mut args = vec![
+        "rowcast",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        &database_url,
+        "--shutdown-grace",
+        "2s",
+    ];
+    args.extend_from_slice(flags);
+    let cli = <Cli as clap::Parser>::try_parse_from(args).expect("test flags parse");
+    let shutdown = Shutdown::new();
+    let app = App::build(cli.config, shutdown.clone())
+        .await
+        .expect("rowcast builds");
+    let addr = app.local_addr().expect("bound address");
+    let pool = PgPool::connect(&database_url).await.expect("test pool");
+    let server = tokio::spawn(app.run());
+    let test_app = TestApp {
+        base_url: format!("http://{addr}"),
+        ws_url: format!("ws://{addr}/websocket"),
+        pool,
+        http: reqwest::Client::new(),
+        shutdown,
+        server: Some(server),
+        database,
+    };
+    test_app.wait_for_listener().await;
+    test_app
+}
+
+impl TestApp {
+    /// GET /stats as JSON.
+    pub async fn stats(&self) -> Value {
+        self.http
+            .get(format!("{}/stats", self.base_url))
+            .send()
+            .await
+            .expect("GET /stats")
+            .json()
+            .await
+            .expect("stats JSON")
+    }
+
+    /// Waits until the LISTEN connection is up, so that writes made next are seen.
+    pub async fn wait_for_listener(&self) {
+        wait_until(Duration::from_secs(10), "the LISTEN connection", || async {
+            self.stats().await["listener"]["connected"] == json!(true)
+        })
+        .await;
+    }
+
+    /// Waits until the distributor counts `sessions` sessions.
+    pub async fn wait_for_sessions(&self, sessions: u64) {
+        wait_until(Duration::from_secs(10), "the session count", || async {
+            self.stats().await["sessions"] == json!(sessions)
+        })
+        .await;
+    }
+
+    /// Creates a product through the REST API and returns it once its INSERT has passed through
+    /// the distributor, so a subscription made afterwards does not see that INSERT.
+    pub async fn create_product(&self, body: Value) -> Value {
+        let published = self.stats().await["changesPublished"].as_u64();
+        let response = self
+            .http
+            .post(format!("{}/products", self.base_url))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /products");
+        assert_eq!(response.status(), 201, "create failed: {body}");
+        let created = response.json().await.expect("product JSON");
+        wait_until(
+            Duration::from_secs(10),
+            "the INSERT reaching the distributor",
+            || async { self.stats().await["changesPublished"].as_u64() > published },
+        )
+        .await;
+        created
+    }
+
+    /// Sends a PATCH and returns the product.
+    pub async fn patch_product(&self, id: i64, body: Value) -> Value {
+        let response = self
+            .http
+            .patch(format!("{}/products/{id}", self.base_url))
+            .json(&body)
+            .send()
+            .await
+            .expect("PATCH");
+        assert_eq!(response.status(), 200, "patch failed: {body}");
+        response.json().await.expect("product JSON")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        drop_database(std::mem::take(&mut self.database));
+    }
+}
+
+/// A valid product body with the given name.
+pub fn product(name: &str) -> Value {
+    json!({"manufacturer": "Acme", "pricePerUnit": "9.99", "unitsAvailable": 10, "productName": name})
+}
+
+/// Polls `check` every 20 ms until it is true; fails the test after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not reach the expected state within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,161 @@
+//! A WebSocket test client speaking rowcast's protocol. Timeouts here are "never arrived"
+//! bounds, not performance assertions.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a message may take before the test calls it lost.
+pub const ARRIVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct WsClient {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    pub async fn connect(url: &str) -> Self {
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connects");
+        Self { socket }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.socket
+            .send(Message::text(text))
+            .await
+            .expect("send text frame");
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.socket
+            .send(Message::binary(data))
+            .await
+            .expect("send binary frame");
+    }
+
+    /// Connects with a tiny kernel receive buffer, so a client that stops reading backs up
+    /// into the server quickly.
+    pub async fn connect_with_small_receive_buffer(url: &str) -> Self {
+        let addr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .expect("host:port in the URL")
+            .parse()
+            .expect("a socket address in the URL");
+        let socket = tokio::net::TcpSocket::new_v4().expect("TCP socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("TCP connect");
+        let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("WebSocket handshake");
+        Self { socket }
+    }
+
+    /// Subscribes and waits for the ack, which lists the ids once each, in request order.
+    pub async fn subscribe(&mut self, ids: &[i64]) {
+        self.command("subscribe", ids).await;
+        let ack = self.next_json().await;
+        assert_eq!(ack, json!({"type": "subscribed", "productIDs": dedup(ids)}));
+    }
+
+    /// Unsubscribes and waits for the ack.
+    pub async fn unsubscribe(&mut self, ids: &[i64]) {
+        self.command("unsubscribe", ids).await;
+        let ack = self.next_json().await;
+        assert_eq!(
+            ack,
+            json!({"type": "unsubscribed", "productIDs": dedup(ids)})
+        );
+    }
+
+    /// The next data message as raw text.
+    pub async fn next_text(&mut self) -> String {
+        loop {
+            let message = tokio::time::timeout(ARRIVAL, self.socket.next())
+                .await
+                .expect("a message arrives in time");
+            match message {
+                Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn command(&mut self, command: &str, ids: &[i64]) {
+        self.send_text(&json!({"command": command, "productIDs": ids}).to_string())
+            .await;
+    }
+
+    /// The next data message as JSON (pings are answered by tungstenite and skipped).
+    pub async fn next_json(&mut self) -> Value {
+        self.try_next_json(ARRIVAL)
+            .await
+            .expect("a message arrives in time")
+    }
+
+    /// The next data message within `limit`, or None.
+    pub async fn try_next_json(&mut self, limit: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .ok()?;
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Some(serde_json::from_str(&text).expect("server sends JSON"));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next change message; asserts its type.
+    pub async fn next_change(&mut self) -> Value {
+        let message = self.next_json().await;
+        assert_eq!(message["type"], "change", "{message}");
+        message
+    }
+
+    /// Asserts no data message arrives within `window`.
+    pub async fn expect_silence(&mut self, window: Duration) {
+        if let Some(message) = self.try_next_json(window).await {
+            panic!("expected no message, got {message}");
+        }
+    }
+
+    /// Reads until the server closes; returns the close code (None if the TCP connection ended
+    /// without a close frame).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(ARRIVAL, self.socket.next())
+                .await
+                .expect("the server closes in time")
+            {
+                Some(Ok(Message::Close(frame))) => {
+                    return frame.map(|frame| u16::from(frame.code));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// Closes politely.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+fn dedup(ids: &[i64]) -> Vec<i64> {
+    let mut seen = std::collections::HashSet::new();
+    ids.iter().copied().filter(|id| seen.insert(*id)).collect()
+}

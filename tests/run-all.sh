@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs every check rowcast has, the same way CI does: formatting, lints, unit and integration
+# tests (each test process starts its own private PostgreSQL cluster), and the `.http` request
+# file against a live server. Installs what a fresh Debian/Ubuntu machine lacks (as root via
+# apt-get; otherwise it says what to install).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_packages=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_packages+=(postgresql)
+command -v runuser >/dev/null 2>&1 || need_packages+=(util-linux)
+command -v npm >/dev/null 2>&1 || need_packages+=(nodejs npm)
+command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
+if ((${#need_packages[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    echo "== installing ${need_packages[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_packages[@]}"
+  else
+    echo "missing: ${need_packages[*]} — install them with: sudo apt-get install ${need_packages[*]}" >&2
+    exit 1
+  fi
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo build (release binary for the live checks)"
+cargo build --release --locked
+echo "== cargo test"
+cargo test --locked
+
+echo "== .http request file against a live server"
+data_dir=$(mktemp -d /tmp/rowcast-http-XXXXXX)
+chmod 755 "$data_dir"
+port=18089
+./target/release/rowcast --listen "127.0.0.1:$port" --embedded-data-dir "$data_dir/pgdata" \
+  >"$data_dir/server.log" 2>&1 &
+server=$!
+cleanup() {
+  kill -TERM "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+  rm -rf "$data_dir"
+}
+trap cleanup EXIT
+for _ in $(seq 1 600); do
+  curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+  kill -0 "$server" 2>/dev/null || { cat "$data_dir/server.log"; exit 1; }
+  sleep 0.1
+done
+http/run.sh "http://127.0.0.1:$port"
+echo "== all checks passed"
