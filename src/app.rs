@@ -7,19 +7,20 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::ws::Utf8Bytes;
-use axum::routing::any;
+use axum::routing::{any, get};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
-use crate::db::{self, embedded::EmbeddedPostgres};
+use crate::db::{self, changelog, embedded::EmbeddedPostgres};
 use crate::distributor::DistributorHandle;
 use crate::listener::Listener;
 use crate::ops::{self, OpsState};
 use crate::session::{self, SessionState};
 use crate::shutdown::Shutdown;
+use crate::sse::{self, SseState};
 
 /// Database the embedded cluster serves rowcast from.
 const EMBEDDED_DATABASE: &str = "rowcast";
@@ -81,20 +82,39 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
 
-        let distributor = DistributorHandle::<Utf8Bytes>::spawn(config.limits);
-        let (listener, listener_status) =
-            Listener::new(&url, config.listener, distributor.clone())?;
+        // Everything committed after this position is published, by notification or by the
+        // listener's catch-up from the changelog.
+        let position = changelog::latest_seq(&pool).await?;
+        let distributor = DistributorHandle::<Utf8Bytes>::spawn(config.limits, position);
+        let (listener, listener_status) = Listener::new(
+            &url,
+            config.listener,
+            distributor.clone(),
+            pool.clone(),
+            position,
+        )?;
         shutdown.spawn(
             listener
                 .run(shutdown.clone())
                 .instrument(tracing::info_span!("listener")),
         );
+        shutdown.spawn(
+            changelog::run_retention(pool.clone(), config.changelog, shutdown.clone())
+                .instrument(tracing::info_span!("changelog_retention")),
+        );
+        let events = SseState {
+            distributor: distributor.clone(),
+            pool: pool.clone(),
+            shutdown: shutdown.clone(),
+            max_subscriptions: config.limits.max_subscriptions,
+        };
 
         let sessions = SessionState {
             distributor: distributor.clone(),
             limits: config.limits,
             heartbeat: config.heartbeat,
             shutdown: shutdown.clone(),
+            pool: pool.clone(),
         };
         let router = Router::new()
             .merge(api::router(
@@ -107,6 +127,7 @@ impl App {
             }))
             // `any`: HTTP/2 WebSockets arrive as CONNECT (RFC 8441), HTTP/1.1 ones as GET.
             .route("/websocket", any(session::upgrade).with_state(sessions))
+            .route("/products/events", get(sse::events).with_state(events))
             .fallback(api::not_found)
             .method_not_allowed_fallback(api::method_not_allowed)
             .layer(tower_http::trace::TraceLayer::new_for_http());

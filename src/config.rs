@@ -43,6 +43,13 @@ pub const DEFAULT_LISTENER_HEALTH_INTERVAL: &str = "2s";
 pub const DEFAULT_LISTENER_HEALTH_TIMEOUT: &str = "3s";
 /// Longest wait between LISTEN reconnect attempts, so recovery after an outage is quick.
 pub const DEFAULT_LISTENER_MAX_BACKOFF: &str = "5s";
+/// Changes are kept this long for resumes: long enough for a laptop's overnight sleep.
+pub const DEFAULT_CHANGELOG_RETENTION: &str = "24h";
+/// And at most this many, so a write burst cannot fill the disk (~1 KB per change).
+pub const DEFAULT_CHANGELOG_MAX_ROWS: u64 = 1_000_000;
+/// How often retention runs.
+pub const DEFAULT_CHANGELOG_PRUNE_INTERVAL: &str = "10s";
+
 /// How long shutdown waits for sessions and requests to finish before exiting anyway.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "5s";
 
@@ -65,6 +72,16 @@ pub enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+}
+
+/// What happens when a client reads more slowly than its changes arrive and its queue fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlowClientPolicy {
+    /// Drop superseded versions: keep only the latest pending change per product. The client
+    /// converges to the current state; memory is bounded by its subscription count.
+    Conflate,
+    /// Disconnect the client with close 1013 (Try Again Later).
+    Disconnect,
 }
 
 /// How log lines are written.
@@ -110,6 +127,10 @@ pub struct Config {
     #[command(flatten)]
     pub listener: ListenerSettings,
 
+    /// Changelog retention (resume window).
+    #[command(flatten)]
+    pub changelog: ChangelogSettings,
+
     /// How long shutdown waits for open sessions and requests (e.g. 5s, 500ms).
     #[arg(long, env = "ROWCAST_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE,
           value_parser = parse_duration)]
@@ -127,6 +148,11 @@ pub struct Limits {
     #[arg(long, env = "ROWCAST_OUTBOX_CAPACITY", default_value_t = DEFAULT_OUTBOX_CAPACITY,
           value_parser = parse_positive)]
     pub outbox_capacity: usize,
+
+    /// What to do when a client's queue is full: conflate (keep the latest change per product)
+    /// or disconnect (close 1013).
+    #[arg(long, env = "ROWCAST_SLOW_CLIENT_POLICY", value_enum, default_value_t = SlowClientPolicy::Conflate)]
+    pub slow_client_policy: SlowClientPolicy,
 
     /// Most products one WebSocket may subscribe to.
     #[arg(long, env = "ROWCAST_MAX_SUBSCRIPTIONS", default_value_t = DEFAULT_MAX_SUBSCRIPTIONS,
@@ -185,6 +211,26 @@ pub struct ListenerSettings {
     #[arg(long = "listener-max-backoff", env = "ROWCAST_LISTENER_MAX_BACKOFF",
           default_value = DEFAULT_LISTENER_MAX_BACKOFF, value_parser = parse_duration)]
     pub max_backoff: Duration,
+}
+
+/// How long committed changes are kept for resumes and catch-up.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ChangelogSettings {
+    /// Keep changes at least this long (e.g. 24h, 30m).
+    #[arg(long = "changelog-retention", env = "ROWCAST_CHANGELOG_RETENTION",
+          default_value = DEFAULT_CHANGELOG_RETENTION, value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Keep at most this many changes.
+    #[arg(long = "changelog-max-rows", env = "ROWCAST_CHANGELOG_MAX_ROWS",
+          default_value_t = DEFAULT_CHANGELOG_MAX_ROWS,
+          value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+    pub max_rows: u64,
+
+    /// Time between retention runs.
+    #[arg(long = "changelog-prune-interval", env = "ROWCAST_CHANGELOG_PRUNE_INTERVAL",
+          default_value = DEFAULT_CHANGELOG_PRUNE_INTERVAL, value_parser = parse_duration)]
+    pub prune_interval: Duration,
 }
 
 /// Parses "30s", "500ms", "2m" or plain seconds ("30"); zero is refused.

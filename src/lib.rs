@@ -16,12 +16,14 @@ pub mod app;
 pub mod config;
 pub mod db;
 pub mod distributor;
+pub mod feed;
 pub mod listener;
 pub mod ops;
 pub mod product;
 pub mod protocol;
 pub mod session;
 pub mod shutdown;
+pub mod sse;
 pub mod telemetry;
 
 pub use app::App;

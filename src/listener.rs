@@ -6,12 +6,14 @@
 //! `--listener-health-interval` bounded by `--listener-health-timeout`, because a hung backend
 //! raises no error on its own. On any failure it reconnects with exponential backoff and jitter.
 //!
-//! Changes committed while the connection is down are not seen by plain LISTEN/NOTIFY: Postgres
-//! queues notifications only for connected listeners. Until the changelog (sequence numbers and
-//! catch-up) exists, such changes are lost for WebSocket subscribers, and this is logged as a
-//! gap on every reconnect. The loop is written so that catch-up slots in after `LISTEN` succeeds.
+//! Nothing is lost while the connection is down: every change is also in the changelog with a
+//! commit-ordered `seq`. The listener remembers the last seq it published; after each `LISTEN`
+//! it reads the changelog from there, and when a notification skips ahead (a gap, or a row too
+//! large for a notification that carries only its seq) it reads the missing part. Changes are
+//! published strictly in seq order, each exactly once.
 //!
-//! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`.
+//! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`, and `db::changelog` (the
+//! same reads clients' resumes use; its own LISTEN connection stays tokio-postgres).
 
 use std::pin::pin;
 use std::str::FromStr;
@@ -24,8 +26,9 @@ use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use tracing::Instrument;
 
 use crate::config::ListenerSettings;
+use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::DistributorHandle;
-use crate::product::Change;
+use crate::product::{Change, Notice, Seq};
 use crate::protocol;
 use crate::shutdown::Shutdown;
 
@@ -49,6 +52,10 @@ pub struct ListenerStatus {
     pub changes_received: u64,
     /// Notifications whose payload could not be parsed (logged and skipped).
     pub payloads_skipped: u64,
+    /// Changes read from the changelog instead of a notification (catch-up, gaps, large rows).
+    pub changes_read_from_changelog: u64,
+    /// The seq of the last change published.
+    pub last_seq: Seq,
 }
 
 /// Why one connection ended.
@@ -64,6 +71,14 @@ enum ConnectionEnded {
     Unhealthy(Duration),
     #[error("the distributor stopped")]
     DistributorGone,
+    #[error("reading the changelog failed: {0}")]
+    Changelog(#[from] ChangelogError),
+}
+
+impl From<crate::distributor::DistributorGone> for ConnectionEnded {
+    fn from(_: crate::distributor::DistributorGone) -> Self {
+        Self::DistributorGone
+    }
 }
 
 /// The LISTEN task's inputs.
@@ -72,7 +87,9 @@ pub struct Listener {
     config: tokio_postgres::Config,
     settings: ListenerSettings,
     distributor: DistributorHandle<Utf8Bytes>,
+    pool: sqlx::PgPool,
     status: watch::Sender<ListenerStatus>,
+    last_seq: Seq,
 }
 
 /// The database URL could not be read by tokio-postgres.
@@ -81,11 +98,14 @@ pub struct Listener {
 pub struct InvalidUrl(#[source] tokio_postgres::Error);
 
 impl Listener {
-    /// Prepares the task; nothing connects until [`Self::run`].
+    /// Prepares the task; nothing connects until [`Self::run`]. `last_seq` is the position the
+    /// distributor starts from: every change after it will be published.
     pub fn new(
         database_url: &str,
         settings: ListenerSettings,
         distributor: DistributorHandle<Utf8Bytes>,
+        pool: sqlx::PgPool,
+        last_seq: Seq,
     ) -> Result<(Self, watch::Receiver<ListenerStatus>), InvalidUrl> {
         let mut config = tokio_postgres::Config::from_str(database_url).map_err(InvalidUrl)?;
         config
@@ -95,20 +115,25 @@ impl Listener {
             .keepalives_idle(settings.health_interval)
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(3);
-        let (status, receiver) = watch::channel(ListenerStatus::default());
+        let (status, receiver) = watch::channel(ListenerStatus {
+            last_seq,
+            ..ListenerStatus::default()
+        });
         Ok((
             Self {
                 config,
                 settings,
                 distributor,
+                pool,
                 status,
+                last_seq,
             },
             receiver,
         ))
     }
 
     /// Runs until shutdown: connect, LISTEN, forward; on failure back off and reconnect.
-    pub async fn run(self, shutdown: Shutdown) {
+    pub async fn run(mut self, shutdown: Shutdown) {
         let mut backoff = INITIAL_BACKOFF;
         let mut attempts: u64 = 0;
         loop {
@@ -125,7 +150,8 @@ impl Listener {
                 backoff = INITIAL_BACKOFF;
                 tracing::warn!(
                     cause = %err,
-                    "LISTEN connection lost; reconnecting. Changes committed until it is back are not delivered"
+                    last_seq = self.last_seq,
+                    "LISTEN connection lost; reconnecting, then catching up from the changelog"
                 );
             } else {
                 tracing::warn!(cause = %err, retry_in = ?backoff, "LISTEN connection failed");
@@ -143,7 +169,7 @@ impl Listener {
     }
 
     /// One connection's life. Returns whether LISTEN was established, and why it ended.
-    async fn listen_once(&self) -> (bool, ConnectionEnded) {
+    async fn listen_once(&mut self) -> (bool, ConnectionEnded) {
         let (client, mut connection) = match self.config.connect(NoTls).await {
             Ok(pair) => pair,
             Err(err) => return (false, ConnectionEnded::Connect(err)),
@@ -176,8 +202,17 @@ impl Listener {
         if let Err(err) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
             return (false, ConnectionEnded::Lost(err));
         }
+        // LISTEN is active, so anything committed from now on is notified; whatever committed
+        // since the last published seq is in the changelog.
+        if let Err(err) = self.catch_up(None).await {
+            return (true, err);
+        }
         self.status.send_modify(|status| status.connected = true);
-        tracing::info!(channel = CHANNEL, "listening for product changes");
+        tracing::info!(
+            channel = CHANNEL,
+            last_seq = self.last_seq,
+            "listening for product changes"
+        );
 
         let mut health = tokio::time::interval(self.settings.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -185,8 +220,8 @@ impl Listener {
             tokio::select! {
                 notification = notifications.recv() => match notification {
                     Some(notification) => {
-                        if self.forward(&notification).await.is_err() {
-                            break ConnectionEnded::DistributorGone;
+                        if let Err(err) = self.forward(&notification).await {
+                            break err;
                         }
                     }
                     None => break match driver_result(driver).await {
@@ -207,13 +242,11 @@ impl Listener {
         (true, ended)
     }
 
-    /// Parses one notification and publishes its frame; unparseable payloads are skipped.
-    async fn forward(
-        &self,
-        notification: &Notification,
-    ) -> Result<(), crate::distributor::DistributorGone> {
-        let change = match Change::parse(notification.payload()) {
-            Ok(change) => change,
+    /// Publishes one notification's change, reading the changelog first if earlier changes
+    /// are missing or the payload carried only a seq. Unparseable payloads are skipped.
+    async fn forward(&mut self, notification: &Notification) -> Result<(), ConnectionEnded> {
+        let notice = match Notice::parse(notification.payload()) {
+            Ok(notice) => notice,
             Err(err) => {
                 self.status
                     .send_modify(|status| status.payloads_skipped += 1);
@@ -225,12 +258,57 @@ impl Listener {
                 return Ok(());
             }
         };
-        let frame = Utf8Bytes::from(protocol::encode_change(&change));
-        self.status
-            .send_modify(|status| status.changes_received += 1);
+        if notice.seq() <= self.last_seq {
+            // Already published by a catch-up that overlapped with LISTEN.
+            return Ok(());
+        }
+        match notice {
+            Notice::Full(change) if change.seq == self.last_seq + 1 => {
+                self.publish(&change).await?;
+                self.status
+                    .send_modify(|status| status.changes_received += 1);
+                Ok(())
+            }
+            // A gap (a seq taken by a transaction that failed at commit, or a notification not
+            // yet seen) or a large row: the changelog has everything up to this seq.
+            other => self.catch_up(Some(other.seq())).await,
+        }
+    }
+
+    /// Publishes every change in the changelog after the last published seq, up to `upto`.
+    async fn catch_up(&mut self, upto: Option<Seq>) -> Result<(), ConnectionEnded> {
+        loop {
+            let page = changelog::after(&self.pool, self.last_seq).await?;
+            let full_page = page.len() >= changelog::PAGE as usize;
+            let mut read = 0;
+            for change in &page {
+                if upto.is_some_and(|upto| change.seq > upto) {
+                    return Ok(());
+                }
+                self.publish(change).await?;
+                read += 1;
+            }
+            self.status
+                .send_modify(|status| status.changes_read_from_changelog += read);
+            if !full_page {
+                if let Some(upto) = upto.filter(|upto| *upto > self.last_seq) {
+                    // Seqs taken by transactions that never committed leave holes for good.
+                    self.last_seq = upto;
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    async fn publish(&mut self, change: &Change) -> Result<(), ConnectionEnded> {
+        let frame = Utf8Bytes::from(protocol::encode_change(change));
         self.distributor
-            .publish(change.product.product_id, frame)
-            .await
+            .publish(change.product.product_id, change.seq, frame)
+            .await?;
+        self.last_seq = change.seq;
+        self.status
+            .send_modify(|status| status.last_seq = change.seq);
+        Ok(())
     }
 }
 

@@ -66,20 +66,77 @@ pub enum Action {
     Delete,
 }
 
-/// One committed change, as the `product_change` trigger announces it.
+/// A change's position in commit order: every committed change has a unique one, and a lower
+/// seq always committed (and became visible) earlier.
+pub type Seq = u64;
+
+/// One committed change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Change {
+    /// Position in commit order.
+    pub seq: Seq,
     /// INSERT, UPDATE or DELETE.
     pub action: Action,
     /// The new row, or the old row for DELETE.
     pub product: Product,
 }
 
-impl Change {
+/// Where a new subscription's stream of changes begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionStart {
+    /// With changes committed after the subscription is applied.
+    Live,
+    /// With every change after this seq (a resume), replayed from the changelog.
+    Since(Seq),
+    /// With a consistent snapshot of the products, then every change after it.
+    Snapshot,
+}
+
+/// A `product_change` notification: the whole change, or, for rows too large for a
+/// notification, only its seq and product (the rest is read from the changelog).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The payload carried the whole change.
+    Full(Change),
+    /// The payload carried only where to find the change.
+    SeqOnly {
+        /// Position of the change in the changelog.
+        seq: Seq,
+        /// The product it changed.
+        product_id: ProductId,
+    },
+}
+
+impl Notice {
     /// Parses a `product_change` notification payload.
     pub fn parse(payload: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(payload)
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        struct Stub {
+            seq: Seq,
+            #[allow(dead_code)]
+            action: Action,
+            product_id: ProductId,
+        }
+        match serde_json::from_str::<Change>(payload) {
+            Ok(change) => Ok(Self::Full(change)),
+            Err(full_err) => match serde_json::from_str::<Stub>(payload) {
+                Ok(stub) => Ok(Self::SeqOnly {
+                    seq: stub.seq,
+                    product_id: stub.product_id,
+                }),
+                Err(_) => Err(full_err),
+            },
+        }
+    }
+
+    /// The change's seq.
+    pub fn seq(&self) -> Seq {
+        match self {
+            Self::Full(change) => change.seq,
+            Self::SeqOnly { seq, .. } => *seq,
+        }
     }
 }
 
@@ -370,12 +427,22 @@ mod tests {
     }
 
     #[test]
-    fn change_payload_round_trips_the_rest_shape() {
-        let payload = r#"{"action":"DELETE","product":{"productId":1,"manufacturer":"A","pricePerUnit":"1","unitsAvailable":0,"productName":"B"}}"#;
-        let change = Change::parse(payload).unwrap();
+    fn notices_parse_whole_changes_and_seq_only_stubs() {
+        let payload = r#"{"seq":7,"action":"DELETE","product":{"productId":1,"manufacturer":"A","pricePerUnit":"1","unitsAvailable":0,"productName":"B"}}"#;
+        let Notice::Full(change) = Notice::parse(payload).unwrap() else {
+            panic!("a whole change")
+        };
         assert_eq!(change.action, Action::Delete);
         assert_eq!(serde_json::to_string(&change).unwrap(), payload);
-        assert!(Change::parse(r#"{"action":"TRUNCATE","product":{}}"#).is_err());
+        assert_eq!(
+            Notice::parse(r#"{"seq" : 8, "action" : "UPDATE", "productId" : 3}"#).unwrap(),
+            Notice::SeqOnly {
+                seq: 8,
+                product_id: ProductId::new(3).unwrap()
+            }
+        );
+        assert!(Notice::parse(r#"{"seq":1,"action":"TRUNCATE","product":{}}"#).is_err());
+        assert!(Notice::parse(r#"{"action":"UPDATE","productId":3}"#).is_err());
     }
 
     #[test]

@@ -2,15 +2,19 @@
 //! closed table of close codes. Pure: no I/O, no sockets; `session` and `listener` call it.
 //!
 //! Client → server (text frames):
-//! `{"command":"subscribe","productIDs":[1,2]}`, `{"command":"unsubscribe","productIDs":[2]}`.
-//! Server → client: `{"type":"subscribed"|"unsubscribed","productIDs":[…]}` once the command is
-//! applied, `{"type":"change","action":…,"product":{…}}` per committed change, and
+//! `{"command":"subscribe","productIDs":[1,2]}` (optionally with `"since":<seq>` to resume, or
+//! `"snapshot":true` for the current rows first), `{"command":"unsubscribe","productIDs":[2]}`.
+//! Server → client: `{"type":"subscribed","productIDs":[…],"seq":S}` once applied (changes with
+//! seq > S follow), `{"type":"unsubscribed","productIDs":[…]}`,
+//! `{"type":"snapshot","seq":S,"products":[…],"missing":[…]}`,
+//! `{"type":"reset",…}` when a resume position is older than the changelog keeps,
+//! `{"type":"change","seq":N,"action":…,"product":{…}}` per committed change, and
 //! `{"type":"error","error":<code>,"message":…}` for input the server could not use.
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::product::{Change, ProductId};
+use crate::product::{Change, Product, ProductId, Seq, SubscriptionStart};
 
 /// WebSocket close codes rowcast sends, each with when and what a client should do.
 pub mod close_code {
@@ -51,7 +55,7 @@ pub mod error_code {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientCommand {
     /// Start receiving changes of these products (set semantics: repeats are no-ops).
-    Subscribe(Vec<ProductId>),
+    Subscribe(Vec<ProductId>, SubscriptionStart),
     /// Stop receiving changes of these products.
     Unsubscribe(Vec<ProductId>),
 }
@@ -105,9 +109,9 @@ impl ClientCommand {
                 ));
             }
         };
-        let make: fn(Vec<ProductId>) -> Self = match command.as_str() {
-            "subscribe" => Self::Subscribe,
-            "unsubscribe" => Self::Unsubscribe,
+        let subscribing = match command.as_str() {
+            "subscribe" => true,
+            "unsubscribe" => false,
             other => {
                 return Err(ProtocolError::new(
                     error_code::UNKNOWN_COMMAND,
@@ -129,6 +133,11 @@ impl ClientCommand {
                     format!("`{command}` needs `productIDs`, an array of product ids"),
                 ));
             }
+        };
+        let start = if subscribing {
+            parse_start(&mut members)?
+        } else {
+            SubscriptionStart::Live
         };
         if let Some(unknown) = members.keys().next() {
             return Err(ProtocolError::new(
@@ -152,7 +161,49 @@ impl ClientCommand {
                 parsed.push(id);
             }
         }
-        Ok(make(parsed))
+        Ok(if subscribing {
+            Self::Subscribe(parsed, start)
+        } else {
+            Self::Unsubscribe(parsed)
+        })
+    }
+}
+
+/// Reads the optional `since` / `snapshot` members of a subscribe.
+fn parse_start(
+    members: &mut serde_json::Map<String, Value>,
+) -> Result<SubscriptionStart, ProtocolError> {
+    let since = members.remove("since");
+    let snapshot = members.remove("snapshot");
+    let since = match since {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(value.as_u64().filter(|seq| i64::try_from(*seq).is_ok()).ok_or_else(
+            || {
+                ProtocolError::new(
+                    error_code::INVALID_COMMAND,
+                    format!("`since` must be a seq from a change message (an integer ≥ 0); got {value}"),
+                )
+            },
+        )?),
+    };
+    let snapshot = match snapshot {
+        None | Some(Value::Null | Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(value) => {
+            return Err(ProtocolError::new(
+                error_code::INVALID_COMMAND,
+                format!("`snapshot` must be true or false; got {value}"),
+            ));
+        }
+    };
+    match (since, snapshot) {
+        (Some(_), true) => Err(ProtocolError::new(
+            error_code::INVALID_COMMAND,
+            "use either `since` (resume) or `snapshot` (start from the current rows), not both",
+        )),
+        (Some(seq), false) => Ok(SubscriptionStart::Since(seq)),
+        (None, true) => Ok(SubscriptionStart::Snapshot),
+        (None, false) => Ok(SubscriptionStart::Live),
     }
 }
 
@@ -170,21 +221,66 @@ pub fn encode_change(change: &Change) -> String {
     })
 }
 
-/// Encodes the acknowledgement of an applied subscribe or unsubscribe.
-pub fn encode_ack(subscribed: bool, ids: &[ProductId]) -> String {
+/// Encodes the acknowledgement of an applied subscribe (with the seq after which its changes
+/// follow) or unsubscribe (without).
+pub fn encode_ack(ids: &[ProductId], seq: Option<Seq>) -> String {
     #[derive(Serialize)]
     struct Wire<'a> {
         r#type: &'static str,
         #[serde(rename = "productIDs")]
         product_ids: &'a [ProductId],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<Seq>,
     }
     to_json(&Wire {
-        r#type: if subscribed {
+        r#type: if seq.is_some() {
             "subscribed"
         } else {
             "unsubscribed"
         },
         product_ids: ids,
+        seq,
+    })
+}
+
+/// Encodes the rows of subscribed products as of `seq`; `missing` ids have no row.
+pub fn encode_snapshot(seq: Seq, products: &[Product], missing: &[ProductId]) -> String {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        r#type: &'static str,
+        seq: Seq,
+        products: &'a [Product],
+        missing: &'a [ProductId],
+    }
+    to_json(&Wire {
+        r#type: "snapshot",
+        seq,
+        products,
+        missing,
+    })
+}
+
+/// Tells a resuming client that changes after `since` are no longer kept; a snapshot follows.
+pub fn encode_reset(ids: &[ProductId], since: Seq, pruned_through: Seq) -> String {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Wire<'a> {
+        r#type: &'static str,
+        #[serde(rename = "productIDs")]
+        product_ids: &'a [ProductId],
+        since: Seq,
+        pruned_through: Seq,
+        message: String,
+    }
+    to_json(&Wire {
+        r#type: "reset",
+        product_ids: ids,
+        since,
+        pruned_through,
+        message: format!(
+            "changes up to seq {pruned_through} are no longer kept, so a resume from {since} could miss some; \
+             a snapshot of the current rows follows, then every change after it"
+        ),
     })
 }
 
@@ -225,16 +321,25 @@ mod tests {
     fn parses_subscribe_and_unsubscribe_with_deduplicated_ids() {
         assert_eq!(
             ClientCommand::parse(r#"{"command":"subscribe","productIDs":[0,1]}"#).unwrap(),
-            ClientCommand::Subscribe(vec![id(0), id(1)]),
+            ClientCommand::Subscribe(vec![id(0), id(1)], SubscriptionStart::Live),
             "0 never exists but may be subscribed to"
         );
         assert_eq!(
             ClientCommand::parse(r#"{"command":"subscribe","productIDs":[3,1,3]}"#).unwrap(),
-            ClientCommand::Subscribe(vec![id(3), id(1)])
+            ClientCommand::Subscribe(vec![id(3), id(1)], SubscriptionStart::Live)
         );
         assert_eq!(
             ClientCommand::parse(r#"{"productIDs":[],"command":"unsubscribe"}"#).unwrap(),
             ClientCommand::Unsubscribe(vec![])
+        );
+        assert_eq!(
+            ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"since":41}"#).unwrap(),
+            ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Since(41))
+        );
+        assert_eq!(
+            ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"snapshot":true}"#)
+                .unwrap(),
+            ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Snapshot)
         );
     }
 
@@ -277,6 +382,26 @@ mod tests {
                 r#"{"command":"subscribe","productIDs":[9223372036854775808]}"#,
                 error_code::INVALID_PRODUCT_ID,
             ),
+            (
+                r#"{"command":"subscribe","productIDs":[1],"since":-1}"#,
+                error_code::INVALID_COMMAND,
+            ),
+            (
+                r#"{"command":"subscribe","productIDs":[1],"since":"5"}"#,
+                error_code::INVALID_COMMAND,
+            ),
+            (
+                r#"{"command":"subscribe","productIDs":[1],"snapshot":1}"#,
+                error_code::INVALID_COMMAND,
+            ),
+            (
+                r#"{"command":"subscribe","productIDs":[1],"since":1,"snapshot":true}"#,
+                error_code::INVALID_COMMAND,
+            ),
+            (
+                r#"{"command":"unsubscribe","productIDs":[1],"since":1}"#,
+                error_code::INVALID_COMMAND,
+            ),
         ] {
             assert_eq!(
                 ClientCommand::parse(frame).unwrap_err().code,
@@ -289,6 +414,7 @@ mod tests {
     #[test]
     fn encodes_messages_in_the_documented_shape() {
         let change = Change {
+            seq: 12,
             action: Action::Update,
             product: Product {
                 product_id: id(1),
@@ -300,12 +426,23 @@ mod tests {
         };
         assert_eq!(
             encode_change(&change),
-            r#"{"type":"change","action":"UPDATE","product":{"productId":1,"manufacturer":"A","pricePerUnit":"1.00","unitsAvailable":2,"productName":"\"B\""}}"#
+            r#"{"type":"change","seq":12,"action":"UPDATE","product":{"productId":1,"manufacturer":"A","pricePerUnit":"1.00","unitsAvailable":2,"productName":"\"B\""}}"#
         );
         assert_eq!(
-            encode_ack(true, &[id(1), id(2)]),
-            r#"{"type":"subscribed","productIDs":[1,2]}"#
+            encode_ack(&[id(1), id(2)], Some(12)),
+            r#"{"type":"subscribed","productIDs":[1,2],"seq":12}"#
         );
+        assert_eq!(
+            encode_ack(&[id(2)], None),
+            r#"{"type":"unsubscribed","productIDs":[2]}"#
+        );
+        assert_eq!(
+            encode_snapshot(12, std::slice::from_ref(&change.product), &[id(5)]),
+            r#"{"type":"snapshot","seq":12,"products":[{"productId":1,"manufacturer":"A","pricePerUnit":"1.00","unitsAvailable":2,"productName":"\"B\""}],"missing":[5]}"#
+        );
+        assert!(encode_reset(&[id(1)], 3, 9).starts_with(
+            r#"{"type":"reset","productIDs":[1],"since":3,"prunedThrough":9,"message":"#
+        ));
         assert_eq!(
             encode_error("x", "y"),
             r#"{"type":"error","error":"x","message":"y"}"#

@@ -7,7 +7,7 @@
 //! timeout (1008), oversized frame (1009), eviction as a slow client (1013), distributor gone
 //! (1011), or process shutdown (1001).
 //!
-//! Imports `protocol`, `distributor`, `config`, `shutdown`.
+//! Imports `protocol`, `distributor`, `feed` (what to write, in order), `config`, `shutdown`.
 
 use std::pin::pin;
 use std::time::Duration;
@@ -19,18 +19,18 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{Heartbeat, Limits};
-use crate::distributor::{Delivery, DistributorHandle, Registration, SessionId};
+use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
+use crate::feed::{self, Feed, Outgoing};
 use crate::protocol::{self, ClientCommand, close_code, error_code};
 use crate::shutdown::Shutdown;
 
 /// Reader → writer messages in flight. Small: if the client floods bad frames without reading
 /// our replies, the reader waits, which stops reading from that client (backpressure).
 const CONTROL_CAPACITY: usize = 16;
-/// Most queued messages written before one flush: batches syscalls without starving pings.
-const WRITE_BATCH: usize = 64;
 /// How long the writer tries to deliver a close frame to a peer that may not be reading.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -45,6 +45,8 @@ pub struct SessionState {
     pub heartbeat: Heartbeat,
     /// Process shutdown; sessions are tracked by it.
     pub shutdown: Shutdown,
+    /// Where replays and snapshots are read from.
+    pub pool: sqlx::PgPool,
 }
 
 /// `GET /websocket` (HTTP/1.1 upgrade) and `CONNECT /websocket` (HTTP/2, RFC 8441).
@@ -73,20 +75,6 @@ enum Control {
     PeerGone,
 }
 
-/// Sends the final `disconnect` if the session did not (panic, cancellation).
-struct DisconnectGuard {
-    distributor: DistributorHandle<Utf8Bytes>,
-    id: Option<SessionId>,
-}
-
-impl Drop for DisconnectGuard {
-    fn drop(&mut self) {
-        if let Some(id) = self.id.take() {
-            self.distributor.disconnect_soon(id);
-        }
-    }
-}
-
 async fn run(mut socket: WebSocket, state: SessionState) {
     let Ok(registration) = state.distributor.register().await else {
         let _ = socket
@@ -95,10 +83,7 @@ async fn run(mut socket: WebSocket, state: SessionState) {
         return;
     };
     let id = registration.id;
-    let mut guard = DisconnectGuard {
-        distributor: state.distributor.clone(),
-        id: Some(id),
-    };
+    let guard = SessionGuard::new(state.distributor.clone(), id);
     async {
         tracing::debug!("session started");
         let (sink, stream) = socket.split();
@@ -108,19 +93,20 @@ async fn run(mut socket: WebSocket, state: SessionState) {
             heartbeat: state.heartbeat,
             shutdown: state.shutdown.clone(),
         };
+        let evicted = registration.evicted;
+        let feed = Feed::new(registration.outbox, state.pool.clone());
         // The writer decides when the session ends; the reader only reports to it.
         tokio::select! {
             biased;
-            reason = writer.run(registration, control_rx) => {
+            reason = writer.run(feed, evicted, control_rx) => {
                 tracing::debug!(reason, "session ended");
             }
             () = read(stream, id, &state.distributor, control) => {}
         }
-        state.distributor.disconnect(id).await;
     }
     .instrument(tracing::info_span!("session", session_id = %id))
     .await;
-    guard.id = None;
+    guard.disconnect().await;
 }
 
 /// Reads client frames until the peer is gone, then waits to be dropped by the writer.
@@ -135,8 +121,8 @@ async fn read(
             Ok(Message::Text(text)) => match ClientCommand::parse(text.as_str()) {
                 Ok(command) => {
                     let sent = match command {
-                        ClientCommand::Subscribe(products) => {
-                            distributor.subscribe(id, products).await
+                        ClientCommand::Subscribe(products, start) => {
+                            distributor.subscribe(id, products, start).await
                         }
                         ClientCommand::Unsubscribe(products) => {
                             distributor.unsubscribe(id, products).await
@@ -188,24 +174,6 @@ fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
-fn encode(delivery: Delivery<Utf8Bytes>) -> Message {
-    Message::Text(match delivery {
-        // The shared frame: cloning it into the message bumps a reference count only.
-        Delivery::Change(frame) => frame,
-        Delivery::Subscribed(products) => protocol::encode_ack(true, &products).into(),
-        Delivery::Unsubscribed(products) => protocol::encode_ack(false, &products).into(),
-        Delivery::Refused(over) => protocol::encode_error(
-            error_code::TOO_MANY_SUBSCRIPTIONS,
-            &format!(
-                "subscribing to {} more products would exceed the limit of {} per connection \
-                 (this connection has {}); nothing was subscribed",
-                over.requested, over.limit, over.current
-            ),
-        )
-        .into(),
-    })
-}
-
 struct Writer {
     sink: SplitSink<WebSocket, Message>,
     heartbeat: Heartbeat,
@@ -216,17 +184,30 @@ impl Writer {
     /// Writes until the session must end; returns why, for the log.
     async fn run(
         mut self,
-        registration: Registration<Utf8Bytes>,
+        mut feed: Feed,
+        evicted: CancellationToken,
         mut control: mpsc::Receiver<Control>,
     ) -> &'static str {
-        let Registration {
-            mut outbox,
-            evicted,
-            ..
-        } = registration;
         let mut next_ping = Instant::now() + self.heartbeat.interval;
         let mut pong_deadline: Option<Instant> = None;
+        let mut messages = Vec::with_capacity(feed::BATCH);
         loop {
+            // Work the feed already holds (a replay in pages, a long batch) goes first; shutdown
+            // and eviction are checked between pages.
+            if feed.has_pending() {
+                if self.shutdown.is_triggered() || evicted.is_cancelled() {
+                    // Closing: the select below sends the close frame; the rest is not written.
+                    feed.discard();
+                } else {
+                    if let Err(reason) = self
+                        .write_from_feed(&mut feed, &mut messages, &evicted)
+                        .await
+                    {
+                        return reason;
+                    }
+                    continue;
+                }
+            }
             let far = Instant::now() + Duration::from_secs(86_400);
             let step = tokio::select! {
                 biased;
@@ -255,13 +236,12 @@ impl Writer {
                         return "peer closed";
                     }
                 },
-                delivery = outbox.recv() => match delivery {
-                    Some(delivery) => self.write_batch(delivery, &mut outbox, &evicted).await,
-                    None if evicted.is_cancelled() => continue,
-                    None => {
+                more = feed.recv() => {
+                    if !more && !evicted.is_cancelled() {
                         self.close(close_code::INTERNAL, "server is stopping").await;
                         return "distributor gone";
                     }
+                    Ok(())
                 },
                 () = sleep_until(pong_deadline.unwrap_or(far)), if pong_deadline.is_some() => {
                     self.close(close_code::POLICY, "no pong within the heartbeat timeout").await;
@@ -281,37 +261,43 @@ impl Writer {
         }
     }
 
-    /// Writes one delivery and whatever else is already queued, then flushes once. A peer that
-    /// stops reading cannot hold the writer: eviction, shutdown or the heartbeat timeout end the
-    /// write.
-    async fn write_batch(
+    /// Writes the feed's next messages and flushes once. A peer that stops reading cannot
+    /// hold the writer: eviction, shutdown or the heartbeat window end the write.
+    async fn write_from_feed(
         &mut self,
-        first: Delivery<Utf8Bytes>,
-        outbox: &mut mpsc::Receiver<Delivery<Utf8Bytes>>,
-        evicted: &tokio_util::sync::CancellationToken,
-    ) -> Result<(), axum::Error> {
+        feed: &mut Feed,
+        messages: &mut Vec<Outgoing>,
+        evicted: &CancellationToken,
+    ) -> Result<(), &'static str> {
+        messages.clear();
+        if let Err(err) = feed.fill(messages).await {
+            tracing::error!(cause = %err, "cannot read the changelog for a replay or snapshot");
+            self.close(
+                close_code::INTERNAL,
+                "could not read the change history; reconnect and resume",
+            )
+            .await;
+            return Err("changelog read failed");
+        }
         let window = self.heartbeat.interval + self.heartbeat.timeout;
         let shutdown = &self.shutdown;
         let sink = &mut self.sink;
         let write = async {
-            sink.feed(encode(first)).await?;
-            for _ in 1..WRITE_BATCH {
-                match outbox.try_recv() {
-                    Ok(delivery) => sink.feed(encode(delivery)).await?,
-                    Err(_) => break,
-                }
+            for outgoing in messages.drain(..) {
+                sink.feed(Message::Text(outgoing.text)).await?;
             }
             sink.flush().await
         };
         let write = pin!(write);
-        tokio::select! {
+        let result = tokio::select! {
             result = write => result,
             () = evicted.cancelled() => Ok(()),
             () = shutdown.cancelled() => Ok(()),
             () = tokio::time::sleep(window) => {
                 Err(axum::Error::new("peer did not accept data within the heartbeat window"))
             }
-        }
+        };
+        result.map_err(|_| "write failed")
     }
 
     async fn close(&mut self, code: u16, reason: &'static str) {

@@ -2,6 +2,7 @@
 //! (`products`). Also the embedded private cluster used when no `DATABASE_URL` is given
 //! (`embedded`). Imports `product` and `config`; knows nothing of sessions or the distributor.
 
+pub mod changelog;
 pub mod embedded;
 pub mod products;
 

@@ -1,21 +1,21 @@
 //! The actor task: owns [`Subscriptions`] and applies commands one at a time, so the maps need
-//! no lock. It never awaits a session and does no I/O: outboxes are written with `try_send`, and
-//! a full one gets the session evicted (see the module doc of `distributor`).
+//! no lock. It never awaits a session and does no I/O: outbox pushes never wait, and the
+//! slow-client policy decides what a full one means (see `outbox`).
 
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::outbox::{OutboxSender, Pushed, outbox};
 use super::subscriptions::{SessionId, Subscriptions};
 use super::{Command, Delivery, Registration, Stats};
 use crate::config::Limits;
-
-type Outbox<F> = mpsc::Sender<Delivery<F>>;
+use crate::product::Seq;
 
 /// The sink kept per session: its outbox and the token that tells it it was evicted.
 #[derive(Debug)]
 struct SessionSink<F> {
-    outbox: Outbox<F>,
+    outbox: OutboxSender<F>,
     evicted: CancellationToken,
 }
 
@@ -35,12 +35,19 @@ struct Distributor<F> {
     stats: Stats,
 }
 
-pub(super) fn spawn<F: Clone + Send + 'static>(inbox: mpsc::Receiver<Command<F>>, limits: Limits) {
+pub(super) fn spawn<F: Clone + Send + 'static>(
+    inbox: mpsc::Receiver<Command<F>>,
+    limits: Limits,
+    position: Seq,
+) {
     let actor = Distributor {
         subscriptions: Subscriptions::default(),
         limits,
         next_session: 0,
-        stats: Stats::default(),
+        stats: Stats {
+            last_seq: position,
+            ..Stats::default()
+        },
     };
     tokio::spawn(
         actor
@@ -59,15 +66,29 @@ impl<F: Clone + Send + 'static> Distributor<F> {
 
     fn handle(&mut self, command: Command<F>) {
         match command {
-            Command::Publish { product, frame } => {
+            Command::Publish {
+                product,
+                seq,
+                frame,
+            } => {
                 self.stats.changes_published += 1;
+                self.stats.last_seq = seq;
                 let mut full = Vec::new();
                 for (id, sink) in self.subscriptions.subscribers(product) {
-                    match sink.outbox.try_send(Delivery::Change(frame.clone())) {
-                        Ok(()) => self.stats.messages_queued += 1,
-                        Err(TrySendError::Full(_)) => full.push(id),
+                    let delivery = Delivery::Change {
+                        product,
+                        seq,
+                        frame: frame.clone(),
+                    };
+                    match sink.outbox.push(delivery) {
+                        Pushed::Queued => self.stats.messages_queued += 1,
+                        Pushed::Conflated(dropped) => {
+                            self.stats.messages_queued += 1;
+                            self.stats.changes_conflated += dropped as u64;
+                        }
+                        Pushed::Full => full.push(id),
                         // The session ended; its Disconnect is on the way.
-                        Err(TrySendError::Closed(_)) => {}
+                        Pushed::Closed => {}
                     }
                 }
                 for id in full {
@@ -77,12 +98,13 @@ impl<F: Clone + Send + 'static> Distributor<F> {
             Command::Register { reply } => {
                 self.next_session += 1;
                 let id = SessionId(self.next_session);
-                let (outbox, receiver) = mpsc::channel(self.limits.outbox_capacity);
+                let (sender, receiver) =
+                    outbox(self.limits.outbox_capacity, self.limits.slow_client_policy);
                 let evicted = CancellationToken::new();
                 self.subscriptions.add_session(
                     id,
                     SessionSink {
-                        outbox,
+                        outbox: sender,
                         evicted: evicted.clone(),
                     },
                 );
@@ -96,13 +118,21 @@ impl<F: Clone + Send + 'static> Distributor<F> {
                     self.subscriptions.remove_session(id);
                 }
             }
-            Command::Subscribe { id, products } => {
+            Command::Subscribe {
+                id,
+                products,
+                start,
+            } => {
                 let answer =
                     match self
                         .subscriptions
                         .subscribe(id, &products, self.limits.max_subscriptions)
                     {
-                        Ok(_) => Delivery::Subscribed(products),
+                        Ok(_) => Delivery::Subscribed {
+                            products,
+                            position: self.stats.last_seq,
+                            start,
+                        },
                         Err(over) => Delivery::Refused(over),
                     };
                 self.deliver(id, answer);
@@ -112,34 +142,42 @@ impl<F: Clone + Send + 'static> Distributor<F> {
                 self.deliver(id, Delivery::Unsubscribed(products));
             }
             Command::Disconnect { id } => {
-                self.subscriptions.remove_session(id);
+                if let Some(sink) = self.subscriptions.remove_session(id) {
+                    sink.outbox.close();
+                }
             }
             Command::Stats { reply } => {
                 let _ = reply.send(Stats {
                     sessions: self.subscriptions.session_count(),
                     subscriptions: self.subscriptions.subscription_count(),
                     products_with_subscribers: self.subscriptions.product_count(),
+                    messages_waiting: self.subscriptions.sinks().map(|s| s.outbox.len()).sum(),
                     ..self.stats
                 });
             }
         }
     }
 
-    /// Queues a reply for one session, evicting it if its outbox is full.
+    /// Queues a reply for one session, evicting it if its outbox refuses.
     fn deliver(&mut self, id: SessionId, delivery: Delivery<F>) {
         let Some(sink) = self.subscriptions.sink(id) else {
             return;
         };
-        match sink.outbox.try_send(delivery) {
-            Ok(()) => self.stats.messages_queued += 1,
-            Err(TrySendError::Full(_)) => self.evict(id),
-            Err(TrySendError::Closed(_)) => {}
+        match sink.outbox.push(delivery) {
+            Pushed::Queued => self.stats.messages_queued += 1,
+            Pushed::Conflated(dropped) => {
+                self.stats.messages_queued += 1;
+                self.stats.changes_conflated += dropped as u64;
+            }
+            Pushed::Full => self.evict(id),
+            Pushed::Closed => {}
         }
     }
 
     fn evict(&mut self, id: SessionId) {
         if let Some(sink) = self.subscriptions.remove_session(id) {
             self.stats.slow_sessions_evicted += 1;
+            sink.outbox.close();
             sink.evicted.cancel();
             tracing::info!(session_id = %id, "outbox full; slow session evicted");
         }

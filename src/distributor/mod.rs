@@ -6,23 +6,28 @@
 //! like, so a change is encoded once by the listener and the same buffer is cloned (a reference
 //! count, no copy) into every subscriber's outbox.
 //!
-//! Slow-client policy: each session's outbox is bounded ([`crate::config::Limits::outbox_capacity`]).
-//! The actor never waits for a session: if an outbox is full, the session is removed from the
-//! maps at once and its `evicted` token is cancelled, so the session closes the socket with 1013
-//! (Try Again Later). Memory per slow client is therefore bounded by the outbox capacity, and no
-//! other session is delayed by it.
+//! The actor never waits for a session: each session has an [`outbox`] whose slow-client
+//! policy (conflate, or disconnect with 1013) bounds what a slow reader costs and keeps it from
+//! delaying anyone else.
+//!
+//! Every change carries its `seq` (commit order). The actor remembers the last seq it
+//! published, and each subscribe ack carries it: the subscriber's live stream holds exactly the
+//! changes after that position, which lets the session fill in a resume or snapshot from the
+//! changelog without a gap or a duplicate.
 //!
 //! Imports `product` (ids) and `config` (limits) only.
 
 mod actor;
+pub mod outbox;
 mod subscriptions;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
-use crate::product::ProductId;
+use crate::product::{ProductId, Seq, SubscriptionStart};
 
+pub use outbox::OutboxReceiver;
 pub use subscriptions::{OverLimit, SessionId};
 
 /// Commands in flight to the actor before senders wait: absorbs bursts of notifications and
@@ -33,9 +38,23 @@ const COMMAND_CAPACITY: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery<F> {
     /// A change frame, shared by all its recipients.
-    Change(F),
-    /// The subscribe was applied; changes committed after this is read are delivered.
-    Subscribed(Vec<ProductId>),
+    Change {
+        /// The product it changed.
+        product: ProductId,
+        /// Its position in commit order.
+        seq: Seq,
+        /// The encoded message.
+        frame: F,
+    },
+    /// The subscribe was applied; every change with seq > `position` follows in this outbox.
+    Subscribed {
+        /// The products, as requested (deduplicated).
+        products: Vec<ProductId>,
+        /// The last seq published before the subscription took effect.
+        position: Seq,
+        /// Where the client asked its stream to begin.
+        start: SubscriptionStart,
+    },
     /// The unsubscribe was applied.
     Unsubscribed(Vec<ProductId>),
     /// The subscribe was refused whole because of the per-session cap.
@@ -56,8 +75,14 @@ pub struct Stats {
     pub changes_published: u64,
     /// Messages put into session outboxes since start.
     pub messages_queued: u64,
-    /// Sessions disconnected because their outbox was full.
+    /// Sessions disconnected because their outbox was full (disconnect policy).
     pub slow_sessions_evicted: u64,
+    /// Superseded changes dropped from slow sessions' queues (conflate policy).
+    pub changes_conflated: u64,
+    /// Messages waiting in all outboxes right now.
+    pub messages_waiting: usize,
+    /// The seq of the last change published.
+    pub last_seq: Seq,
 }
 
 /// The actor is gone (the process is shutting down); the caller should end.
@@ -71,7 +96,7 @@ pub struct Registration<F> {
     /// This session's id, for later commands.
     pub id: SessionId,
     /// Messages for this session, in order. Ends when the actor drops the session.
-    pub outbox: mpsc::Receiver<Delivery<F>>,
+    pub outbox: OutboxReceiver<F>,
     /// Cancelled when the actor dropped the session for being too slow.
     pub evicted: CancellationToken,
 }
@@ -83,6 +108,7 @@ enum Command<F> {
     Subscribe {
         id: SessionId,
         products: Vec<ProductId>,
+        start: SubscriptionStart,
     },
     Unsubscribe {
         id: SessionId,
@@ -93,11 +119,46 @@ enum Command<F> {
     },
     Publish {
         product: ProductId,
+        seq: Seq,
         frame: F,
     },
     Stats {
         reply: oneshot::Sender<Stats>,
     },
+}
+
+/// Removes a session from the distributor exactly once: explicitly with [`Self::disconnect`]
+/// when the session ends normally, or from `Drop` when it panics or is cancelled (a dropped SSE
+/// stream, an aborted task).
+#[derive(Debug)]
+pub struct SessionGuard<F: Clone + Send + 'static> {
+    distributor: DistributorHandle<F>,
+    id: Option<SessionId>,
+}
+
+impl<F: Clone + Send + 'static> SessionGuard<F> {
+    /// Guards session `id`.
+    pub fn new(distributor: DistributorHandle<F>, id: SessionId) -> Self {
+        Self {
+            distributor,
+            id: Some(id),
+        }
+    }
+
+    /// Disconnects now, waiting for room in the actor's inbox.
+    pub async fn disconnect(mut self) {
+        if let Some(id) = self.id.take() {
+            self.distributor.disconnect(id).await;
+        }
+    }
+}
+
+impl<F: Clone + Send + 'static> Drop for SessionGuard<F> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.distributor.disconnect_soon(id);
+        }
+    }
 }
 
 /// A cheap, cloneable way to reach the distributor actor. The actor runs until the last handle
@@ -129,10 +190,11 @@ impl<F> std::fmt::Debug for Command<F> {
 }
 
 impl<F: Clone + Send + 'static> DistributorHandle<F> {
-    /// Starts the actor on the current tokio runtime.
-    pub fn spawn(limits: Limits) -> Self {
+    /// Starts the actor on the current tokio runtime; `position` is the last seq already
+    /// committed, from which the listener continues.
+    pub fn spawn(limits: Limits, position: Seq) -> Self {
         let (commands, inbox) = mpsc::channel(COMMAND_CAPACITY);
-        actor::spawn(inbox, limits);
+        actor::spawn(inbox, limits, position);
         Self { commands }
     }
 
@@ -155,8 +217,14 @@ impl<F: Clone + Send + 'static> DistributorHandle<F> {
         &self,
         id: SessionId,
         products: Vec<ProductId>,
+        start: SubscriptionStart,
     ) -> Result<(), DistributorGone> {
-        self.send(Command::Subscribe { id, products }).await
+        self.send(Command::Subscribe {
+            id,
+            products,
+            start,
+        })
+        .await
     }
 
     /// Drops `products`; the answer arrives in the session's outbox.
@@ -188,9 +256,20 @@ impl<F: Clone + Send + 'static> DistributorHandle<F> {
         }
     }
 
-    /// Hands one encoded change to every subscriber of `product`.
-    pub async fn publish(&self, product: ProductId, frame: F) -> Result<(), DistributorGone> {
-        self.send(Command::Publish { product, frame }).await
+    /// Hands one encoded change to every subscriber of `product`. Changes must be published in
+    /// seq order.
+    pub async fn publish(
+        &self,
+        product: ProductId,
+        seq: Seq,
+        frame: F,
+    ) -> Result<(), DistributorGone> {
+        self.send(Command::Publish {
+            product,
+            seq,
+            frame,
+        })
+        .await
     }
 
     /// Current counts.
@@ -204,10 +283,16 @@ impl<F: Clone + Send + 'static> DistributorHandle<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SlowClientPolicy;
 
-    fn limits(outbox_capacity: usize, max_subscriptions: usize) -> Limits {
+    fn limits(
+        outbox_capacity: usize,
+        max_subscriptions: usize,
+        policy: SlowClientPolicy,
+    ) -> Limits {
         Limits {
             outbox_capacity,
+            slow_client_policy: policy,
             max_subscriptions,
             max_frame_bytes: 1024,
             ws_read_buffer_bytes: 1024,
@@ -220,39 +305,82 @@ mod tests {
         raw.iter().map(|&id| ProductId::new(id).unwrap()).collect()
     }
 
-    #[tokio::test]
-    async fn fans_out_in_order_and_acks_before_changes() {
-        let distributor = DistributorHandle::<&'static str>::spawn(limits(16, 10));
-        let mut a = distributor.register().await.unwrap();
-        let mut b = distributor.register().await.unwrap();
-        distributor.subscribe(a.id, ids(&[1])).await.unwrap();
-        distributor.subscribe(b.id, ids(&[1, 2])).await.unwrap();
-        distributor.publish(ids(&[1])[0], "one").await.unwrap();
-        distributor.publish(ids(&[2])[0], "two").await.unwrap();
+    async fn next<F>(registration: &mut Registration<F>) -> Option<Delivery<F>> {
+        let mut batch = Vec::new();
+        registration
+            .outbox
+            .recv_batch(&mut batch, 1)
+            .await
+            .then(|| batch.remove(0))
+    }
 
-        assert_eq!(a.outbox.recv().await, Some(Delivery::Subscribed(ids(&[1]))));
-        assert_eq!(a.outbox.recv().await, Some(Delivery::Change("one")));
-        assert_eq!(
-            b.outbox.recv().await,
-            Some(Delivery::Subscribed(ids(&[1, 2])))
-        );
-        assert_eq!(b.outbox.recv().await, Some(Delivery::Change("one")));
-        assert_eq!(b.outbox.recv().await, Some(Delivery::Change("two")));
-        assert!(a.outbox.try_recv().is_err(), "a is not subscribed to 2");
+    fn change<F>(product: i64, seq: Seq, frame: F) -> Delivery<F> {
+        Delivery::Change {
+            product: ProductId::new(product).unwrap(),
+            seq,
+            frame,
+        }
     }
 
     #[tokio::test]
-    async fn full_outbox_evicts_only_that_session() {
-        let distributor = DistributorHandle::<u32>::spawn(limits(2, 10));
+    async fn fans_out_in_order_and_acks_carry_the_position() {
+        let distributor = DistributorHandle::<&'static str>::spawn(
+            limits(16, 10, SlowClientPolicy::Conflate),
+            40,
+        );
+        let mut a = distributor.register().await.unwrap();
+        let mut b = distributor.register().await.unwrap();
+        distributor
+            .subscribe(a.id, ids(&[1]), SubscriptionStart::Live)
+            .await
+            .unwrap();
+        distributor.publish(ids(&[1])[0], 41, "one").await.unwrap();
+        distributor
+            .subscribe(b.id, ids(&[1, 2]), SubscriptionStart::Since(3))
+            .await
+            .unwrap();
+        distributor.publish(ids(&[2])[0], 42, "two").await.unwrap();
+
+        assert_eq!(
+            next(&mut a).await,
+            Some(Delivery::Subscribed {
+                products: ids(&[1]),
+                position: 40,
+                start: SubscriptionStart::Live
+            })
+        );
+        assert_eq!(next(&mut a).await, Some(change(1, 41, "one")));
+        assert_eq!(
+            next(&mut b).await,
+            Some(Delivery::Subscribed {
+                products: ids(&[1, 2]),
+                position: 41,
+                start: SubscriptionStart::Since(3)
+            })
+        );
+        assert_eq!(next(&mut b).await, Some(change(2, 42, "two")));
+        assert_eq!(distributor.stats().await.unwrap().last_seq, 42);
+    }
+
+    #[tokio::test]
+    async fn full_outbox_evicts_only_that_session_under_the_disconnect_policy() {
+        let distributor =
+            DistributorHandle::<u64>::spawn(limits(2, 10, SlowClientPolicy::Disconnect), 0);
         let slow = distributor.register().await.unwrap();
         let mut fast = distributor.register().await.unwrap();
         let product = ids(&[1])[0];
-        distributor.subscribe(slow.id, vec![product]).await.unwrap();
-        distributor.subscribe(fast.id, vec![product]).await.unwrap();
-        assert!(fast.outbox.recv().await.is_some());
-        for n in 0..5 {
-            distributor.publish(product, n).await.unwrap();
-            assert_eq!(fast.outbox.recv().await, Some(Delivery::Change(n)));
+        distributor
+            .subscribe(slow.id, vec![product], SubscriptionStart::Live)
+            .await
+            .unwrap();
+        distributor
+            .subscribe(fast.id, vec![product], SubscriptionStart::Live)
+            .await
+            .unwrap();
+        assert!(next(&mut fast).await.is_some());
+        for n in 1..=5 {
+            distributor.publish(product, n, n).await.unwrap();
+            assert_eq!(next(&mut fast).await, Some(change(1, n, n)));
         }
         slow.evicted.cancelled().await;
         let stats = distributor.stats().await.unwrap();
@@ -262,14 +390,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_slow_session_is_conflated_not_evicted_under_the_conflate_policy() {
+        let distributor =
+            DistributorHandle::<u64>::spawn(limits(4, 10, SlowClientPolicy::Conflate), 0);
+        let mut slow = distributor.register().await.unwrap();
+        distributor
+            .subscribe(slow.id, ids(&[1, 2]), SubscriptionStart::Live)
+            .await
+            .unwrap();
+        for seq in 1..=100 {
+            let product = if seq % 2 == 0 { 2 } else { 1 };
+            distributor
+                .publish(ids(&[product])[0], seq, seq)
+                .await
+                .unwrap();
+        }
+        let stats = distributor.stats().await.unwrap();
+        assert_eq!(stats.sessions, 1);
+        assert!(stats.messages_waiting <= 8, "{stats:?}");
+        assert!(stats.changes_conflated > 0);
+        let mut last = Vec::new();
+        let mut batch = Vec::new();
+        slow.outbox.recv_batch(&mut batch, 100).await;
+        for delivery in batch {
+            if let Delivery::Change { seq, .. } = delivery {
+                last.push(seq);
+            }
+        }
+        assert_eq!(
+            &last[last.len() - 2..],
+            &[99, 100],
+            "ends with the latest of each product"
+        );
+    }
+
+    #[tokio::test]
     async fn refused_subscribe_is_reported_and_maps_empty_after_disconnects() {
-        let distributor = DistributorHandle::<u32>::spawn(limits(16, 2));
+        let distributor =
+            DistributorHandle::<u64>::spawn(limits(16, 2, SlowClientPolicy::Conflate), 0);
         let mut a = distributor.register().await.unwrap();
-        distributor.subscribe(a.id, ids(&[1, 2, 3])).await.unwrap();
-        assert!(matches!(a.outbox.recv().await, Some(Delivery::Refused(_))));
-        distributor.subscribe(a.id, ids(&[1, 2])).await.unwrap();
+        distributor
+            .subscribe(a.id, ids(&[1, 2, 3]), SubscriptionStart::Live)
+            .await
+            .unwrap();
+        assert!(matches!(next(&mut a).await, Some(Delivery::Refused(_))));
+        distributor
+            .subscribe(a.id, ids(&[1, 2]), SubscriptionStart::Live)
+            .await
+            .unwrap();
         let b = distributor.register().await.unwrap();
-        distributor.subscribe(b.id, ids(&[2])).await.unwrap();
+        distributor
+            .subscribe(b.id, ids(&[2]), SubscriptionStart::Live)
+            .await
+            .unwrap();
         assert_eq!(distributor.stats().await.unwrap().subscriptions, 3);
         distributor.disconnect(a.id).await;
         distributor.disconnect_soon(b.id);
@@ -282,12 +455,12 @@ mod tests {
             ),
             (0, 0, 0)
         );
+        assert!(matches!(
+            next(&mut a).await,
+            Some(Delivery::Subscribed { .. })
+        ));
         assert_eq!(
-            a.outbox.recv().await,
-            Some(Delivery::Subscribed(ids(&[1, 2])))
-        );
-        assert_eq!(
-            a.outbox.recv().await,
+            next(&mut a).await,
             None,
             "outbox closes when the session is dropped"
         );

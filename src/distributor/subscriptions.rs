@@ -155,6 +155,11 @@ impl<S: Clone> Subscriptions<S> {
         self.by_session.get(&id).map(|entry| &entry.sink)
     }
 
+    /// Every session's sink.
+    pub(crate) fn sinks(&self) -> impl Iterator<Item = &S> + '_ {
+        self.by_session.values().map(|entry| &entry.sink)
+    }
+
     /// Registered sessions.
     pub(crate) fn session_count(&self) -> usize {
         self.by_session.len()

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod delivery;
 mod listener_recovery;
 mod ordering;
 mod process;

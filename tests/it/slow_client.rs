@@ -9,7 +9,13 @@ use crate::support::{WsClient, product, spawn_app_with, wait_until};
 
 #[tokio::test]
 async fn a_client_that_never_reads_is_evicted_and_others_keep_getting_changes() {
-    let app = spawn_app_with(&["--outbox-capacity", "256"]).await;
+    let app = spawn_app_with(&[
+        "--outbox-capacity",
+        "256",
+        "--slow-client-policy",
+        "disconnect",
+    ])
+    .await;
     let mut body = product("Heavy");
     // ~4 KB per change, so the stuck client's socket buffers fill after about a thousand.
     body["productName"] = json!("x".repeat(4000));

@@ -2,6 +2,7 @@
 //! `DATABASE_URL`), a fresh database per test, and rowcast running in-process on 127.0.0.1:0.
 //! Logs are silent unless `TEST_LOG` is set.
 
+pub mod sse;
 pub mod ws;
 
 use std::sync::OnceLock;
@@ -14,6 +15,7 @@ use rowcast::{App, telemetry};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+pub use sse::SseClient;
 pub use ws::WsClient;
 
 /// The admin URL of the Postgres every test database lives on.
@@ -111,8 +113,11 @@ pub struct TestApp {
     pub pool: PgPool,
     pub http: reqwest::Client,
     pub shutdown: Shutdown,
+    /// The database as the app sees it, for a second instance on the same database.
+    pub database_url: String,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    database: String,
+    /// Dropped with this app; None for a second instance sharing another's database.
+    database: Option<String>,
 }
 
 /// Starts rowcast with default settings.
@@ -123,6 +128,14 @@ pub async fn spawn_app() -> TestApp {
 /// Starts rowcast with extra command-line flags (e.g. `["--outbox-capacity", "8"]`).
 pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     let (database, database_url) = fresh_database().await;
+    let mut app = spawn_instance(&database_url, flags).await;
+    app.database = Some(database);
+    app
+}
+
+/// Starts another rowcast on an existing database (several instances, one database).
+pub async fn spawn_instance(database_url: &str, flags: &[&str]) -> TestApp {
+    let database_url = database_url.to_owned();
     let mut args = vec![
         "rowcast",
         "--listen",
@@ -144,11 +157,12 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     let test_app = TestApp {
         base_url: format!("http://{addr}"),
         ws_url: format!("ws://{addr}/websocket"),
+        database_url,
         pool,
         http: reqwest::Client::new(),
         shutdown,
         server: Some(server),
-        database,
+        database: None,
     };
     test_app.wait_for_listener().await;
     test_app
@@ -225,7 +239,9 @@ impl Drop for TestApp {
         if let Some(server) = self.server.take() {
             server.abort();
         }
-        drop_database(std::mem::take(&mut self.database));
+        if let Some(database) = self.database.take() {
+            drop_database(database);
+        }
     }
 }
 

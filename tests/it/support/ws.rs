@@ -58,11 +58,24 @@ impl WsClient {
         Self { socket }
     }
 
-    /// Subscribes and waits for the ack, which lists the ids once each, in request order.
-    pub async fn subscribe(&mut self, ids: &[i64]) {
+    /// Subscribes and waits for the ack, which lists the ids once each, in request order;
+    /// returns the ack's seq (changes after it follow).
+    pub async fn subscribe(&mut self, ids: &[i64]) -> u64 {
         self.command("subscribe", ids).await;
+        self.expect_ack(ids).await
+    }
+
+    /// Reads the next message and asserts it is the subscribe ack for `ids`; returns its seq.
+    pub async fn expect_ack(&mut self, ids: &[i64]) -> u64 {
         let ack = self.next_json().await;
-        assert_eq!(ack, json!({"type": "subscribed", "productIDs": dedup(ids)}));
+        assert_eq!(ack["type"], "subscribed", "{ack}");
+        assert_eq!(ack["productIDs"], json!(dedup(ids)), "{ack}");
+        ack["seq"].as_u64().expect("the ack carries a seq")
+    }
+
+    /// Sends any JSON command.
+    pub async fn send_json(&mut self, command: &Value) {
+        self.send_text(&command.to_string()).await;
     }
 
     /// Unsubscribes and waits for the ack.
@@ -114,6 +127,27 @@ impl WsClient {
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next data message within `limit`: Ok(None) if none came, Err(close code) if the
+    /// connection ended (for clients that reconnect and resume).
+    pub async fn next_or_closed(&mut self, limit: Duration) -> Result<Option<Value>, Option<u16>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let Ok(message) = tokio::time::timeout_at(deadline, self.socket.next()).await else {
+                return Ok(None);
+            };
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Ok(Some(
+                        serde_json::from_str(&text).expect("server sends JSON"),
+                    ));
+                }
+                Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(None),
             }
         }
     }

@@ -1,0 +1,236 @@
+//! `Feed`: turns one subscriber's outbox into the exact sequence of messages its client
+//! receives, whatever the transport (WebSocket or SSE): acks, snapshots, resets, replays from
+//! the changelog, and live changes, with no gap and no duplicate.
+//!
+//! Each subscribe ack from the distributor carries `position` P: the live changes that follow
+//! in the outbox are exactly those with seq > P. The client's stream should begin after C (its
+//! `since`, the snapshot's seq, or P for a plain subscribe). If C < P, the feed replays
+//! (C, P] from the changelog before going on with the outbox; if C > P (a client resuming from
+//! an instance that is ahead of this one), it drops live changes with seq <= C for those
+//! products. Replays are read a page at a time, so a long one streams in bounded memory.
+//!
+//! Imports `distributor` (outbox), `protocol` (encoding), `product`, and `db::changelog`.
+
+use std::collections::{HashMap, VecDeque};
+
+use axum::extract::ws::Utf8Bytes;
+use sqlx::PgPool;
+
+use crate::db::changelog::{self, ChangelogError};
+use crate::distributor::{Delivery, OutboxReceiver};
+use crate::product::{ProductId, Seq, SubscriptionStart};
+use crate::protocol::{self, error_code};
+
+/// Outbox messages taken at once; also about how many messages are written per flush.
+pub const BATCH: usize = 64;
+
+/// One message for the client. `seq` is set for changes (SSE uses it as the event id).
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The encoded JSON message.
+    pub text: Utf8Bytes,
+    /// The change's seq, if it is a change.
+    pub seq: Option<Seq>,
+}
+
+#[derive(Debug)]
+struct Replay {
+    products: Vec<ProductId>,
+    after: Seq,
+    upto: Seq,
+}
+
+/// One subscriber's ordered message source.
+#[derive(Debug)]
+pub struct Feed {
+    outbox: OutboxReceiver<Utf8Bytes>,
+    pool: PgPool,
+    pending: VecDeque<Delivery<Utf8Bytes>>,
+    replay: Option<Replay>,
+    /// Per product: live changes at or below this seq were already covered for the client.
+    floors: HashMap<ProductId, Seq>,
+    received: Vec<Delivery<Utf8Bytes>>,
+}
+
+impl Feed {
+    /// A feed over a registered session's outbox, reading history from `pool`.
+    pub fn new(outbox: OutboxReceiver<Utf8Bytes>, pool: PgPool) -> Self {
+        Self {
+            outbox,
+            pool,
+            pending: VecDeque::new(),
+            replay: None,
+            floors: HashMap::new(),
+            received: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// True while messages can be produced without waiting for the outbox.
+    pub fn has_pending(&self) -> bool {
+        self.replay.is_some() || !self.pending.is_empty()
+    }
+
+    /// Drops what is pending (the session is closing).
+    pub fn discard(&mut self) {
+        self.pending.clear();
+        self.replay = None;
+    }
+
+    /// Waits for outbox messages; false once the outbox is closed and drained. Cancel-safe.
+    pub async fn recv(&mut self) -> bool {
+        let more = self.outbox.recv_batch(&mut self.received, BATCH).await;
+        self.pending.extend(self.received.drain(..));
+        more
+    }
+
+    /// Appends the next messages to `out`: one replay page, or what the pending outbox
+    /// messages expand to (up to a batch, stopping where a replay begins).
+    pub async fn fill(&mut self, out: &mut Vec<Outgoing>) -> Result<(), ChangelogError> {
+        if let Some(replay) = &mut self.replay {
+            let page =
+                changelog::for_products(&self.pool, &replay.products, replay.after, replay.upto)
+                    .await?;
+            for change in &page {
+                out.push(Outgoing {
+                    text: protocol::encode_change(change).into(),
+                    seq: Some(change.seq),
+                });
+                replay.after = change.seq;
+            }
+            if page.len() < changelog::PAGE as usize {
+                self.replay = None;
+            }
+            return Ok(());
+        }
+        while let Some(delivery) = self.pending.pop_front() {
+            self.expand(delivery, out).await?;
+            if self.replay.is_some() || out.len() >= BATCH {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn expand(
+        &mut self,
+        delivery: Delivery<Utf8Bytes>,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), ChangelogError> {
+        match delivery {
+            Delivery::Change {
+                product,
+                seq,
+                frame,
+            } => {
+                if let Some(&floor) = self.floors.get(&product) {
+                    if seq <= floor {
+                        return Ok(());
+                    }
+                    self.floors.remove(&product);
+                }
+                // The shared frame: cloning it bumped a reference count, nothing more.
+                out.push(Outgoing {
+                    text: frame,
+                    seq: Some(seq),
+                });
+            }
+            Delivery::Subscribed {
+                products,
+                position,
+                start,
+            } => self.begin(products, position, start, out).await?,
+            Delivery::Unsubscribed(products) => {
+                for product in &products {
+                    self.floors.remove(product);
+                }
+                out.push(message(protocol::encode_ack(&products, None)));
+            }
+            Delivery::Refused(over) => out.push(message(protocol::encode_error(
+                error_code::TOO_MANY_SUBSCRIPTIONS,
+                &format!(
+                    "subscribing to {} more products would exceed the limit of {} per connection \
+                     (this connection has {}); nothing was subscribed",
+                    over.requested, over.limit, over.current
+                ),
+            ))),
+        }
+        Ok(())
+    }
+
+    /// Starts a subscription's stream after the client's position.
+    async fn begin(
+        &mut self,
+        products: Vec<ProductId>,
+        position: Seq,
+        start: SubscriptionStart,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), ChangelogError> {
+        let from = match start {
+            SubscriptionStart::Live => {
+                out.push(message(protocol::encode_ack(&products, Some(position))));
+                return Ok(());
+            }
+            SubscriptionStart::Since(since) => {
+                let pruned_through = changelog::pruned_through(&self.pool).await?;
+                if since < pruned_through {
+                    out.push(message(protocol::encode_reset(
+                        &products,
+                        since,
+                        pruned_through,
+                    )));
+                    self.snapshot(&products, out).await?
+                } else {
+                    out.push(message(protocol::encode_ack(&products, Some(since))));
+                    since
+                }
+            }
+            SubscriptionStart::Snapshot => self.snapshot(&products, out).await?,
+        };
+        if from < position {
+            self.replay = Some(Replay {
+                products,
+                after: from,
+                upto: position,
+            });
+        } else if from > position {
+            for product in products {
+                let floor = self.floors.entry(product).or_insert(from);
+                *floor = (*floor).max(from);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the ack and a snapshot of `products`; returns the snapshot's seq.
+    async fn snapshot(
+        &mut self,
+        products: &[ProductId],
+        out: &mut Vec<Outgoing>,
+    ) -> Result<Seq, ChangelogError> {
+        let snapshot = changelog::snapshot(&self.pool, products).await?;
+        let missing: Vec<ProductId> = products
+            .iter()
+            .copied()
+            .filter(|id| {
+                snapshot
+                    .products
+                    .binary_search_by_key(id, |product| product.product_id)
+                    .is_err()
+            })
+            .collect();
+        out.push(message(protocol::encode_ack(products, Some(snapshot.seq))));
+        out.push(message(protocol::encode_snapshot(
+            snapshot.seq,
+            &snapshot.products,
+            &missing,
+        )));
+        Ok(snapshot.seq)
+    }
+}
+
+fn message(text: String) -> Outgoing {
+    Outgoing {
+        text: text.into(),
+        seq: None,
+    }
+}

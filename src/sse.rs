@@ -1,0 +1,187 @@
+//! Server-Sent Events for clients that cannot use a WebSocket:
+//! `GET /products/events?ids=1,2,3[&since=N]` streams the same JSON messages as the WebSocket,
+//! each change with `id: <seq>`. A reconnecting `EventSource` sends `Last-Event-ID`, and the
+//! stream resumes after it with no gap and no duplicate (the same `Feed` as WebSockets).
+//!
+//! Imports `distributor`, `feed`, `product`, `protocol`, `shutdown`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::ws::Utf8Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::distributor::{DistributorHandle, SessionGuard};
+use crate::feed::{Feed, Outgoing};
+use crate::product::{ProductId, Seq, SubscriptionStart};
+use crate::shutdown::Shutdown;
+
+/// What the SSE handler needs.
+#[derive(Debug, Clone)]
+pub struct SseState {
+    /// Where subscriptions live.
+    pub distributor: DistributorHandle<Utf8Bytes>,
+    /// Where replays are read from.
+    pub pool: sqlx::PgPool,
+    /// Ends streams on shutdown.
+    pub shutdown: Shutdown,
+    /// Per-connection subscription cap (same as WebSockets).
+    pub max_subscriptions: usize,
+}
+
+/// `?ids=1,2,3&since=N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    ids: Option<String>,
+    since: Option<String>,
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({"error": "invalid_query", "message": message})),
+    )
+        .into_response()
+}
+
+fn parse_ids(raw: &str, max: usize) -> Result<Vec<ProductId>, String> {
+    let mut ids = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (index, part) in raw.split(',').enumerate() {
+        let id = part
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(ProductId::new)
+            .ok_or_else(|| {
+                format!(
+                    "ids[{index}] = {part:?} is not a product id (an integer from 0 to {})",
+                    i64::MAX
+                )
+            })?;
+        if seen.insert(id) {
+            ids.push(id);
+        }
+    }
+    if ids.len() > max {
+        return Err(format!("at most {max} ids per stream; got {}", ids.len()));
+    }
+    Ok(ids)
+}
+
+fn parse_seq(raw: &str, what: &str) -> Result<Seq, String> {
+    raw.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|seq| Seq::try_from(seq).ok())
+        .ok_or_else(|| {
+            format!("{what} must be a seq from a change event (an integer ≥ 0); got {raw:?}")
+        })
+}
+
+/// `GET /products/events`.
+pub async fn events(
+    State(state): State<SseState>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return bad_request("expected ?ids=1,2,3 and optionally &since=<seq>");
+    };
+    let Some(raw_ids) = query.ids.filter(|ids| !ids.trim().is_empty()) else {
+        return bad_request("`ids` is required: a comma-separated list of product ids");
+    };
+    let ids = match parse_ids(&raw_ids, state.max_subscriptions) {
+        Ok(ids) => ids,
+        Err(message) => return bad_request(&message),
+    };
+    // The browser's reconnect position wins over the one in the URL it first opened.
+    let position = match headers.get("last-event-id") {
+        Some(value) => Some((
+            String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            "Last-Event-ID",
+        )),
+        None => query.since.map(|since| (since, "`since`")),
+    };
+    let start = match position.filter(|(raw, _)| !raw.trim().is_empty()) {
+        Some((raw, what)) => match parse_seq(&raw, what) {
+            Ok(seq) => SubscriptionStart::Since(seq),
+            Err(message) => return bad_request(&message),
+        },
+        None => SubscriptionStart::Live,
+    };
+    let Ok(registration) = state.distributor.register().await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    let guard = SessionGuard::new(state.distributor.clone(), registration.id);
+    if state
+        .distributor
+        .subscribe(registration.id, ids, start)
+        .await
+        .is_err()
+    {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let stream = EventStream {
+        feed: Feed::new(registration.outbox, state.pool.clone()),
+        evicted: registration.evicted,
+        shutdown: state.shutdown.clone(),
+        queue: VecDeque::new(),
+        _guard: guard,
+    };
+    Sse::new(stream.into_stream())
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+struct EventStream {
+    feed: Feed,
+    evicted: CancellationToken,
+    shutdown: Shutdown,
+    queue: VecDeque<Outgoing>,
+    /// Disconnects from the distributor when the client goes away and the stream is dropped.
+    _guard: SessionGuard<Utf8Bytes>,
+}
+
+impl EventStream {
+    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> {
+        futures_util::stream::unfold(self, |mut this| async move {
+            let event = this.next_event().await?;
+            Some((Ok(event), this))
+        })
+    }
+
+    async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Some(outgoing) = self.queue.pop_front() {
+                let event = Event::default().data(outgoing.text.as_str());
+                return Some(match outgoing.seq {
+                    Some(seq) => event.id(seq.to_string()),
+                    None => event,
+                });
+            }
+            if self.feed.has_pending() {
+                let mut batch = Vec::new();
+                if let Err(err) = self.feed.fill(&mut batch).await {
+                    tracing::error!(cause = %err, "cannot read the changelog for an event stream");
+                    return None;
+                }
+                self.queue.extend(batch);
+                continue;
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return None,
+                () = self.evicted.cancelled() => return None,
+                more = self.feed.recv() => if !more { return None },
+            }
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! Delivery guarantees: commit-ordered seq, resume without gaps or duplicates (WebSocket and
+//! SSE, on one instance or another), listener catch-up, snapshots, large rows, conflation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::support::{
+    SseClient, TestApp, WsClient, product, spawn_app, spawn_app_with, spawn_instance, wait_until,
+};
+
+/// The committed changes to `products` after `after`, as (product, seq), in seq order.
+async fn committed(pool: &PgPool, products: &[i64], after: u64) -> Vec<(i64, u64)> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT product_id, seq FROM product_changes
+         WHERE product_id = ANY($1) AND seq > $2 ORDER BY seq",
+    )
+    .bind(products)
+    .bind(i64::try_from(after).unwrap())
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(p, s)| (p, u64::try_from(s).unwrap()))
+        .collect()
+}
+
+fn key(change: &Value) -> (i64, u64) {
+    (
+        change["product"]["productId"].as_i64().unwrap(),
+        change["seq"].as_u64().unwrap(),
+    )
+}
+
+async fn create_ids(app: &TestApp, count: usize) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let created = app.create_product(product(&format!("p{n}"))).await;
+        ids.push(created["productId"].as_i64().unwrap());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_change_committed_while_the_client_was_away_arrives_on_resume_websocket_and_sse() {
+    let app = spawn_app().await;
+    let ids = create_ids(&app, 2).await;
+    let (first, second) = (ids[0], ids[1]);
+
+    for transport in ["websocket", "sse"] {
+        // A changes `first` and stays open; B changes `second` and commits before A.
+        let mut a = app.pool.begin().await.unwrap();
+        let mut client_ws = None;
+        let mut client_sse = None;
+        if transport == "websocket" {
+            let mut client = WsClient::connect(&app.ws_url).await;
+            client.subscribe(&ids).await;
+            client_ws = Some(client);
+        } else {
+            let mut client = SseClient::connect(
+                &format!("{}/products/events?ids={first},{second}", app.base_url),
+                None,
+            )
+            .await;
+            assert_eq!(client.next_event().await.data["type"], "subscribed");
+            client_sse = Some(client);
+        }
+        sqlx::query(
+            "UPDATE products SET units_available = units_available + 100 WHERE product_id = $1",
+        )
+        .bind(first)
+        .execute(&mut *a)
+        .await
+        .unwrap();
+        let b = app
+            .patch_product(second, json!({"productName": format!("B via {transport}")}))
+            .await;
+
+        let seen = if let Some(client) = &mut client_ws {
+            let change = client.next_change().await;
+            assert_eq!(change["product"], b);
+            change["seq"].as_u64().unwrap()
+        } else {
+            let event = client_sse.as_mut().unwrap().next_event().await;
+            assert_eq!(event.data["product"], b);
+            assert_eq!(event.id, event.data["seq"].as_u64(), "SSE id is the seq");
+            event.id.unwrap()
+        };
+        drop(client_ws);
+        drop(client_sse);
+        a.commit().await.unwrap();
+        let a_row: Value = app
+            .http
+            .get(format!("{}/products/{first}", app.base_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+
+        if transport == "websocket" {
+            let mut client = WsClient::connect(&app.ws_url).await;
+            client
+                .send_json(&json!({"command": "subscribe", "productIDs": ids, "since": seen}))
+                .await;
+            assert_eq!(
+                client.expect_ack(&ids).await,
+                seen,
+                "the ack carries the resume position"
+            );
+            let change = client.next_change().await;
+            assert_eq!(change["product"], a_row, "A's change, committed while away");
+            assert!(
+                change["seq"].as_u64().unwrap() > seen,
+                "A committed after B: higher seq"
+            );
+            client.expect_silence(Duration::from_millis(300)).await;
+        } else {
+            let mut client = SseClient::connect(
+                &format!("{}/products/events?ids={first},{second}", app.base_url),
+                Some(seen),
+            )
+            .await;
+            assert_eq!(client.next_event().await.data["seq"], seen);
+            let event = client.next_event().await;
+            assert_eq!(event.data["product"], a_row);
+            assert!(event.id.unwrap() > seen);
+            assert!(
+                client
+                    .try_next_event(Duration::from_millis(300))
+                    .await
+                    .is_none()
+            );
+        }
+    }
+}
+
+/// One client that reads for a while, disconnects, and resumes (on either instance) until
+/// it has everything; returns what it received after its first ack, and that ack's seq.
+async fn roaming_client(
+    urls: Vec<String>,
+    products: Vec<i64>,
+    seed: u64,
+    done: tokio::sync::watch::Receiver<Option<u64>>,
+) -> (u64, Vec<(i64, u64)>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut first_ack = None;
+    let mut received: Vec<(i64, u64)> = Vec::new();
+    let mut last_seen: Option<u64> = None;
+    loop {
+        let url = &urls[rng.random_range(0..urls.len())];
+        let mut client = WsClient::connect(url).await;
+        let command = match last_seen.or(first_ack) {
+            Some(since) => json!({"command": "subscribe", "productIDs": products, "since": since}),
+            None => json!({"command": "subscribe", "productIDs": products}),
+        };
+        client.send_json(&command).await;
+        let ack = client.expect_ack(&products).await;
+        first_ack.get_or_insert(ack);
+        let stay = Duration::from_millis(rng.random_range(20..250));
+        let until = tokio::time::Instant::now() + stay;
+        loop {
+            let finished = *done.borrow();
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if finished.is_none() && left.is_zero() {
+                break; // roam: disconnect and resume elsewhere
+            }
+            match client
+                .next_or_closed(left.max(Duration::from_millis(100)))
+                .await
+            {
+                Ok(Some(change)) => {
+                    assert_eq!(change["type"], "change", "{change}");
+                    let (product, seq) = key(&change);
+                    received.push((product, seq));
+                    last_seen = Some(seq);
+                }
+                Ok(None) => {
+                    if let Some(final_seq) = finished {
+                        if last_seen.unwrap_or(0) >= final_seq {
+                            return (first_ack.unwrap(), received);
+                        }
+                    }
+                }
+                Err(_) => break, // evicted or dropped: resume
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn randomized_writers_and_roaming_clients_on_two_instances_lose_and_double_nothing() {
+    let flags = [
+        "--slow-client-policy",
+        "disconnect",
+        "--outbox-capacity",
+        "512",
+    ];
+    let one = spawn_app_with(&flags).await;
+    let two = spawn_instance(&one.database_url, &flags).await;
+    let ids = create_ids(&one, 24).await;
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let mut clients = Vec::new();
+    let mut subsets = Vec::new();
+    let mut done_senders = Vec::new();
+    for n in 0..6 {
+        // Each client learns, once the writers are done, the last seq among its products.
+        let (done_tx, done) = tokio::sync::watch::channel(None);
+        done_senders.push(done_tx);
+        let subset: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|_| rng.random_bool(0.4))
+            .collect();
+        let subset = if subset.is_empty() {
+            vec![ids[n]]
+        } else {
+            subset
+        };
+        subsets.push(subset.clone());
+        clients.push(tokio::spawn(roaming_client(
+            vec![one.ws_url.clone(), two.ws_url.clone()],
+            subset,
+            seed.wrapping_add(n as u64),
+            done,
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let pool = one.pool.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(seed ^ (w + 100));
+                for _ in 0..300 {
+                    let id = ids[rng.random_range(0..ids.len())];
+                    sqlx::query("UPDATE products SET units_available = units_available + 1 WHERE product_id = $1")
+                        .bind(id)
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let last: i64 = sqlx::query_scalar("SELECT max(seq) FROM product_changes")
+        .fetch_one(&one.pool)
+        .await
+        .unwrap();
+    for (done_tx, subset) in done_senders.iter().zip(&subsets) {
+        let target: Option<i64> =
+            sqlx::query_scalar("SELECT max(seq) FROM product_changes WHERE product_id = ANY($1)")
+                .bind(subset)
+                .fetch_one(&one.pool)
+                .await
+                .unwrap();
+        done_tx
+            .send(Some(u64::try_from(target.unwrap_or(0)).unwrap()))
+            .unwrap();
+    }
+
+    for (client, subset) in clients.into_iter().zip(subsets) {
+        let (first_ack, mut received) = tokio::time::timeout(Duration::from_secs(60), client)
+            .await
+            .expect("client finishes")
+            .unwrap();
+        let expected = committed(&one.pool, &subset, first_ack).await;
+        received.retain(|(_, seq)| *seq <= u64::try_from(last).unwrap());
+        assert_eq!(
+            received.len(),
+            expected.len(),
+            "seed {seed}: every committed change exactly once"
+        );
+        assert_eq!(
+            received, expected,
+            "seed {seed}: in commit order, none missing or doubled"
+        );
+    }
+}
+
+#[tokio::test]
+async fn changes_written_while_the_listener_is_down_all_arrive_in_order() {
+    let app = spawn_app_with(&["--listener-max-backoff", "500ms"]).await;
+    let ids = create_ids(&app, 5).await;
+    let mut client = WsClient::connect(&app.ws_url).await;
+    let first_ack = client.subscribe(&ids).await;
+    let pool = app.pool.clone();
+    let writer_ids = ids.clone();
+    let writer = tokio::spawn(async move {
+        for n in 0..600_usize {
+            sqlx::query(
+                "UPDATE products SET units_available = units_available + 1 WHERE product_id = $1",
+            )
+            .bind(writer_ids[n % writer_ids.len()])
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    });
+    let mut received = Vec::new();
+    let mut killed = false;
+    while received.len() < 600 {
+        let change = client.next_change().await;
+        received.push(key(&change));
+        if received.len() == 100 && !killed {
+            let terminated: i64 = sqlx::query_scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'rowcast-listener' AND datname = current_database()",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            assert_eq!(terminated, 1);
+            killed = true;
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(received, committed(&app.pool, &ids, first_ack).await);
+    let stats = app.stats().await;
+    assert!(
+        stats["listener"]["reconnects"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    assert!(
+        stats["listener"]["changesReadFromChangelog"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    client.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_writes() {
+    let app = spawn_app().await;
+    let mut ids = create_ids(&app, 6).await;
+    let not_yet = ids.iter().max().unwrap() + 1000;
+    ids.push(not_yet);
+    let pool = app.pool.clone();
+    let writer_ids = ids.clone();
+    let writer = tokio::spawn(async move {
+        for n in 0..400_usize {
+            if n == 200 {
+                sqlx::query("INSERT INTO products (product_id, manufacturer, price_per_unit, units_available, product_name) VALUES ($1, 'late', '1', 0, 'Late')")
+                    .bind(not_yet)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            if n == 300 {
+                sqlx::query("DELETE FROM products WHERE product_id = $1")
+                    .bind(writer_ids[0])
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            sqlx::query(
+                "UPDATE products SET units_available = units_available + 1 WHERE product_id = $1",
+            )
+            .bind(writer_ids[n % (writer_ids.len() - 1) + 1])
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client
+        .send_json(&json!({"command": "subscribe", "productIDs": ids, "snapshot": true}))
+        .await;
+    let position = client.expect_ack(&ids).await;
+    let snapshot = client.next_json().await;
+    assert_eq!(snapshot["type"], "snapshot");
+    assert_eq!(snapshot["seq"], position);
+    let mut state: BTreeMap<i64, Value> = snapshot["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["productId"].as_i64().unwrap(), p.clone()))
+        .collect();
+    for missing in snapshot["missing"].as_array().unwrap() {
+        assert!(!state.contains_key(&missing.as_i64().unwrap()));
+    }
+    writer.await.unwrap();
+    let last: i64 = sqlx::query_scalar("SELECT max(seq) FROM product_changes")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let mut seen = position;
+    while seen < u64::try_from(last).unwrap() {
+        let change = client.next_change().await;
+        let (id, seq) = key(&change);
+        assert!(seq > seen, "increasing seq after the snapshot");
+        seen = seq;
+        if change["action"] == "DELETE" {
+            state.remove(&id);
+        } else {
+            state.insert(id, change["product"].clone());
+        }
+    }
+    let table: Vec<(i64, String, String, i32, String)> = sqlx::query_as(
+        "SELECT product_id, manufacturer, price_per_unit, units_available, product_name
+         FROM products WHERE product_id = ANY($1) ORDER BY product_id",
+    )
+    .bind(&ids)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let table: BTreeMap<i64, Value> = table
+        .into_iter()
+        .map(|(id, m, p, u, n)| {
+            (id, json!({"productId": id, "manufacturer": m, "pricePerUnit": p, "unitsAvailable": u, "productName": n}))
+        })
+        .collect();
+    assert_eq!(state, table);
+}
+
+#[tokio::test]
+async fn a_product_with_a_100_kb_name_is_written_and_delivered_in_full() {
+    let app = spawn_app().await;
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client.subscribe(&[777]).await;
+    let name = "n".repeat(100 * 1024);
+    let mut body = product(&name);
+    body["productId"] = json!(777);
+    let created = app
+        .http
+        .post(format!("{}/products", app.base_url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        created.status(),
+        201,
+        "the write does not fail on notification size"
+    );
+    let insert = client.next_change().await;
+    assert_eq!(insert["action"], "INSERT");
+    assert_eq!(
+        insert["product"]["productName"].as_str().unwrap().len(),
+        name.len()
+    );
+    let longer = format!("{name}!");
+    app.patch_product(777, json!({"productName": longer})).await;
+    let update = client.next_change().await;
+    assert_eq!(update["product"]["productName"], longer);
+    let stats = app.stats().await;
+    assert!(
+        stats["listener"]["changesReadFromChangelog"].as_u64() >= Some(2),
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_conflated_with_bounded_memory_and_converges() {
+    let app = spawn_app_with(&["--outbox-capacity", "64", "--heartbeat-interval", "120s"]).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let mut body = product(&format!("heavy{n}"));
+        body["productName"] = json!("x".repeat(4000));
+        ids.push(
+            app.create_product(body).await["productId"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    let mut sleeper = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
+    sleeper.subscribe(&ids).await;
+    // 8 000 changes of ~4 KB (32 MB) while the client reads nothing.
+    for _ in 0..80 {
+        sqlx::query(
+            "DO $$ BEGIN FOR i IN 1..100 LOOP
+                 UPDATE products SET units_available = units_available + 1
+                 WHERE product_id = (SELECT min(product_id) FROM products) + i % 5;
+             END LOOP; END $$",
+        )
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    let last: i64 = sqlx::query_scalar("SELECT max(seq) FROM product_changes")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "all changes published", || async {
+        app.stats().await["lastSeq"] == json!(last)
+    })
+    .await;
+    let stats = app.stats().await;
+    assert_eq!(stats["sessions"], 1, "conflated, not disconnected: {stats}");
+    assert!(stats["changesConflated"].as_u64() > Some(0), "{stats}");
+    assert!(
+        stats["messagesWaiting"].as_u64() <= Some(2 * 64 + 5),
+        "queue bounded by about twice max(capacity, subscriptions): {stats}"
+    );
+
+    // Now it reads: it converges to the latest state of every product.
+    let mut latest: HashMap<i64, Value> = HashMap::new();
+    while let Some(message) = sleeper.try_next_json(Duration::from_millis(500)).await {
+        if message["type"] == "change" {
+            latest.insert(
+                message["product"]["productId"].as_i64().unwrap(),
+                message["product"].clone(),
+            );
+        }
+    }
+    for id in ids {
+        let current: Value = app
+            .http
+            .get(format!("{}/products/{id}", app.base_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(latest.get(&id), Some(&current), "product {id} converged");
+    }
+}
+
+#[tokio::test]
+async fn a_resume_from_before_retention_gets_a_reset_and_a_snapshot() {
+    let app = spawn_app_with(&[
+        "--changelog-max-rows",
+        "5",
+        "--changelog-prune-interval",
+        "100ms",
+    ])
+    .await;
+    let id = app.create_product(product("Pruned")).await["productId"]
+        .as_i64()
+        .unwrap();
+    for units in 0..20 {
+        app.patch_product(id, json!({"unitsAvailable": units}))
+            .await;
+    }
+    // Retention keeps at most max-rows changes (the newest), in the background.
+    wait_until(Duration::from_secs(10), "retention pruning", || async {
+        let (kept, pruned): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM product_changes), pruned_through FROM changelog_horizon",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        kept <= 5 && pruned > 1
+    })
+    .await;
+
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client
+        .send_json(&json!({"command": "subscribe", "productIDs": [id], "since": 1}))
+        .await;
+    let reset = client.next_json().await;
+    assert_eq!(reset["type"], "reset", "{reset}");
+    assert_eq!(reset["since"], 1);
+    let position = client.expect_ack(&[id]).await;
+    let snapshot = client.next_json().await;
+    assert_eq!(snapshot["type"], "snapshot");
+    assert_eq!(snapshot["seq"], position);
+    assert_eq!(snapshot["products"][0]["unitsAvailable"], 19);
+    app.patch_product(id, json!({"unitsAvailable": 99})).await;
+    let change = client.next_change().await;
+    assert_eq!(change["product"]["unitsAvailable"], 99);
+    assert!(change["seq"].as_u64().unwrap() > position);
+}
