@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One command per scenario for the full benchmark (BENCHMARKS.md): starts fresh servers —
+# rowcast (../target/release/rowcast), the Node.js baseline (baseline-node/) and the floor
+# (floor-server, started by rowcast-bench --floor) — runs the scenario against all three
+# side by side at the issue's target sizes, writes results/<scenario>.{json,svg}, and stops
+# every server it started.
+#
+# Usage: bench/run.sh fanout|steady|conns|churn|writes [scenario args]
+#   With scenario args, they replace the default (target-size) ones below.
+# Environment:
+#   PG_URL        Postgres server for rowcast, the baseline and `writes`
+#                 (default postgres://postgres@127.0.0.1:5432)
+#   ROWCAST_URL   measure an already running rowcast instead of starting one
+#   NO_BASELINE=1 skip the Node.js baseline
+#   TAG           suffix for the result files
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+cd "$here"
+scenario="${1:?usage: run.sh fanout|steady|conns|churn|writes [args]}"
+shift
+pg="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
+bench="$here/target/release/rowcast-bench"
+cargo build --release --locked --quiet
+
+# What server state was measured, without asking git: a digest of the server's sources.
+fingerprint="$(cd "$repo" && find src migrations sql Cargo.toml Cargo.lock -type f 2>/dev/null | sort | xargs sha256sum | sha256sum | cut -c1-12)"
+note="server source digest $fingerprint (sha256 of src/ migrations/ sql/ Cargo.toml Cargo.lock), $(date -u +%Y-%m-%dT%H:%MZ)"
+out=(--out-dir "$here/results" --note "$note")
+[[ -n "${TAG:-}" ]] && out+=(--tag "$TAG")
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+ensure_db() { psql "$pg/postgres" -qAtc "SELECT 1 FROM pg_database WHERE datname = '$1'" | grep -q 1 || psql "$pg/postgres" -qc "CREATE DATABASE $1"; }
+
+wait_http() { for _ in $(seq 100); do curl -sf "$1/stats" >/dev/null && return 0; sleep 0.1; done; echo "no server at $1" >&2; return 1; }
+
+if [[ "$scenario" == writes ]]; then
+  wargs=(--writers 1,4,16 --secs 3 --warmup-secs 1 --repeats 3)
+  [[ $# -gt 0 ]] && wargs=("$@")
+  exec "$bench" "${out[@]}" writes --database-url "$pg/postgres" --migrations-dir "$repo/migrations" "${wargs[@]}"
+fi
+
+targets=()
+if [[ -n "${ROWCAST_URL:-}" ]]; then
+  targets+=(--target "rowcast=$ROWCAST_URL")
+else
+  [[ -x "$repo/target/release/rowcast" ]] || (cd "$repo" && cargo build --release --quiet)
+  ensure_db rowcast_bench
+  DATABASE_URL="$pg/rowcast_bench" "$repo/target/release/rowcast" --listen 127.0.0.1:18080 \
+    >"$here/results/rowcast-$scenario.log" 2>&1 &
+  pids+=($!)
+  wait_http http://127.0.0.1:18080
+  targets+=(--target "rowcast=http://127.0.0.1:18080,pid=${pids[-1]}")
+fi
+if [[ -z "${NO_BASELINE:-}" ]]; then
+  [[ -d baseline-node/node_modules ]] || (cd baseline-node && npm ci --no-audit --no-fund --silent)
+  ensure_db rowcast_baseline
+  DATABASE_URL="$pg/rowcast_baseline" node baseline-node/server.js --listen 127.0.0.1:18070 \
+    >"$here/results/baseline-$scenario.log" 2>&1 &
+  pids+=($!)
+  wait_http http://127.0.0.1:18070
+  targets+=(--target "baseline=http://127.0.0.1:18070,pid=${pids[-1]}")
+fi
+
+case "$scenario" in
+  fanout) args=(fanout --subscribers 100,1000,5000,10000 --updates 30) ;;
+  steady) args=(steady --clients 10000 --subs 10 --products 10000 --rate 1000 --duration 20 --writers 8) ;;
+  conns)  args=(conns --connections 10000) ;;
+  churn)  args=(churn --rounds 5 --round-secs 6 --ids 1024 --concurrency 64) ;;
+  *) echo "unknown scenario $scenario" >&2; exit 64 ;;
+esac
+[[ $# -gt 0 ]] && args=("$scenario" "$@")
+"$bench" "${out[@]}" "${targets[@]}" --floor "${args[@]}"

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# CI smoke of rowcast-bench: every scenario for a few seconds at small sizes, against one
+# running server. Exits non-zero if any scenario fails or any correctness counter
+# (missing, duplicates, order violations, unexpected, error frames, dropped connections,
+# notifications ≠ commits) is non-zero. It is a check that the tool and the protocol work,
+# not a benchmark: the numbers it prints mean little at these sizes.
+#
+# Usage:
+#   bench/smoke.sh                      # starts bench's own floor-server and tests against it
+#   bench/smoke.sh URL [PID]            # e.g. bench/smoke.sh http://127.0.0.1:18080 "$(pgrep -f 'rowcast --listen')"
+# Environment:
+#   BENCH_DATABASE_URL  Postgres for the `writes` scenario (default postgres://postgres@127.0.0.1:5432/postgres;
+#                       `writes` is skipped, and says so, when that Postgres is not reachable)
+#   SMOKE_OUT           where result files go (default: a fresh temporary directory)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+cd "$here"
+cargo build --release --locked --quiet
+bench="$here/target/release/rowcast-bench"
+out="${SMOKE_OUT:-$(mktemp -d)}"
+db_url="${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+floor_pid=""
+cleanup() { if [[ -n "$floor_pid" ]]; then kill "$floor_pid" 2>/dev/null || true; wait "$floor_pid" 2>/dev/null || true; fi; }
+trap cleanup EXIT
+
+if [[ $# -ge 1 ]]; then
+  url="$1"
+  pid="${2:-}"
+else
+  fifo="$out/floor.addr"
+  "$here/target/release/floor-server" --listen 127.0.0.1:0 >"$fifo" &
+  floor_pid=$!
+  for _ in $(seq 50); do [[ -s "$fifo" ]] && break; sleep 0.1; done
+  addr="$(sed -n 's/^listening on //p' "$fifo")"
+  [[ -n "$addr" ]] || { echo "smoke: floor-server did not start" >&2; exit 1; }
+  url="http://$addr"
+  pid="$floor_pid"
+fi
+spec="server=$url${pid:+,pid=$pid}"
+common=(--quiet --target "$spec" --out-dir "$out" --tag smoke --connect-timeout-ms 5000 --ack-timeout-ms 5000)
+
+failed=()
+run() {
+  local name="$1"; shift
+  echo "── smoke: $name"
+  if ! timeout 120 "$bench" "${common[@]}" "$@"; then failed+=("$name"); fi
+}
+
+run fanout fanout --subscribers 10,50 --updates 5 --gap-ms 5 --settle-ms 200
+run steady steady --clients 50 --subs 4 --products 20 --rate 100 --duration 3 --writers 2 --settle-ms 300
+run conns  conns --connections 200 --steps 2 --settle-ms 300
+run churn  churn --rounds 2 --round-secs 2 --ids 64 --concurrency 8 --settle-ms 200
+
+if pg_isready -q -d "$db_url" 2>/dev/null || psql "$db_url" -Atc 'select 1' >/dev/null 2>&1; then
+  echo "── smoke: writes"
+  if ! timeout 120 "$bench" --quiet --out-dir "$out" --tag smoke writes --database-url "$db_url" \
+      --writers 1,2 --secs 1 --warmup-secs 0 --repeats 1 --rows 64 --migrations-dir "$repo/migrations"; then
+    failed+=(writes)
+  fi
+else
+  echo "── smoke: writes SKIPPED (no Postgres at $db_url)"
+fi
+
+echo "results in $out"
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "smoke FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "smoke passed: all scenarios ran, all correctness counters zero"

@@ -1,0 +1,192 @@
+//! The writer side: a lean HTTP/1.1 keep-alive client (hyper's connection API, no pool)
+//! for the REST subset the bench uses: create, replace, stats.
+//!
+//! One `Rest` is one TCP connection with `TCP_NODELAY`, reconnected lazily if the server
+//! closed it. A request is never retried once written (POST is not idempotent, and a
+//! retried PUT would skew latency); the caller counts the failure.
+
+use crate::proto::ProductBody;
+use crate::target::{Scheme, Target};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestError {
+    #[error("connect {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("https targets need the TLS client, which this build does not include yet")]
+    TlsUnsupported,
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("bad request: {0}")]
+    Build(#[from] hyper::http::Error),
+    #[error("{method} {path}: unexpected status {status}: {body}")]
+    Status {
+        method: Method,
+        path: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("{method} {path}: response is not the expected JSON: {source}")]
+    Json {
+        method: Method,
+        path: String,
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug)]
+pub struct Rest {
+    target: Target,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl Rest {
+    pub fn new(target: &Target) -> Self {
+        Self {
+            target: target.clone(),
+            sender: None,
+        }
+    }
+
+    async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, RestError> {
+        if self.target.scheme == Scheme::Tls {
+            return Err(RestError::TlsUnsupported);
+        }
+        let usable = match self.sender.as_mut() {
+            Some(s) => !s.is_closed() && s.ready().await.is_ok(),
+            None => false,
+        };
+        if !usable {
+            let addr = self.target.addr;
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|source| RestError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            // Latency is what we measure: never let Nagle hold a request back.
+            tcp.set_nodelay(true).map_err(|source| RestError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+            let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(async move {
+                // The connection ends when the server closes it or `sender` drops; either
+                // way the next request reconnects, so its error needs no handling here.
+                let _ = conn.await;
+            });
+            self.sender = Some(sender);
+        }
+        // Set just above; the Option only models "not connected yet".
+        self.sender.as_mut().ok_or(RestError::TlsUnsupported)
+    }
+
+    /// Sends one request; returns status and body.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), RestError> {
+        let authority = self.target.authority();
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", authority);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let sender = self.sender().await?;
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.sender = None;
+                return Err(e.into());
+            }
+        };
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+
+    async fn expect_json(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        want: StatusCode,
+    ) -> Result<serde_json::Value, RestError> {
+        let (status, bytes) = self.request(method.clone(), path, body).await?;
+        if status != want {
+            return Err(RestError::Status {
+                method,
+                path: path.to_owned(),
+                status,
+                body: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| RestError::Json {
+            method,
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// `POST /products` → the new product's id.
+    pub async fn create_product(&mut self, body: &ProductBody) -> Result<u64, RestError> {
+        let json = serde_json::to_vec(body).map_err(|source| RestError::Json {
+            method: Method::POST,
+            path: "/products".into(),
+            source,
+        })?;
+        let v = self
+            .expect_json(Method::POST, "/products", Some(json), StatusCode::CREATED)
+            .await?;
+        v.get("productId")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| RestError::Status {
+                method: Method::POST,
+                path: "/products".into(),
+                status: StatusCode::CREATED,
+                body: "response has no numeric productId".into(),
+            })
+    }
+
+    /// `PUT /products/{id}` (full replace); returns the status without judging it, so hot
+    /// loops can count non-2xx answers instead of aborting.
+    pub async fn put_product(
+        &mut self,
+        id: u64,
+        body: &ProductBody,
+    ) -> Result<StatusCode, RestError> {
+        // ProductBody has only strings and integers: serializing it cannot fail.
+        let json = serde_json::to_vec(body).unwrap_or_default();
+        let path = format!("/products/{id}");
+        Ok(self.request(Method::PUT, &path, Some(json)).await?.0)
+    }
+
+    /// `GET /stats` as JSON.
+    pub async fn stats(&mut self) -> Result<serde_json::Value, RestError> {
+        self.expect_json(Method::GET, "/stats", None, StatusCode::OK)
+            .await
+    }
+}
+
+/// Reads `sessions` from `/stats`, if the server reports it.
+pub async fn stats_sessions(target: &Target) -> Option<u64> {
+    Rest::new(target)
+        .stats()
+        .await
+        .ok()?
+        .get("sessions")?
+        .as_u64()
+}
