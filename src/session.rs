@@ -18,7 +18,7 @@ use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -188,8 +188,12 @@ impl Writer {
         evicted: CancellationToken,
         mut control: mpsc::Receiver<Control>,
     ) -> &'static str {
-        let mut next_ping = Instant::now() + self.heartbeat.interval;
-        let mut pong_deadline: Option<Instant> = None;
+        // Two timers for the session's life, reset instead of re-created per loop turn: the
+        // next ping, and (armed while a ping is unanswered) the pong deadline.
+        let ping = tokio::time::sleep(self.heartbeat.interval);
+        let pong = tokio::time::sleep(self.heartbeat.timeout);
+        tokio::pin!(ping, pong);
+        let mut awaiting_pong = false;
         let mut messages = Vec::with_capacity(feed::BATCH);
         loop {
             // Work the feed already holds (a replay in pages, a long batch) goes first; shutdown
@@ -208,7 +212,6 @@ impl Writer {
                     continue;
                 }
             }
-            let far = Instant::now() + Duration::from_secs(86_400);
             let step = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => {
@@ -224,7 +227,7 @@ impl Writer {
                         self.sink.send(Message::Text(protocol::encode_error(code, &message).into())).await
                     }
                     Some(Control::Pong) => {
-                        pong_deadline = None;
+                        awaiting_pong = false;
                         Ok(())
                     }
                     Some(Control::Close(code, reason)) => {
@@ -243,14 +246,15 @@ impl Writer {
                     }
                     Ok(())
                 },
-                () = sleep_until(pong_deadline.unwrap_or(far)), if pong_deadline.is_some() => {
+                () = &mut pong, if awaiting_pong => {
                     self.close(close_code::POLICY, "no pong within the heartbeat timeout").await;
                     return "heartbeat timeout";
                 }
-                () = sleep_until(next_ping) => {
-                    next_ping = Instant::now() + self.heartbeat.interval;
-                    if pong_deadline.is_none() {
-                        pong_deadline = Some(Instant::now() + self.heartbeat.timeout);
+                () = &mut ping => {
+                    ping.as_mut().reset(Instant::now() + self.heartbeat.interval);
+                    if !awaiting_pong {
+                        awaiting_pong = true;
+                        pong.as_mut().reset(Instant::now() + self.heartbeat.timeout);
                     }
                     self.sink.send(Message::Ping(bytes::Bytes::new())).await
                 }
