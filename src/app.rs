@@ -7,20 +7,27 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::ws::Utf8Bytes;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{any, get};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+use crate::access::{self, Access};
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::db::{self, changelog, embedded::EmbeddedPostgres};
 use crate::distributor::DistributorHandle;
+use crate::hardening;
+use crate::health::{self, HealthState};
 use crate::listener::Listener;
+use crate::metrics::Metrics;
 use crate::ops::{self, OpsState};
+use crate::serve::{self, Connections, Handshake};
 use crate::session::{self, SessionState};
 use crate::shutdown::Shutdown;
 use crate::sse::{self, SseState};
+use crate::tls::ServerTls;
 
 /// Database the embedded cluster serves rowcast from.
 const EMBEDDED_DATABASE: &str = "rowcast";
@@ -29,11 +36,23 @@ const EMBEDDED_DATABASE: &str = "rowcast";
 #[derive(Debug)]
 pub struct App {
     tcp: TcpListener,
+    /// The HTTPS listener, when TLS is configured.
+    https: Option<Https>,
     router: Router,
+    /// What the plain listener serves: the router, or redirects to HTTPS.
+    plain_router: Router,
+    connections: Connections,
     pool: PgPool,
     config: Config,
     shutdown: Shutdown,
     embedded: Option<EmbeddedPostgres>,
+}
+
+/// The HTTPS listener and its certificate.
+#[derive(Debug)]
+struct Https {
+    tcp: TcpListener,
+    tls: ServerTls,
 }
 
 /// Where the database comes from: the configured URL, or a private cluster we start.
@@ -81,18 +100,40 @@ impl App {
         let tcp = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        // The certificate is loaded (or generated) before its port is bound, so a bad file stops
+        // the start with the file named, and SIGHUP is handled from here on.
+        let https = match ServerTls::from_settings(&config.tls)? {
+            Some(tls) => {
+                let tcp = TcpListener::bind(config.tls.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", config.tls.listen))?;
+                tls.reload_on_sighup(&shutdown)
+                    .context("cannot watch SIGHUP for certificate reloads")?;
+                Some(Https { tcp, tls })
+            }
+            None => None,
+        };
+        let access = Access::from_settings(&config.access)?;
+        let connections = Connections::new(&config.hardening);
 
         // Everything committed after this position is published, by notification or by the
         // listener's catch-up from the changelog.
         let position = changelog::latest_seq(&pool).await?;
         let distributor = DistributorHandle::<Utf8Bytes>::spawn(config.limits, position);
+        // This App's own registry: nothing global, so in-process instances never mix numbers.
+        let metrics = Metrics::new();
         let (listener, listener_status) = Listener::new(
             &url,
             config.listener,
             distributor.clone(),
             pool.clone(),
             position,
+            metrics.clone(),
         )?;
+        shutdown.spawn(
+            health::run_upkeep(metrics.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("metrics_upkeep")),
+        );
         shutdown.spawn(
             listener
                 .run(shutdown.clone())
@@ -107,6 +148,7 @@ impl App {
             pool: pool.clone(),
             shutdown: shutdown.clone(),
             max_subscriptions: config.limits.max_subscriptions,
+            metrics: metrics.clone(),
         };
 
         let sessions = SessionState {
@@ -115,26 +157,88 @@ impl App {
             heartbeat: config.heartbeat,
             shutdown: shutdown.clone(),
             pool: pool.clone(),
+            metrics: metrics.clone(),
         };
-        let router = Router::new()
-            .merge(api::router(
+        let health = HealthState {
+            pool: pool.clone(),
+            distributor: distributor.clone(),
+            listener: listener_status.clone(),
+            metrics: metrics.clone(),
+        };
+        let hardening = &config.hardening;
+        // Layers added later run first: the access guards refuse before a concurrency slot is
+        // taken.
+        let rest = hardening::limit_concurrency(
+            api::router(
                 ApiState { pool: pool.clone() },
                 config.limits.max_body_bytes,
-            ))
-            .merge(ops::router(OpsState {
-                distributor,
-                listener: listener_status,
-            }))
+            ),
+            hardening.max_concurrent_requests,
+        )
+        .merge(ops::router(OpsState {
+            distributor,
+            listener: listener_status,
+            transport: connections.stats(),
+            metrics: metrics.clone(),
+        }))
+        // Guarded like any read: with `--auth-reads`, the scraper sends the token.
+        .merge(health::metrics_router(health.clone()))
+        .route_layer(from_fn_with_state(access.clone(), access::guard_requests));
+        let websocket = hardening::limit_concurrency(
             // `any`: HTTP/2 WebSockets arrive as CONNECT (RFC 8441), HTTP/1.1 ones as GET.
-            .route("/websocket", any(session::upgrade).with_state(sessions))
+            Router::new().route("/websocket", any(session::upgrade).with_state(sessions)),
+            hardening.max_concurrent_upgrades,
+        )
+        .route_layer(from_fn_with_state(access.clone(), access::guard_websocket));
+        let events = Router::new()
             .route("/products/events", get(sse::events).with_state(events))
+            .route_layer(from_fn_with_state(
+                access.clone(),
+                access::guard_subscription,
+            ));
+        let router = Router::new()
+            .merge(rest)
+            .merge(websocket)
+            .merge(events)
+            .merge(access.routes())
+            // Probes never carry credentials, like `/healthz`.
+            .merge(health::readiness_router(health))
+            // Static pages and the API description: no data, so never guarded.
+            .merge(crate::web::router())
             .fallback(api::not_found)
-            .method_not_allowed_fallback(api::method_not_allowed)
-            .layer(tower_http::trace::TraceLayer::new_for_http());
+            .method_not_allowed_fallback(api::method_not_allowed);
+        let router = hardening::outer_layers(
+            router,
+            config.limits.max_body_bytes,
+            hardening.request_timeout,
+            config.tls.http_redirect,
+        )
+        // Inside routing (`Router::layer` wraps each route), so the matched route is known.
+        .layer(from_fn_with_state(metrics, health::time_requests))
+        // Spans name the path only: WebSocket tickets travel in the query.
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(access::request_span))
+        .layer(
+            tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([
+                axum::http::header::AUTHORIZATION,
+                axum::http::header::COOKIE,
+            ]),
+        );
+        let plain_router = match &https {
+            Some(https) if config.tls.http_redirect => {
+                serve::redirect_to_https(https.tcp.local_addr()?.port())
+                    // Load balancers probe health over plain HTTP and do not follow redirects.
+                    .route_service("/healthz", router.clone().into_service())
+                    .route_service("/readyz", router.clone().into_service())
+            }
+            _ => router.clone(),
+        };
 
         Ok(Self {
             tcp,
+            https,
             router,
+            plain_router,
+            connections,
             pool,
             config,
             shutdown,
@@ -147,6 +251,18 @@ impl App {
         self.tcp.local_addr()
     }
 
+    /// The HTTPS listener's bound address, when TLS is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.https
+            .as_ref()
+            .and_then(|https| https.tcp.local_addr().ok())
+    }
+
+    /// SHA-256 fingerprint of the certificate served now, when TLS is configured.
+    pub fn tls_fingerprint(&self) -> Option<String> {
+        self.https.as_ref().map(|https| https.tls.fingerprint())
+    }
+
     /// The REST pool (tests use it to write behind the API's back, like any other writer).
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -157,15 +273,38 @@ impl App {
     pub async fn run(self) -> anyhow::Result<()> {
         let Self {
             tcp,
+            https,
             router,
+            plain_router,
+            connections,
             pool,
             config,
             shutdown,
             embedded,
         } = self;
-        tracing::info!(address = %tcp.local_addr()?, "rowcast listening");
-        let token = shutdown.token();
-        let serve = axum::serve(tcp, router).with_graceful_shutdown(token.cancelled_owned());
+        tracing::info!(address = %tcp.local_addr()?, "rowcast listening (HTTP)");
+        let plain = serve::serve(
+            tcp,
+            None,
+            plain_router,
+            connections.clone(),
+            shutdown.clone(),
+        );
+        let secure = async {
+            if let Some(Https { tcp, tls }) = https {
+                tracing::info!(address = %tcp.local_addr()?, "rowcast listening (HTTPS)");
+                let handshake = Handshake {
+                    acceptor: tls.acceptor(),
+                    timeout: config.tls.handshake_timeout,
+                };
+                serve::serve(tcp, Some(handshake), router, connections, shutdown.clone()).await;
+            }
+            anyhow::Ok(())
+        };
+        let serve = async {
+            let ((), secure) = tokio::join!(plain, secure);
+            secure
+        };
         let grace = config.shutdown_grace;
         tokio::select! {
             result = serve => result.context("HTTP server failed")?,

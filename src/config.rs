@@ -2,7 +2,7 @@
 //! variables) and passed down. Each default is a `DEFAULT_*` const with the reason for its value.
 //! Imports nothing of ours; nothing else reads the environment.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -139,6 +139,18 @@ pub struct Config {
     /// Log output format.
     #[arg(long, env = "ROWCAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// HTTPS listener and certificate.
+    #[command(flatten)]
+    pub tls: TlsSettings,
+
+    /// Origin check and optional token authentication.
+    #[command(flatten)]
+    pub access: AccessSettings,
+
+    /// Timeouts and connection limits.
+    #[command(flatten)]
+    pub hardening: Hardening,
 }
 
 /// Limits that bound what one client can make the server hold.
@@ -233,6 +245,329 @@ pub struct ChangelogSettings {
     pub prune_interval: Duration,
 }
 
+/// Loopback only, like `--listen`; 8443 is the customary unprivileged HTTPS port.
+pub const DEFAULT_TLS_LISTEN: &str = "127.0.0.1:8443";
+/// A real client completes a TLS handshake in a few round trips (well under a second even across
+/// continents); 10 s tolerates a congested mobile link and frees a stalled socket soon.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: &str = "10s";
+/// Time a connection gets to send a complete request head — the first one, and each next one on
+/// an idle HTTP/1.1 keep-alive connection. Browsers send a head in one packet; a slow-loris
+/// client trickling bytes holds a socket no longer than this.
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
+/// A REST request is one indexed query; 30 s is far beyond a healthy one and bounds what a stuck
+/// database or a client that never finishes its body costs.
+pub const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
+/// REST requests in flight at once. Each needs one of the few pooled database connections, so
+/// past a few hundred waiting requests queueing only adds latency: shed the rest with 503.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
+/// WebSocket upgrade requests in flight at once. An upgrade is answered in microseconds, so this
+/// bites only in a connect storm (every client reconnecting after a restart); those over it get
+/// 503 and retry with their backoff.
+pub const DEFAULT_MAX_CONCURRENT_UPGRADES: usize = 256;
+/// Open connections in all (HTTP and HTTPS, WebSockets included), kept below the file-descriptor
+/// limit (commonly 20 000–65 536 for services) with room for the database pool and logs, so the
+/// server refuses tidily instead of failing `accept` with EMFILE.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Open connections per client address. A browser needs at most ~6 HTTP/1.1 connections to a site
+/// plus one per WebSocket (or a single HTTP/2 connection for everything); 1024 lets a large office
+/// behind one NAT address in, while one host cannot take more than a small share of the fd budget.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
+/// Addresses the per-address limit does not apply to: loopback, where a local TLS-terminating
+/// proxy, a benchmark or the operator's own tools connect from (the global limit still applies).
+pub const DEFAULT_PER_IP_LIMIT_EXEMPT: &str = "127.0.0.0/8,::1/128";
+/// Long enough for a page to fetch a ticket and open its WebSocket on a slow link; short enough
+/// that a ticket leaked through a URL in a screenshot or history is useless soon after.
+pub const DEFAULT_WS_TICKET_TTL: &str = "30s";
+/// Shortest accepted API token: below 16 characters a token is guessable online.
+pub const MIN_API_TOKEN_LEN: usize = 16;
+
+/// HTTPS: a second listener, on only when a certificate source is given. The plain `--listen`
+/// listener keeps serving (or, with `--http-redirect`, redirects to HTTPS), so scripts and the
+/// console snippet that use `http://`/`ws://` keep working. TLS is opt-in rather than the
+/// binary's default so that instances started by tests and scripts never contend for port 8443;
+/// the README's quick-start command passes `--tls-self-signed`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("tls_source").multiple(false)))]
+pub struct TlsSettings {
+    /// Address the HTTPS listener binds when TLS is on (port 0 picks a free port). It serves
+    /// HTTP/2 and HTTP/1.1 (ALPN) on the same port, REST and WebSockets alike.
+    #[arg(id = "tls_listen", long = "tls-listen", env = "ROWCAST_TLS_LISTEN", default_value = DEFAULT_TLS_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Certificate chain (PEM, leaf first) for the HTTPS listener. Re-read with the key on SIGHUP.
+    #[arg(
+        long = "tls-cert",
+        env = "ROWCAST_TLS_CERT",
+        group = "tls_source",
+        requires = "key"
+    )]
+    pub cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, RSA or EC) of the certificate.
+    #[arg(long = "tls-key", env = "ROWCAST_TLS_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// Serve HTTPS with a certificate generated at start for localhost, 127.0.0.1 and ::1; its
+    /// SHA-256 fingerprint is logged. For development: browsers warn until you trust it.
+    #[arg(
+        long = "tls-self-signed",
+        env = "ROWCAST_TLS_SELF_SIGNED",
+        group = "tls_source"
+    )]
+    pub self_signed: bool,
+
+    /// How long a client may take to complete the TLS handshake.
+    #[arg(long = "tls-handshake-timeout", env = "ROWCAST_TLS_HANDSHAKE_TIMEOUT",
+          default_value = DEFAULT_TLS_HANDSHAKE_TIMEOUT, value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Make the plain `--listen` listener answer every request with a 308 redirect to HTTPS
+    /// (health endpoints excepted). Requires TLS.
+    #[arg(
+        long = "http-redirect",
+        env = "ROWCAST_HTTP_REDIRECT",
+        requires = "tls_source"
+    )]
+    pub http_redirect: bool,
+}
+
+impl TlsSettings {
+    /// True when an HTTPS listener is configured.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.self_signed
+    }
+}
+
+/// Who may use the server: the WebSocket origin check and the optional API token.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("token_source").multiple(false)))]
+pub struct AccessSettings {
+    /// Origin a browser WebSocket may come from, e.g. https://app.example.com (repeatable, or
+    /// comma-separated in the variable). Default: only pages of the same host as the request.
+    /// Requests without an Origin header (non-browser clients) are always allowed.
+    #[arg(long = "allowed-origin", env = "ROWCAST_ALLOWED_ORIGINS", value_delimiter = ',',
+          value_parser = Origin::parse)]
+    pub allowed_origins: Vec<Origin>,
+
+    /// Token REST writes must carry as `Authorization: Bearer <token>` (at least 16 characters).
+    /// Off by default: anyone who reaches the port may write.
+    #[arg(long = "api-token", env = "ROWCAST_API_TOKEN", hide_env_values = true,
+          group = "token_source", value_parser = Secret::parse)]
+    pub api_token: Option<Secret>,
+
+    /// File holding the API token (surrounding whitespace ignored), instead of --api-token.
+    #[arg(
+        long = "api-token-file",
+        env = "ROWCAST_API_TOKEN_FILE",
+        group = "token_source"
+    )]
+    pub api_token_file: Option<PathBuf>,
+
+    /// Also require the token for reads (GET /products, /stats) and WebSocket subscriptions
+    /// (a ticket from POST /ws-ticket, or the Authorization header). Health checks stay open.
+    #[arg(
+        long = "auth-reads",
+        env = "ROWCAST_AUTH_READS",
+        requires = "token_source"
+    )]
+    pub auth_reads: bool,
+
+    /// How long a WebSocket ticket from POST /ws-ticket stays valid (it is single-use).
+    #[arg(long = "ws-ticket-ttl", env = "ROWCAST_WS_TICKET_TTL",
+          default_value = DEFAULT_WS_TICKET_TTL, value_parser = parse_duration)]
+    pub ws_ticket_ttl: Duration,
+}
+
+/// Timeouts and limits that bound what abusive or broken clients can hold.
+#[derive(Debug, Clone, Args)]
+pub struct Hardening {
+    /// Time a connection gets to send a complete request head (slow-loris protection).
+    #[arg(long = "header-read-timeout", env = "ROWCAST_HEADER_READ_TIMEOUT",
+          default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest time a REST request may take before it is answered 503.
+    #[arg(long = "request-timeout", env = "ROWCAST_REQUEST_TIMEOUT",
+          default_value = DEFAULT_REQUEST_TIMEOUT, value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// REST requests handled at once; more are answered 503 at once.
+    #[arg(long = "max-concurrent-requests", env = "ROWCAST_MAX_CONCURRENT_REQUESTS",
+          default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS, value_parser = parse_positive)]
+    pub max_concurrent_requests: usize,
+
+    /// WebSocket upgrades handled at once; more are answered 503 at once.
+    #[arg(long = "max-concurrent-upgrades", env = "ROWCAST_MAX_CONCURRENT_UPGRADES",
+          default_value_t = DEFAULT_MAX_CONCURRENT_UPGRADES, value_parser = parse_positive)]
+    pub max_concurrent_upgrades: usize,
+
+    /// Open connections in all; a connection over the limit is closed as soon as it is accepted.
+    #[arg(long = "max-connections", env = "ROWCAST_MAX_CONNECTIONS",
+          default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_positive)]
+    pub max_connections: usize,
+
+    /// Open connections per client address (0: no limit). Behind a proxy every client has the
+    /// proxy's address: exempt it with --per-ip-limit-exempt.
+    #[arg(long = "max-connections-per-ip", env = "ROWCAST_MAX_CONNECTIONS_PER_IP",
+          default_value_t = DEFAULT_MAX_CONNECTIONS_PER_IP)]
+    pub max_connections_per_ip: usize,
+
+    /// Addresses or CIDR prefixes the per-address limit does not apply to (comma-separated;
+    /// give the flag with no value to exempt none).
+    #[arg(long = "per-ip-limit-exempt", env = "ROWCAST_PER_IP_LIMIT_EXEMPT",
+          default_value = DEFAULT_PER_IP_LIMIT_EXEMPT, value_delimiter = ',', num_args = 0..,
+          value_parser = IpPrefix::parse)]
+    pub per_ip_limit_exempt: Vec<IpPrefix>,
+}
+
+/// A browser origin, `scheme://host:port`, with the scheme's default port filled in and the host
+/// lower-cased, so two spellings of one origin compare equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Host name or address literal (IPv6 in brackets), lower case.
+    pub host: String,
+    /// Explicit or default port.
+    pub port: u16,
+}
+
+impl Origin {
+    /// Parses an origin as browsers send it (`https://example.com`, `http://localhost:8080`);
+    /// a trailing slash is tolerated, a path is not.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let bad = || format!("{text:?} is not an origin; use e.g. https://app.example.com");
+        let (scheme, rest) = text.split_once("://").ok_or_else(bad)?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(bad()),
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = split_host_port(rest).ok_or_else(bad)?;
+        Ok(Self {
+            scheme,
+            host,
+            port: port.unwrap_or(default_port),
+        })
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+    }
+}
+
+/// Splits `host[:port]` (IPv6 literals in brackets) into a lower-case host and the port, if any;
+/// None if it is not a plain authority (user info, path, empty host, bad port).
+pub fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
+    if authority.is_empty() || authority.contains(['/', '@', '?', '#', ' ']) {
+        return None;
+    }
+    let (host, port) = if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let (host, rest) = authority.split_at(end + 1);
+        match rest {
+            "" => (host, None),
+            _ => (host, Some(rest.strip_prefix(':')?)),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() || (!host.starts_with('[') && host.contains(':')) {
+        return None;
+    }
+    let port = match port {
+        Some(port) => Some(port.parse::<u16>().ok()?),
+        None => None,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// An address prefix (`10.0.0.0/8`, `::1/128`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpPrefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl IpPrefix {
+    /// Parses `addr/len` or a bare address (a prefix of full length).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (addr, len) = match text.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address or CIDR prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|len| *len <= max)
+                .ok_or_else(|| format!("{text:?}: prefix length must be 0..={max}"))?,
+        };
+        Ok(Self { addr, len })
+    }
+
+    /// True if `ip` lies in the prefix (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A secret from the command line or environment: never shown by `Debug`, so a logged `Config`
+/// cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Accepts a token of at least [`MIN_API_TOKEN_LEN`] characters (surrounding whitespace,
+    /// e.g. a file's final newline, is not part of it).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.chars().count() < MIN_API_TOKEN_LEN {
+            return Err(format!(
+                "the API token must be at least {MIN_API_TOKEN_LEN} characters long"
+            ));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    /// The secret itself, for the one place that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// Parses "30s", "500ms", "2m" or plain seconds ("30"); zero is refused.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -305,5 +640,68 @@ mod tests {
         let err = parse(&["--listen", "localhost"]).unwrap_err().to_string();
         assert!(err.contains("--listen"), "{err}");
         assert!(parse(&["migrate"]).unwrap().command.is_some());
+    }
+
+    #[test]
+    fn transport_defaults_keep_plain_http_only_and_exempt_loopback() {
+        let cli = parse(&[]).unwrap();
+        assert!(!cli.config.tls.enabled());
+        assert_eq!(cli.config.tls.listen.to_string(), DEFAULT_TLS_LISTEN);
+        assert!(cli.config.access.api_token.is_none());
+        let exempt = &cli.config.hardening.per_ip_limit_exempt;
+        assert!(
+            exempt
+                .iter()
+                .any(|net| net.contains("127.0.0.9".parse().unwrap()))
+        );
+        assert!(
+            exempt
+                .iter()
+                .any(|net| net.contains("::1".parse().unwrap()))
+        );
+        assert!(
+            !exempt
+                .iter()
+                .any(|net| net.contains("10.0.0.1".parse().unwrap()))
+        );
+        let none = parse(&["--per-ip-limit-exempt"]).unwrap();
+        assert!(none.config.hardening.per_ip_limit_exempt.is_empty());
+        let token = parse(&["--api-token", "0123456789abcdef"]).unwrap();
+        assert_eq!(
+            format!("{:?}", token.config.access.api_token),
+            "Some(Secret(..))"
+        );
+    }
+
+    #[test]
+    fn origins_and_prefixes_parse_to_one_normal_form() {
+        let origin = Origin::parse("HTTPS://App.Example.com/").unwrap();
+        assert_eq!(origin.to_string(), "https://app.example.com:443");
+        assert_eq!(
+            origin,
+            Origin::parse("https://app.example.com:443").unwrap()
+        );
+        assert_eq!(Origin::parse("http://[::1]:8080").unwrap().host, "[::1]");
+        for bad in [
+            "app.example.com",
+            "ftp://x",
+            "https://x/path",
+            "https://u@x",
+            "https://",
+        ] {
+            assert!(Origin::parse(bad).is_err(), "{bad}");
+        }
+        let net = IpPrefix::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.1".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(
+            IpPrefix::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        for bad in ["10.0.0.0/33", "::1/129", "host", "10.0.0.0/x"] {
+            assert!(IpPrefix::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -9,7 +9,8 @@
 //! an instance that is ahead of this one), it drops live changes with seq <= C for those
 //! products. Replays are read a page at a time, so a long one streams in bounded memory.
 //!
-//! Imports `distributor` (outbox), `protocol` (encoding), `product`, and `db::changelog`.
+//! Imports `distributor` (outbox), `protocol` (encoding), `product`, `db::changelog`, and
+//! `metrics` (how each stream began: live, resume, snapshot, reset).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -18,6 +19,7 @@ use sqlx::PgPool;
 
 use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::{Delivery, OutboxReceiver};
+use crate::metrics::{Metrics, StartKind};
 use crate::product::{ProductId, Seq, SubscriptionStart};
 use crate::protocol::{self, error_code};
 
@@ -50,11 +52,12 @@ pub struct Feed {
     /// Per product: live changes at or below this seq were already covered for the client.
     floors: HashMap<ProductId, Seq>,
     received: Vec<Delivery<Utf8Bytes>>,
+    metrics: Metrics,
 }
 
 impl Feed {
     /// A feed over a registered session's outbox, reading history from `pool`.
-    pub fn new(outbox: OutboxReceiver<Utf8Bytes>, pool: PgPool) -> Self {
+    pub fn new(outbox: OutboxReceiver<Utf8Bytes>, pool: PgPool, metrics: Metrics) -> Self {
         Self {
             outbox,
             pool,
@@ -62,6 +65,7 @@ impl Feed {
             replay: None,
             floors: HashMap::new(),
             received: Vec::with_capacity(BATCH),
+            metrics,
         }
     }
 
@@ -167,12 +171,14 @@ impl Feed {
     ) -> Result<(), ChangelogError> {
         let from = match start {
             SubscriptionStart::Live => {
+                self.metrics.subscription_started(StartKind::Live);
                 out.push(message(protocol::encode_ack(&products, Some(position))));
                 return Ok(());
             }
             SubscriptionStart::Since(since) => {
                 let pruned_through = changelog::pruned_through(&self.pool).await?;
                 if since < pruned_through {
+                    self.metrics.subscription_started(StartKind::Reset);
                     out.push(message(protocol::encode_reset(
                         &products,
                         since,
@@ -180,11 +186,15 @@ impl Feed {
                     )));
                     self.snapshot(&products, out).await?
                 } else {
+                    self.metrics.subscription_started(StartKind::Resume);
                     out.push(message(protocol::encode_ack(&products, Some(since))));
                     since
                 }
             }
-            SubscriptionStart::Snapshot => self.snapshot(&products, out).await?,
+            SubscriptionStart::Snapshot => {
+                self.metrics.subscription_started(StartKind::Snapshot);
+                self.snapshot(&products, out).await?
+            }
         };
         if from < position {
             self.replay = Some(Replay {

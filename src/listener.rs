@@ -12,8 +12,22 @@
 //! large for a notification that carries only its seq) it reads the missing part. Changes are
 //! published strictly in seq order, each exactly once.
 //!
-//! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`, and `db::changelog` (the
-//! same reads clients' resumes use; its own LISTEN connection stays tokio-postgres).
+//! **Dispatch lag** (`rowcast_dispatch_lag_seconds`) is measured from the moment a notification
+//! is read off the LISTEN socket to the moment its change (and any missing earlier ones read
+//! from the changelog) has entered the distributor. The payload does not carry the commit time,
+//! and it is not added: `Change` parsing refuses unknown fields, so a new payload field would
+//! make older instances on the same database skip every notification during a rolling upgrade,
+//! and `committed_at` comes from the database's clock, so the difference to ours would measure
+//! clock skew as well. The trigger runs at commit time and Postgres delivers the notification
+//! right after the commit, so arrival is commit plus the network; what the histogram shows is
+//! the part rowcast controls: notifications waiting behind others, parsing, changelog reads
+//! for gaps, and a busy distributor inbox. Changes read during the catch-up after a reconnect
+//! have no arrival time and are not in the histogram (`rowcast_changes_received_total
+//! {source="changelog"}` counts them).
+//!
+//! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`, `metrics`, and
+//! `db::changelog` (the same reads clients' resumes use; its own LISTEN connection stays
+//! tokio-postgres).
 
 use std::pin::pin;
 use std::str::FromStr;
@@ -28,6 +42,7 @@ use tracing::Instrument;
 use crate::config::ListenerSettings;
 use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::DistributorHandle;
+use crate::metrics::Metrics;
 use crate::product::{Change, Notice, Seq};
 use crate::protocol;
 use crate::shutdown::Shutdown;
@@ -90,6 +105,7 @@ pub struct Listener {
     pool: sqlx::PgPool,
     status: watch::Sender<ListenerStatus>,
     last_seq: Seq,
+    metrics: Metrics,
 }
 
 /// The database URL could not be read by tokio-postgres.
@@ -106,6 +122,7 @@ impl Listener {
         distributor: DistributorHandle<Utf8Bytes>,
         pool: sqlx::PgPool,
         last_seq: Seq,
+        metrics: Metrics,
     ) -> Result<(Self, watch::Receiver<ListenerStatus>), InvalidUrl> {
         let mut config = tokio_postgres::Config::from_str(database_url).map_err(InvalidUrl)?;
         config
@@ -127,6 +144,7 @@ impl Listener {
                 pool,
                 status,
                 last_seq,
+                metrics,
             },
             receiver,
         ))
@@ -185,7 +203,12 @@ impl Listener {
                 while let Some(message) = messages.next().await {
                     match message {
                         Ok(AsyncMessage::Notification(notification)) => {
-                            if notifications_tx.send(notification).await.is_err() {
+                            let arrived = tokio::time::Instant::now();
+                            if notifications_tx
+                                .send((notification, arrived))
+                                .await
+                                .is_err()
+                            {
                                 return Ok(());
                             }
                         }
@@ -219,10 +242,11 @@ impl Listener {
         let ended = loop {
             tokio::select! {
                 notification = notifications.recv() => match notification {
-                    Some(notification) => {
+                    Some((notification, arrived)) => {
                         if let Err(err) = self.forward(&notification).await {
                             break err;
                         }
+                        self.metrics.observe_dispatch_lag(arrived.elapsed());
                     }
                     None => break match driver_result(driver).await {
                         Some(err) => ConnectionEnded::Lost(err),
@@ -308,6 +332,7 @@ impl Listener {
         self.last_seq = change.seq;
         self.status
             .send_modify(|status| status.last_seq = change.seq);
+        self.metrics.change_dispatched();
         Ok(())
     }
 }

@@ -16,9 +16,15 @@ use serde_json::Value;
 pub struct ProductId(i64);
 
 impl ProductId {
-    /// Accepts ids in `0..=i64::MAX`.
+    /// The largest id: 2^53 - 1, the largest integer a browser's JSON parser (a double) keeps
+    /// exact. Larger ids would silently change in JavaScript clients, and a client-chosen id
+    /// near i64::MAX would push the identity sequence to its end and stop every POST without
+    /// an id.
+    pub const MAX: i64 = (1 << 53) - 1;
+
+    /// Accepts ids in `0..=ProductId::MAX`.
     pub fn new(raw: i64) -> Option<Self> {
-        (raw >= 0).then_some(Self(raw))
+        (0..=Self::MAX).contains(&raw).then_some(Self(raw))
     }
 
     /// The id as stored in the database.
@@ -199,7 +205,7 @@ impl NewProduct {
             Some(raw) => Some(ProductId::new(raw).ok_or_else(|| {
                 ValidationError::new(
                     "productId",
-                    "must be a positive integer (or 0 to assign one)",
+                    "must be an integer from 1 to 9007199254740991 (or 0 to assign one)",
                 )
             })?),
         };
@@ -449,7 +455,14 @@ mod tests {
     fn product_ids_must_be_non_negative_integers() {
         assert!(ProductId::from_json(&json!(1)).is_some());
         assert!(ProductId::from_json(&json!(0)).is_some());
-        for bad in [json!(-1), json!(1.5), json!("1"), json!(u64::MAX)] {
+        assert!(ProductId::from_json(&json!(9_007_199_254_740_991_i64)).is_some());
+        for bad in [
+            json!(9_007_199_254_740_992_i64),
+            json!(-1),
+            json!(1.5),
+            json!("1"),
+            json!(u64::MAX),
+        ] {
             assert!(ProductId::from_json(&bad).is_none(), "{bad}");
         }
     }

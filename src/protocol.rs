@@ -43,7 +43,7 @@ pub mod error_code {
     pub const UNKNOWN_COMMAND: &str = "unknown_command";
     /// The command's fields are missing, unknown or of the wrong type.
     pub const INVALID_COMMAND: &str = "invalid_command";
-    /// An id is not an integer in 0..=9223372036854775807.
+    /// An id is not an integer in 0..=9007199254740991 (2^53 - 1).
     pub const INVALID_PRODUCT_ID: &str = "invalid_product_id";
     /// The frame was binary; only text frames carry commands.
     pub const BINARY_FRAME: &str = "binary_frame";
@@ -153,7 +153,7 @@ impl ClientCommand {
                     error_code::INVALID_PRODUCT_ID,
                     format!(
                         "productIDs[{index}] = {raw} is not a product id (an integer from 0 to {})",
-                        i64::MAX
+                        ProductId::MAX
                     ),
                 )
             })?;

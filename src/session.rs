@@ -7,13 +7,17 @@
 //! timeout (1008), oversized frame (1009), eviction as a slow client (1013), distributor gone
 //! (1011), or process shutdown (1001).
 //!
-//! Imports `protocol`, `distributor`, `feed` (what to write, in order), `config`, `shutdown`.
+//! Imports `protocol`, `distributor`, `feed` (what to write, in order), `config`, `shutdown`,
+//! `metrics` (messages and bytes written).
 
 use std::pin::pin;
 use std::time::Duration;
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -25,6 +29,7 @@ use tracing::Instrument;
 use crate::config::{Heartbeat, Limits};
 use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
 use crate::feed::{self, Feed, Outgoing};
+use crate::metrics::{Metrics, Transport};
 use crate::protocol::{self, ClientCommand, close_code, error_code};
 use crate::shutdown::Shutdown;
 
@@ -47,18 +52,25 @@ pub struct SessionState {
     pub shutdown: Shutdown,
     /// Where replays and snapshots are read from.
     pub pool: sqlx::PgPool,
+    /// Where delivered messages and bytes are counted.
+    pub metrics: Metrics,
 }
 
 /// `GET /websocket` (HTTP/1.1 upgrade) and `CONNECT /websocket` (HTTP/2, RFC 8441).
-pub async fn upgrade(ws: WebSocketUpgrade, State(state): State<SessionState>) -> Response {
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(state): State<SessionState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+) -> Response {
     let limits = state.limits;
+    let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
     ws.read_buffer_size(limits.ws_read_buffer_bytes)
         .write_buffer_size(limits.ws_write_buffer_bytes)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
         .on_upgrade(move |socket| {
             let shutdown = state.shutdown.clone();
-            shutdown.track(run(socket, state))
+            shutdown.track(run(socket, state, peer))
         })
 }
 
@@ -75,7 +87,7 @@ enum Control {
     PeerGone,
 }
 
-async fn run(mut socket: WebSocket, state: SessionState) {
+async fn run(mut socket: WebSocket, state: SessionState, peer: Option<SocketAddr>) {
     let Ok(registration) = state.distributor.register().await else {
         let _ = socket
             .send(close(close_code::INTERNAL, "server is stopping"))
@@ -92,9 +104,14 @@ async fn run(mut socket: WebSocket, state: SessionState) {
             sink,
             heartbeat: state.heartbeat,
             shutdown: state.shutdown.clone(),
+            metrics: state.metrics.clone(),
         };
         let evicted = registration.evicted;
-        let feed = Feed::new(registration.outbox, state.pool.clone());
+        let feed = Feed::new(
+            registration.outbox,
+            state.pool.clone(),
+            state.metrics.clone(),
+        );
         // The writer decides when the session ends; the reader only reports to it.
         tokio::select! {
             biased;
@@ -104,7 +121,13 @@ async fn run(mut socket: WebSocket, state: SessionState) {
             () = read(stream, id, &state.distributor, control) => {}
         }
     }
-    .instrument(tracing::info_span!("session", session_id = %id))
+    // The peer address, never the request's query: tickets travel there.
+    .instrument(tracing::info_span!(
+        "session",
+        session_id = %id,
+        peer = peer.map(tracing::field::display),
+        subscriptions = tracing::field::Empty,
+    ))
     .await;
     guard.disconnect().await;
 }
@@ -178,6 +201,7 @@ struct Writer {
     sink: SplitSink<WebSocket, Message>,
     heartbeat: Heartbeat,
     shutdown: Shutdown,
+    metrics: Metrics,
 }
 
 impl Writer {
@@ -284,6 +308,8 @@ impl Writer {
             return Err("changelog read failed");
         }
         let window = self.heartbeat.interval + self.heartbeat.timeout;
+        let count = messages.len();
+        let bytes = messages.iter().map(|outgoing| outgoing.text.len()).sum();
         let shutdown = &self.shutdown;
         let sink = &mut self.sink;
         let write = async {
@@ -301,7 +327,9 @@ impl Writer {
                 Err(axum::Error::new("peer did not accept data within the heartbeat window"))
             }
         };
-        result.map_err(|_| "write failed")
+        result.map_err(|_| "write failed")?;
+        self.metrics.delivered(Transport::WebSocket, count, bytes);
+        Ok(())
     }
 
     async fn close(&mut self, code: u16, reason: &'static str) {

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::distributor::{DistributorHandle, SessionGuard};
 use crate::feed::{Feed, Outgoing};
+use crate::metrics::{Metrics, Transport};
 use crate::product::{ProductId, Seq, SubscriptionStart};
 use crate::shutdown::Shutdown;
 
@@ -34,6 +35,8 @@ pub struct SseState {
     pub shutdown: Shutdown,
     /// Per-connection subscription cap (same as WebSockets).
     pub max_subscriptions: usize,
+    /// Where delivered events and bytes are counted.
+    pub metrics: Metrics,
 }
 
 /// `?ids=1,2,3&since=N`.
@@ -64,7 +67,7 @@ fn parse_ids(raw: &str, max: usize) -> Result<Vec<ProductId>, String> {
             .ok_or_else(|| {
                 format!(
                     "ids[{index}] = {part:?} is not a product id (an integer from 0 to {})",
-                    i64::MAX
+                    ProductId::MAX
                 )
             })?;
         if seen.insert(id) {
@@ -88,6 +91,18 @@ fn parse_seq(raw: &str, what: &str) -> Result<Seq, String> {
 }
 
 /// `GET /products/events`.
+#[utoipa::path(get, path = "/products/events", tag = "subscriptions",
+    params(
+        ("ids" = String, Query, description = "Comma-separated product ids, e.g. `1,2,3`"),
+        ("since" = Option<i64>, Query, description = "Resume after this seq (first connection; reconnects send `Last-Event-ID`)", minimum = 0),
+        ("Last-Event-ID" = Option<String>, Header, description = "Set by a reconnecting `EventSource`: the seq of the last change seen"),
+    ),
+    responses(
+        (status = 200, description = "An event stream: each `data:` is one message of docs/protocol.md; changes carry `id: <seq>`",
+         content_type = "text/event-stream", body = String),
+        (status = 400, description = "Bad `ids` or `since` (`invalid_query`)", body = crate::api::schema::ErrorBody),
+        (status = 503, description = "The server is stopping"),
+    ))]
 pub async fn events(
     State(state): State<SseState>,
     headers: HeaderMap,
@@ -131,7 +146,12 @@ pub async fn events(
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let stream = EventStream {
-        feed: Feed::new(registration.outbox, state.pool.clone()),
+        feed: Feed::new(
+            registration.outbox,
+            state.pool.clone(),
+            state.metrics.clone(),
+        ),
+        metrics: state.metrics.clone(),
         evicted: registration.evicted,
         shutdown: state.shutdown.clone(),
         queue: VecDeque::new(),
@@ -147,6 +167,7 @@ struct EventStream {
     evicted: CancellationToken,
     shutdown: Shutdown,
     queue: VecDeque<Outgoing>,
+    metrics: Metrics,
     /// Disconnects from the distributor when the client goes away and the stream is dropped.
     _guard: SessionGuard<Utf8Bytes>,
 }
@@ -162,6 +183,8 @@ impl EventStream {
     async fn next_event(&mut self) -> Option<Event> {
         loop {
             if let Some(outgoing) = self.queue.pop_front() {
+                self.metrics
+                    .delivered(Transport::Sse, 1, outgoing.text.len());
                 let event = Event::default().data(outgoing.text.as_str());
                 return Some(match outgoing.seq {
                     Some(seq) => event.id(seq.to_string()),

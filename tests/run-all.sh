@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check rowcast has, the same way CI does: formatting, lints, unit and integration
-# tests (each test process starts its own private PostgreSQL cluster), and the `.http` request
-# file against a live server. Installs what a fresh Debian/Ubuntu machine lacks (as root via
+# tests (each test process starts its own private PostgreSQL cluster), the headless-Chromium test
+# (tests/browser: a page over HTTPS/HTTP2 receives changes on a WebSocket over HTTP/2), and the
+# `.http` request file against a live server. Installs what a fresh Debian/Ubuntu machine lacks (as root via
 # apt-get; otherwise it says what to install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,11 @@ command -v runuser >/dev/null 2>&1 || need_packages+=(util-linux)
 command -v npm >/dev/null 2>&1 || need_packages+=(nodejs npm)
 command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
+# Debian's Chromium and its WebDriver, for tests/browser (never a downloaded browser build).
+command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_packages+=(chromium-driver)
+# schemathesis (PyPI) runs from a venv under target/.
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_packages+=(python3-venv)
 if ((${#need_packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing ${need_packages[*]}"
@@ -30,7 +36,8 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo build (release binary for the live checks)"
 cargo build --release --locked
 echo "== cargo test"
-cargo test --locked
+# Chromium is installed above, so the browser test must run, not skip.
+ROWCAST_BROWSER_TEST=require cargo test --locked
 
 echo "== .http request file against a live server"
 data_dir=$(mktemp -d /tmp/rowcast-http-XXXXXX)
@@ -51,4 +58,15 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 http/run.sh "http://127.0.0.1:$port"
+echo "== schemathesis: property-based API test from /openapi.json"
+if [ ! -x target/schemathesis/bin/schemathesis ]; then
+  python3 -m venv target/schemathesis
+  target/schemathesis/bin/pip install -q schemathesis
+fi
+# Fails on any 5xx, undocumented status, wrong content type, or body that breaks its schema.
+# The event stream never ends, so it is left to the SSE tests.
+target/schemathesis/bin/schemathesis run "http://127.0.0.1:$port/openapi.json" \
+  --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
+  --exclude-path /products/events --max-examples 30 --request-timeout 10 \
+  --generation-deterministic
 echo "== all checks passed"

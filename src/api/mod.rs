@@ -4,7 +4,8 @@
 
 mod error;
 mod json;
-mod products;
+pub(crate) mod products;
+pub mod schema;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

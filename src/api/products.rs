@@ -1,4 +1,6 @@
 //! One thin handler per product endpoint: extract and parse, call `db::products`, respond.
+//! Each carries its OpenAPI description (`#[utoipa::path]`), next to the code it describes;
+//! `openapi` collects them into `/openapi.json`.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -10,6 +12,7 @@ use serde_json::Value;
 use super::ApiState;
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::schema::{ErrorBody, IdParam, ProductInputSchema, ProductPatchSchema, ProductSchema};
 use crate::db::products as store;
 use crate::product::{NewProduct, ProductId, ProductInput, ProductPatch, id_mismatch};
 
@@ -19,10 +22,15 @@ const DEFAULT_PAGE_SIZE: i64 = 100;
 const MAX_PAGE_SIZE: i64 = 1000;
 
 /// `?after=<id>&limit=<n>` of `GET /products`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Return products with ids above this one (the last id of the previous page).
+    #[param(minimum = 0)]
     after: Option<i64>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
 }
 
@@ -34,14 +42,20 @@ fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
             code: "invalid_product_id",
             message: format!(
                 "product id in the path must be an integer from 0 to {}; got {raw:?}",
-                i64::MAX
+                ProductId::MAX
             ),
         })
 }
 
 /// `GET /products`: keyset pagination in id order; a `Link: rel="next"` header names the next
 /// page when there is one.
-pub(super) async fn list(
+#[utoipa::path(get, path = "/products", tag = "products", params(ListQuery),
+    responses(
+        (status = 200, description = "A page of products in id order", body = [ProductSchema],
+         headers(("link" = String, description = "`</products?after=N&limit=L>; rel=\"next\"` when more follow"))),
+        (status = 400, description = "Bad query parameter (`invalid_query`)", body = ErrorBody),
+    ))]
+pub(crate) async fn list(
     State(state): State<ApiState>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -82,7 +96,13 @@ pub(super) async fn list(
 }
 
 /// `GET /products/{id}`.
-pub(super) async fn get(
+#[utoipa::path(get, path = "/products/{id}", tag = "products", params(IdParam),
+    responses(
+        (status = 200, description = "The product", body = ProductSchema),
+        (status = 400, description = "The id is not a product id (`invalid_product_id`)", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+    ))]
+pub(crate) async fn get(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -91,7 +111,17 @@ pub(super) async fn get(
 }
 
 /// `POST /products`: 201 with `Location`; the id is assigned unless the body chose one.
-pub(super) async fn create(
+#[utoipa::path(post, path = "/products", tag = "products", request_body = ProductInputSchema,
+    responses(
+        (status = 201, description = "Created", body = ProductSchema,
+         headers(("location" = String, description = "`/products/{id}`"))),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 409, description = "A product with the given id exists", body = ErrorBody),
+        (status = 413, description = "Body larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule; the message names it", body = ErrorBody),
+    ))]
+pub(crate) async fn create(
     State(state): State<ApiState>,
     ApiJson(input): ApiJson<ProductInput>,
 ) -> Result<Response, ApiError> {
@@ -106,7 +136,17 @@ pub(super) async fn create(
 }
 
 /// `PUT /products/{id}`: replaces an existing product.
-pub(super) async fn replace(
+#[utoipa::path(put, path = "/products/{id}", tag = "products", params(IdParam),
+    request_body = ProductInputSchema,
+    responses(
+        (status = 200, description = "Replaced", body = ProductSchema),
+        (status = 400, description = "Malformed JSON or id", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 413, description = "Body larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule, or `productId` differs from the path", body = ErrorBody),
+    ))]
+pub(crate) async fn replace(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
     ApiJson(input): ApiJson<ProductInput>,
@@ -121,7 +161,20 @@ pub(super) async fn replace(
 
 /// `PATCH /products/{id}`: JSON merge patch (`application/merge-patch+json` or
 /// `application/json`). An empty patch changes nothing and announces nothing.
-pub(super) async fn patch(
+#[utoipa::path(patch, path = "/products/{id}", tag = "products", params(IdParam),
+    request_body(content(
+        (ProductPatchSchema = "application/merge-patch+json"),
+        (ProductPatchSchema = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "Patched", body = ProductSchema),
+        (status = 400, description = "Malformed JSON or id", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 413, description = "Body larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule (`null` is refused)", body = ErrorBody),
+    ))]
+pub(crate) async fn patch(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
     ApiJson(document): ApiJson<Value>,
@@ -137,7 +190,13 @@ pub(super) async fn patch(
 }
 
 /// `DELETE /products/{id}`: 204, or 404 if it did not exist.
-pub(super) async fn delete(
+#[utoipa::path(delete, path = "/products/{id}", tag = "products", params(IdParam),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "The id is not a product id", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+    ))]
+pub(crate) async fn delete(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {

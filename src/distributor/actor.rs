@@ -146,6 +146,9 @@ impl<F: Clone + Send + 'static> Distributor<F> {
                     sink.outbox.close();
                 }
             }
+            Command::TopProducts { limit, reply } => {
+                let _ = reply.send(self.subscriptions.top_products(limit));
+            }
             Command::Stats { reply } => {
                 let _ = reply.send(Stats {
                     sessions: self.subscriptions.session_count(),

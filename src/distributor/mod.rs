@@ -125,6 +125,10 @@ enum Command<F> {
     Stats {
         reply: oneshot::Sender<Stats>,
     },
+    TopProducts {
+        limit: usize,
+        reply: oneshot::Sender<Vec<(ProductId, usize)>>,
+    },
 }
 
 /// Removes a session from the distributor exactly once: explicitly with [`Self::disconnect`]
@@ -185,6 +189,7 @@ impl<F> std::fmt::Debug for Command<F> {
             Self::Disconnect { .. } => "Disconnect",
             Self::Publish { .. } => "Publish",
             Self::Stats { .. } => "Stats",
+            Self::TopProducts { .. } => "TopProducts",
         })
     }
 }
@@ -276,6 +281,16 @@ impl<F: Clone + Send + 'static> DistributorHandle<F> {
     pub async fn stats(&self) -> Result<Stats, DistributorGone> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Stats { reply }).await?;
+        answer.await.map_err(|_| DistributorGone)
+    }
+
+    /// Up to `limit` products with the most subscribers, with their subscriber counts.
+    pub async fn top_products(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(ProductId, usize)>, DistributorGone> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::TopProducts { limit, reply }).await?;
         answer.await.map_err(|_| DistributorGone)
     }
 }
@@ -444,6 +459,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(distributor.stats().await.unwrap().subscriptions, 3);
+        assert_eq!(
+            distributor.top_products(1).await.unwrap(),
+            vec![(ids(&[2])[0], 2)],
+            "product 2 has two subscribers"
+        );
         distributor.disconnect(a.id).await;
         distributor.disconnect_soon(b.id);
         let stats = distributor.stats().await.unwrap();

@@ -183,6 +183,24 @@ impl<S: Clone> Subscriptions<S> {
         self.by_product.len()
     }
 
+    /// Up to `limit` products with the most subscribers, most first (ties: lower id first).
+    /// Walks every subscribed product: meant for an operator's view, not a hot path.
+    pub(crate) fn top_products(&self, limit: usize) -> Vec<(ProductId, usize)> {
+        let mut counts: Vec<(ProductId, usize)> = self
+            .by_product
+            .iter()
+            .map(|(product, subscribers)| (*product, subscribers.len()))
+            .collect();
+        let by_rank =
+            |a: &(ProductId, usize), b: &(ProductId, usize)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+        if counts.len() > limit {
+            counts.select_nth_unstable_by(limit, by_rank);
+            counts.truncate(limit);
+        }
+        counts.sort_unstable_by(by_rank);
+        counts
+    }
+
     /// Asserts that the two maps mirror each other and the counter is right (tests and debug).
     #[cfg(test)]
     pub(crate) fn check_invariant(&self) {

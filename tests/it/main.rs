@@ -6,12 +6,16 @@
 // A failed unwrap in a test is a failed test, with its location: what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod bad_input;
+mod browser;
 mod delivery;
 mod listener_recovery;
+mod observability;
 mod ordering;
 mod process;
 mod products_api;
 mod slow_client;
 mod subscriptions;
 mod support;
+mod tls;

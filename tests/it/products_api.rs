@@ -117,6 +117,21 @@ async fn chosen_ids_are_kept_and_conflicts_are_409() {
         .unwrap();
     assert_error(duplicate, StatusCode::CONFLICT, "conflict", "5").await;
 
+    // Ids beyond what JavaScript keeps exact are refused, so nobody can push the id sequence
+    // to its end and block creation for everyone.
+    for huge in [9_007_199_254_740_992_i64, i64::MAX] {
+        let mut body = product("Huge");
+        body["productId"] = json!(huge);
+        let refused = app.http.post(&url).json(&body).send().await.unwrap();
+        assert_error(
+            refused,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "9007199254740991",
+        )
+        .await;
+    }
+
     // Generated ids continue past the chosen one instead of colliding with it.
     let mut zero = product("Zero means assign");
     zero["productId"] = json!(0);

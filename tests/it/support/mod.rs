@@ -2,7 +2,9 @@
 //! `DATABASE_URL`), a fresh database per test, and rowcast running in-process on 127.0.0.1:0.
 //! Logs are silent unless `TEST_LOG` is set.
 
+pub mod secure;
 pub mod sse;
+pub mod webdriver;
 pub mod ws;
 
 use std::sync::OnceLock;
@@ -115,6 +117,8 @@ pub struct TestApp {
     pub shutdown: Shutdown,
     /// The database as the app sees it, for a second instance on the same database.
     pub database_url: String,
+    /// The HTTPS listener, when the flags turn TLS on.
+    pub tls_addr: Option<std::net::SocketAddr>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// Dropped with this app; None for a second instance sharing another's database.
     database: Option<String>,
@@ -144,6 +148,9 @@ pub async fn spawn_instance(database_url: &str, flags: &[&str]) -> TestApp {
         &database_url,
         "--shutdown-grace",
         "2s",
+        // Used only when a test turns TLS on; a fixed port would collide between tests.
+        "--tls-listen",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(flags);
     let cli = <Cli as clap::Parser>::try_parse_from(args).expect("test flags parse");
@@ -152,20 +159,44 @@ pub async fn spawn_instance(database_url: &str, flags: &[&str]) -> TestApp {
         .await
         .expect("rowcast builds");
     let addr = app.local_addr().expect("bound address");
+    let tls_addr = app.tls_addr();
     let pool = PgPool::connect(&database_url).await.expect("test pool");
     let server = tokio::spawn(app.run());
     let test_app = TestApp {
         base_url: format!("http://{addr}"),
         ws_url: format!("ws://{addr}/websocket"),
         database_url,
+        tls_addr,
         pool,
-        http: reqwest::Client::new(),
+        http: authorized_client(flags),
         shutdown,
         server: Some(server),
         database: None,
     };
     test_app.wait_for_listener().await;
     test_app
+}
+
+/// A client that sends the app's API token (if the flags set one) with every request, so the
+/// harness's own calls work under `--auth-reads`; tests of refusals use a client without it.
+fn authorized_client(flags: &[&str]) -> reqwest::Client {
+    let token = flags
+        .iter()
+        .position(|flag| *flag == "--api-token")
+        .and_then(|at| flags.get(at + 1));
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}")
+                .parse()
+                .expect("a header-safe token"),
+        );
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("HTTP client")
 }
 
 impl TestApp {

@@ -1,0 +1,233 @@
+//! Operator endpoints for machines: `/readyz` (may this instance take traffic?) and `/metrics`
+//! (Prometheus text), plus the middleware that times every HTTP request by route.
+//!
+//! `/healthz` (in `ops`) answers while the process runs; `/readyz` answers 200 only when the
+//! database answers, every migration this binary knows is applied, and the LISTEN connection
+//! is up — without LISTEN an instance still serves REST, but its subscribers would see changes
+//! late (after the reconnect's catch-up), so a load balancer should prefer another. Otherwise
+//! 503 with every failing check named.
+//!
+//! Imports `metrics`, `distributor` and `listener` (state copied into gauges at scrape time),
+//! and `db` (the readiness queries).
+
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::db;
+use crate::distributor::DistributorHandle;
+use crate::listener::ListenerStatus;
+use crate::metrics::Metrics;
+
+/// How long a readiness probe waits for the database: below Kubernetes' default probe timeout
+/// (1 s), so a hung database gives a 503 with a reason, not a probe timeout.
+const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Content type of the Prometheus text exposition format.
+const PROMETHEUS_TEXT: HeaderValue = HeaderValue::from_static("text/plain; version=0.0.4");
+
+/// What the endpoints read.
+#[derive(Debug, Clone)]
+pub struct HealthState {
+    /// The REST pool (readiness: reachable, migrated).
+    pub pool: PgPool,
+    /// Distributor counts for the gauges.
+    pub distributor: DistributorHandle<Utf8Bytes>,
+    /// The LISTEN task's latest status.
+    pub listener: watch::Receiver<ListenerStatus>,
+    /// This App's registry.
+    pub metrics: Metrics,
+}
+
+/// `/readyz`.
+pub fn readiness_router(state: HealthState) -> Router {
+    Router::new()
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// `/metrics`.
+pub fn metrics_router(state: HealthState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// The body of `/readyz`.
+#[derive(Debug, Serialize)]
+struct Readiness {
+    /// `ready` or `unavailable`.
+    status: &'static str,
+    /// Each failed check, in words; empty when ready.
+    reasons: Vec<String>,
+}
+
+/// `GET /readyz`.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready: database reachable, migrated, LISTEN connected", body = crate::openapi::ReadinessSchema),
+        (status = 503, description = "Not ready; `reasons` names each failed check", body = crate::openapi::ReadinessSchema),
+    ))]
+pub(crate) async fn readyz(State(state): State<HealthState>) -> Response {
+    let mut reasons = Vec::new();
+    match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, applied_migrations(&state.pool)).await {
+        Err(_) => reasons.push(format!(
+            "database did not answer within {DATABASE_PROBE_TIMEOUT:?}"
+        )),
+        Ok(Err(err)) => reasons.push(format!("database unreachable: {err}")),
+        Ok(Ok(applied)) => {
+            let missing: Vec<String> = db::MIGRATOR
+                .iter()
+                .filter(|migration| !applied.contains(&migration.version))
+                .map(|migration| format!("{} {}", migration.version, migration.description))
+                .collect();
+            if !missing.is_empty() {
+                reasons.push(format!("migrations not applied: {}", missing.join(", ")));
+            }
+        }
+    }
+    if !state.listener.borrow().connected {
+        reasons.push("LISTEN connection is down (reconnecting)".to_owned());
+    }
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Readiness {
+        status: if reasons.is_empty() {
+            "ready"
+        } else {
+            "unavailable"
+        },
+        reasons,
+    };
+    (status, [(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+}
+
+/// Versions of the migrations recorded as applied successfully.
+async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+}
+
+/// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4",
+               content_type = "text/plain; version=0.0.4", body = String)))]
+pub(crate) async fn metrics(State(state): State<HealthState>) -> Response {
+    let metrics = &state.metrics;
+    if let Ok(stats) = state.distributor.stats().await {
+        let gauge = |name, value: usize| metrics.gauge(name, &[]).set(value as f64);
+        gauge("rowcast_sessions", stats.sessions);
+        gauge("rowcast_subscriptions", stats.subscriptions);
+        gauge(
+            "rowcast_products_with_subscribers",
+            stats.products_with_subscribers,
+        );
+        gauge("rowcast_messages_waiting", stats.messages_waiting);
+        metrics
+            .counter("rowcast_changes_published_total", &[])
+            .absolute(stats.changes_published);
+        metrics
+            .counter("rowcast_messages_queued_total", &[])
+            .absolute(stats.messages_queued);
+        metrics
+            .counter("rowcast_queue_overflows_total", &[("policy", "disconnect")])
+            .absolute(stats.slow_sessions_evicted);
+        metrics
+            .counter("rowcast_queue_overflows_total", &[("policy", "conflate")])
+            .absolute(stats.changes_conflated);
+    }
+    let listener = *state.listener.borrow();
+    metrics
+        .gauge("rowcast_listener_connected", &[])
+        .set(if listener.connected { 1.0 } else { 0.0 });
+    metrics
+        .counter("rowcast_listener_reconnects_total", &[])
+        .absolute(listener.reconnects);
+    metrics
+        .counter("rowcast_listener_payloads_skipped_total", &[])
+        .absolute(listener.payloads_skipped);
+    metrics
+        .counter(
+            "rowcast_changes_received_total",
+            &[("source", "notification")],
+        )
+        .absolute(listener.changes_received);
+    metrics
+        .counter("rowcast_changes_received_total", &[("source", "changelog")])
+        .absolute(listener.changes_read_from_changelog);
+    // Seqs fit in 2^53 for the lifetime of any database, so the f64 gauge is exact.
+    metrics
+        .gauge("rowcast_last_seq", &[])
+        .set(listener.last_seq as f64);
+    metrics
+        .gauge("rowcast_changes_per_second", &[])
+        .set(metrics.changes_per_second());
+    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response()
+}
+
+/// Times each request to its response head, labelled by the matched route template (never the
+/// raw path, whose ids would make the label set unbounded), method and status.
+pub async fn time_requests(
+    State(metrics): State<Metrics>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| route_label(path.as_str()));
+    // Extension methods are arbitrary strings: folded into one label value.
+    let method = match *request.method() {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::OPTIONS
+        | Method::CONNECT => request.method().as_str().to_owned(),
+        _ => "other".to_owned(),
+    };
+    let response = next.run(request).await;
+    metrics.request(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// `/products/{id}` → `/products/:id`. Braces are legal in a label value, but common lenient
+/// parsers (the `prometheus-parse` crate, some log shippers) cut the label set at the first `}`
+/// and silently drop the sample; the colon form reads the same and parses everywhere.
+fn route_label(template: &str) -> String {
+    template.replace('{', ":").replace('}', "")
+}
+
+/// Folds histogram samples into buckets every few seconds, so an instance nobody scrapes does
+/// not accumulate raw samples.
+pub async fn run_upkeep(metrics: Metrics, shutdown: crate::shutdown::Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => metrics.run_upkeep(),
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! The accept loop and each connection's life: admission (a global and a per-address connection
+//! limit), the TLS handshake (bounded by a timeout), HTTP/1.1 or HTTP/2 by ALPN (hyper-util's
+//! auto builder; on plain TCP it sniffs, so h2c prior knowledge keeps working), WebSocket
+//! upgrades on both (HTTP/2 advertises extended CONNECT, RFC 8441), a deadline for the first
+//! complete request and hyper's header-read timeout for the next ones (slow-loris clients), and
+//! connection-level graceful shutdown.
+//!
+//! A connection's admission ticket ([`ConnectionGuard`]) lives inside its byte stream, so it
+//! travels with the stream into an upgraded WebSocket: a WebSocket counts against the limits as
+//! long as it is open, not just until its upgrade request was answered.
+//!
+//! Each request gets two extensions the router may read: `ConnectInfo<SocketAddr>` (the peer)
+//! and the `Scheme` the connection really used (not what the client claims). Counters for
+//! operators are in [`TransportStats`]. This follows axum's `low-level-rustls` example: the TLS
+//! handshake happens inside the connection's task, so a slow one blocks nobody else.
+//!
+//! Imports `config` and `shutdown`; the TLS acceptor comes from `tls` through `app`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::uri::Scheme;
+use axum::http::{Method, StatusCode, Version, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+use tracing::Instrument;
+
+use crate::config::{Hardening, IpPrefix, split_host_port};
+use crate::shutdown::Shutdown;
+
+/// HTTP/2 connections are pinged this often, so a peer that vanished (no FIN, no RST) is found
+/// and its connection slot freed; WebSockets have their own heartbeat on top.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long an HTTP/2 ping may go unanswered.
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one HTTP/2 connection may have open, WebSockets included (hyper's default, made
+/// explicit): with it, the per-address connection limit also bounds one client's WebSockets.
+/// Browsers open far fewer per page.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Wait after a failed `accept` (out of descriptors, out of memory) before the next one, so the
+/// loop does not spin while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Connection-level counters for `/stats`, shared by every listener. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct TransportStats(Arc<Counters>);
+
+#[derive(Debug, Default)]
+struct Counters {
+    open: AtomicU64,
+    refused: AtomicU64,
+    tls_failures: AtomicU64,
+    tls_timeouts: AtomicU64,
+    header_timeouts: AtomicU64,
+    ws_http1: AtomicU64,
+    ws_http2: AtomicU64,
+}
+
+/// What `/stats` shows under `transport`.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransportSnapshot {
+    /// Connections open now (WebSockets included), on all listeners.
+    pub connections_open: u64,
+    /// Connections closed at once because a connection limit was reached.
+    pub connections_refused: u64,
+    /// TLS handshakes that failed (bad client hello, no common version or suite, …).
+    pub tls_handshake_failures: u64,
+    /// TLS handshakes that did not finish within `--tls-handshake-timeout`.
+    pub tls_handshake_timeouts: u64,
+    /// Connections closed because no complete request arrived within `--header-read-timeout`.
+    pub header_read_timeouts: u64,
+    /// WebSockets accepted over HTTP/1.1 (Upgrade).
+    pub websocket_upgrades_http1: u64,
+    /// WebSockets accepted over HTTP/2 (extended CONNECT).
+    pub websocket_upgrades_http2: u64,
+}
+
+impl TransportStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> TransportSnapshot {
+        let c = &self.0;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        TransportSnapshot {
+            connections_open: get(&c.open),
+            connections_refused: get(&c.refused),
+            tls_handshake_failures: get(&c.tls_failures),
+            tls_handshake_timeouts: get(&c.tls_timeouts),
+            header_read_timeouts: get(&c.header_timeouts),
+            websocket_upgrades_http1: get(&c.ws_http1),
+            websocket_upgrades_http2: get(&c.ws_http2),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Admission and timeouts shared by every listener: one client address has one budget whether
+/// it comes over HTTP or HTTPS.
+#[derive(Debug, Clone)]
+pub struct Connections(Arc<ConnectionsInner>);
+
+#[derive(Debug)]
+struct ConnectionsInner {
+    global: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_per_ip: usize,
+    exempt: Vec<IpPrefix>,
+    header_read_timeout: Duration,
+    stats: TransportStats,
+}
+
+impl Connections {
+    /// Limits and timeouts from the configuration.
+    pub fn new(hardening: &Hardening) -> Self {
+        Self(Arc::new(ConnectionsInner {
+            global: Arc::new(Semaphore::new(hardening.max_connections)),
+            per_ip: Mutex::new(HashMap::new()),
+            max_per_ip: hardening.max_connections_per_ip,
+            exempt: hardening.per_ip_limit_exempt.clone(),
+            header_read_timeout: hardening.header_read_timeout,
+            stats: TransportStats::default(),
+        }))
+    }
+
+    /// The counters, for `/stats`.
+    pub fn stats(&self) -> TransportStats {
+        self.0.stats.clone()
+    }
+
+    /// Admits a connection from `ip`, or None if a limit is reached.
+    fn admit(&self, ip: IpAddr) -> Option<ConnectionGuard> {
+        let inner = &self.0;
+        let permit = inner.global.clone().try_acquire_owned().ok()?;
+        let ip = ip.to_canonical();
+        let counted = inner.max_per_ip > 0 && !inner.exempt.iter().any(|net| net.contains(ip));
+        if counted {
+            let mut per_ip = lock(&inner.per_ip);
+            let open = per_ip.entry(ip).or_insert(0);
+            if *open >= inner.max_per_ip {
+                return None;
+            }
+            *open += 1;
+        }
+        TransportStats::bump(&inner.stats.0.open);
+        Some(ConnectionGuard {
+            connections: self.clone(),
+            ip: counted.then_some(ip),
+            _permit: permit,
+        })
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The map is only ever changed by one-line updates that cannot panic halfway; a poisoned
+    // lock still holds consistent counts.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One admitted connection; gives its slots back when dropped (when the connection, or the
+/// WebSocket it became, is closed).
+#[derive(Debug)]
+struct ConnectionGuard {
+    connections: Connections,
+    ip: Option<IpAddr>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let inner = &self.connections.0;
+        inner.stats.0.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            let mut per_ip = lock(&inner.per_ip);
+            if let Some(open) = per_ip.get_mut(&ip) {
+                *open -= 1;
+                if *open == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// A byte stream that carries its connection's admission ticket.
+#[derive(Debug)]
+struct Guarded<T> {
+    io: T,
+    _guard: ConnectionGuard,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// TLS for a listener: the acceptor and how long a handshake may take.
+#[derive(Clone)]
+pub struct Handshake {
+    /// Builds each connection's TLS session from the current certificate.
+    pub acceptor: TlsAcceptor,
+    /// Longest handshake before the connection is dropped.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepts connections on `listener` until shutdown, then stops accepting, asks every open
+/// connection to finish (HTTP/1.1: after the current response; HTTP/2: GOAWAY, open streams
+/// finish) and returns when they have. Upgraded HTTP/1.1 WebSockets have left hyper by then;
+/// they are tracked and closed by their sessions.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Handshake>,
+    router: Router,
+    connections: Connections,
+    shutdown: Shutdown,
+) {
+    let tasks = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Per-connection errors (the peer reset before we accepted) need no pause;
+                // resource exhaustion does.
+                if !matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) {
+                    tracing::warn!(cause = %err, "accept failed; pausing before the next one");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(guard) = connections.admit(peer.ip()) else {
+            TransportStats::bump(&connections.0.stats.0.refused);
+            tracing::debug!(%peer, "connection limit reached; closing the new connection");
+            drop(stream);
+            continue;
+        };
+        // Small writes (WebSocket frames) should leave at once.
+        let _ = stream.set_nodelay(true);
+        let io = Guarded {
+            io: stream,
+            _guard: guard,
+        };
+        let task = connection(
+            io,
+            peer,
+            tls.clone(),
+            router.clone(),
+            connections.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(task.instrument(tracing::debug_span!("connection", %peer)));
+    }
+    drop(listener);
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// One connection: TLS (if any), then HTTP until the peer leaves, the connection upgrades,
+/// a timeout hits, or shutdown drains it.
+async fn connection(
+    io: Guarded<TcpStream>,
+    peer: SocketAddr,
+    tls: Option<Handshake>,
+    router: Router,
+    connections: Connections,
+    shutdown: Shutdown,
+) {
+    let stats = &connections.0.stats.0;
+    let Some(handshake) = tls else {
+        return http(
+            TokioIo::new(io),
+            None,
+            peer,
+            router,
+            &connections,
+            &shutdown,
+        )
+        .await;
+    };
+    let accepted = tokio::select! {
+        () = shutdown.cancelled() => return,
+        accepted = tokio::time::timeout(handshake.timeout, handshake.acceptor.accept(io)) => accepted,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            TransportStats::bump(&stats.tls_failures);
+            tracing::debug!(cause = %err, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            TransportStats::bump(&stats.tls_timeouts);
+            tracing::debug!("TLS handshake did not finish in time; closing");
+            return;
+        }
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    http(
+        TokioIo::new(stream),
+        Some(h2),
+        peer,
+        router,
+        &connections,
+        &shutdown,
+    )
+    .await;
+}
+
+/// Serves HTTP on an established stream. `alpn_h2`: Some(choice) when TLS negotiated the
+/// protocol, None on plain TCP (hyper-util reads the first bytes to tell h2c from HTTP/1.1).
+async fn http<I>(
+    io: I,
+    alpn_h2: Option<bool>,
+    peer: SocketAddr,
+    router: Router,
+    connections: &Connections,
+    shutdown: &Shutdown,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let inner = &connections.0;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(inner.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+    let builder = match alpn_h2 {
+        Some(true) => builder.http2_only(),
+        Some(false) => builder.http1_only(),
+        None => builder,
+    };
+    let scheme = if alpn_h2.is_some() {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
+
+    // hyper's header-read timeout covers each HTTP/1.1 head once hyper reads one, but not the
+    // protocol sniffing before it, nor an HTTP/2 client that never sends its preface or first
+    // HEADERS: this deadline covers the time to the first request on every path.
+    let first_request = Arc::new(Notify::new());
+    let service = {
+        let first_request = first_request.clone();
+        let stats = inner.stats.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            first_request.notify_one();
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(scheme.clone());
+            let websocket = websocket_request(&request);
+            let router = router.clone();
+            let stats = stats.clone();
+            async move {
+                let response = router.oneshot(request).await?;
+                if let Some(version) = websocket {
+                    count_upgrade(&stats, version, response.status());
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let mut conn = pin!(builder.serve_connection_with_upgrades(io, service));
+    let mut deadline = pin!(tokio::time::sleep(inner.header_read_timeout));
+    let mut started = false;
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(cause = %err, "connection ended with an error");
+                }
+                return;
+            }
+            () = first_request.notified(), if !started => started = true,
+            () = &mut deadline, if !started => {
+                TransportStats::bump(&inner.stats.0.header_timeouts);
+                tracing::debug!("no complete request within the header read timeout; closing");
+                return;
+            }
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// The HTTP version of a WebSocket handshake request, or None for any other request.
+fn websocket_request<B>(request: &hyper::Request<B>) -> Option<Version> {
+    let is_websocket = match request.version() {
+        Version::HTTP_2 => {
+            request.method() == Method::CONNECT
+                && request
+                    .extensions()
+                    .get::<hyper::ext::Protocol>()
+                    .is_some_and(|protocol| protocol.as_str().eq_ignore_ascii_case("websocket"))
+        }
+        _ => request
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket")),
+    };
+    is_websocket.then(|| request.version())
+}
+
+fn count_upgrade(stats: &TransportStats, version: Version, status: StatusCode) {
+    let counters = &stats.0;
+    match version {
+        Version::HTTP_2 if status.is_success() => TransportStats::bump(&counters.ws_http2),
+        Version::HTTP_11 if status == StatusCode::SWITCHING_PROTOCOLS => {
+            TransportStats::bump(&counters.ws_http1);
+        }
+        _ => {}
+    }
+}
+
+/// The router of a plain listener under `--http-redirect`: every request is answered with a
+/// 308 to the same host and path on HTTPS (308 keeps the method and body, unlike 301).
+pub fn redirect_to_https(https_port: u16) -> Router {
+    Router::new().fallback(redirect).with_state(https_port)
+}
+
+async fn redirect(State(https_port): State<u16>, request: Request) -> Response {
+    let authority = request
+        .uri()
+        .authority()
+        .map(|authority| authority.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .map(str::to_owned)
+        });
+    let Some((host, _)) = authority.as_deref().and_then(split_host_port) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({
+                "error": "missing_host",
+                "message": "a Host header is needed to redirect to HTTPS",
+            })),
+        )
+            .into_response();
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |path| path.as_str());
+    let location = format!("https://{host}{port}{path}");
+    (
+        StatusCode::PERMANENT_REDIRECT,
+        [(header::LOCATION, location)],
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connections(args: &[&str]) -> Connections {
+        let cli = <crate::config::Cli as clap::Parser>::try_parse_from(
+            std::iter::once("rowcast").chain(args.iter().copied()),
+        )
+        .unwrap();
+        Connections::new(&cli.config.hardening)
+    }
+
+    #[test]
+    fn per_address_limit_counts_until_guards_drop_and_spares_exempt_addresses() {
+        let limits = connections(&["--max-connections-per-ip", "2"]);
+        let remote: IpAddr = "192.0.2.7".parse().unwrap();
+        let first = limits.admit(remote).unwrap();
+        let _second = limits.admit(remote).unwrap();
+        assert!(limits.admit(remote).is_none());
+        assert!(limits.admit("192.0.2.8".parse().unwrap()).is_some());
+        // The same address as IPv4-mapped IPv6 is the same client.
+        assert!(limits.admit("::ffff:192.0.2.7".parse().unwrap()).is_none());
+        drop(first);
+        assert!(limits.admit(remote).is_some());
+        // Loopback is exempt by default.
+        let local: Vec<_> = (0..5)
+            .map(|_| limits.admit("127.0.0.1".parse().unwrap()).unwrap())
+            .collect();
+        assert_eq!(local.len(), 5);
+        assert_eq!(limits.stats().snapshot().connections_open, 6);
+    }
+
+    #[test]
+    fn global_limit_applies_to_everyone() {
+        let limits = connections(&["--max-connections", "1", "--per-ip-limit-exempt"]);
+        let held = limits.admit("127.0.0.1".parse().unwrap()).unwrap();
+        assert!(limits.admit("192.0.2.1".parse().unwrap()).is_none());
+        drop(held);
+        assert!(limits.admit("192.0.2.1".parse().unwrap()).is_some());
+    }
+}
