@@ -126,7 +126,6 @@ async fn run(mut socket: WebSocket, state: SessionState, peer: Option<SocketAddr
         "session",
         session_id = %id,
         peer = peer.map(tracing::field::display),
-        subscriptions = tracing::field::Empty,
     ))
     .await;
     guard.disconnect().await;
