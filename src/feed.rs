@@ -142,8 +142,14 @@ impl Feed {
                 products,
                 position,
                 start,
-            } => self.begin(products, position, start, out).await?,
-            Delivery::Unsubscribed(products) => {
+                total,
+            } => {
+                // The WebSocket session's span declares this field; elsewhere it is a no-op.
+                tracing::Span::current().record("subscriptions", total);
+                self.begin(products, position, start, out).await?;
+            }
+            Delivery::Unsubscribed { products, total } => {
+                tracing::Span::current().record("subscriptions", total);
                 for product in &products {
                     self.floors.remove(product);
                 }

@@ -126,6 +126,7 @@ async fn run(mut socket: WebSocket, state: SessionState, peer: Option<SocketAddr
         "session",
         session_id = %id,
         peer = peer.map(tracing::field::display),
+        subscriptions = 0_usize,
     ))
     .await;
     guard.disconnect().await;

@@ -132,6 +132,7 @@ impl<F: Clone + Send + 'static> Distributor<F> {
                             products,
                             position: self.stats.last_seq,
                             start,
+                            total: self.subscriptions.session_subscriptions(id),
                         },
                         Err(over) => Delivery::Refused(over),
                     };
@@ -139,7 +140,8 @@ impl<F: Clone + Send + 'static> Distributor<F> {
             }
             Command::Unsubscribe { id, products } => {
                 self.subscriptions.unsubscribe(id, &products);
-                self.deliver(id, Delivery::Unsubscribed(products));
+                let total = self.subscriptions.session_subscriptions(id);
+                self.deliver(id, Delivery::Unsubscribed { products, total });
             }
             Command::Disconnect { id } => {
                 if let Some(sink) = self.subscriptions.remove_session(id) {

@@ -54,9 +54,16 @@ pub enum Delivery<F> {
         position: Seq,
         /// Where the client asked its stream to begin.
         start: SubscriptionStart,
+        /// The session's subscription count after this command (for its log span).
+        total: usize,
     },
     /// The unsubscribe was applied.
-    Unsubscribed(Vec<ProductId>),
+    Unsubscribed {
+        /// The products, as requested (deduplicated).
+        products: Vec<ProductId>,
+        /// The session's subscription count after this command.
+        total: usize,
+    },
     /// The subscribe was refused whole because of the per-session cap.
     Refused(OverLimit),
 }
@@ -361,7 +368,8 @@ mod tests {
             Some(Delivery::Subscribed {
                 products: ids(&[1]),
                 position: 40,
-                start: SubscriptionStart::Live
+                start: SubscriptionStart::Live,
+                total: 1
             })
         );
         assert_eq!(next(&mut a).await, Some(change(1, 41, "one")));
@@ -370,7 +378,8 @@ mod tests {
             Some(Delivery::Subscribed {
                 products: ids(&[1, 2]),
                 position: 41,
-                start: SubscriptionStart::Since(3)
+                start: SubscriptionStart::Since(3),
+                total: 2
             })
         );
         assert_eq!(next(&mut b).await, Some(change(2, 42, "two")));

@@ -168,6 +168,13 @@ impl<S: Clone> Subscriptions<S> {
         self.by_session.values().map(|entry| &entry.sink)
     }
 
+    /// Subscriptions one session holds (0 if it is not registered).
+    pub(crate) fn session_subscriptions(&self, id: SessionId) -> usize {
+        self.by_session
+            .get(&id)
+            .map_or(0, |entry| entry.products.len())
+    }
+
     /// Registered sessions.
     pub(crate) fn session_count(&self) -> usize {
         self.by_session.len()
