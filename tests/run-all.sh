@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check rowcast has, the same way CI does: formatting, lints, unit and integration
-# tests (each test process starts its own private PostgreSQL cluster), the headless-Chromium test
-# (tests/browser: a page over HTTPS/HTTP2 receives changes on a WebSocket over HTTP/2), and the
-# `.http` request file against a live server. Installs what a fresh Debian/Ubuntu machine lacks (as root via
+# tests (each test process starts its own private PostgreSQL cluster), the headless-Chromium tests
+# (tests/it/browser.rs: among them a page over HTTPS/HTTP2 receiving changes on a WebSocket over
+# HTTP/2), and the `.http` request file against a live server. Installs what a fresh Debian/Ubuntu machine lacks (as root via
 # apt-get; otherwise it says what to install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ command -v runuser >/dev/null 2>&1 || need_packages+=(util-linux)
 command -v npm >/dev/null 2>&1 || need_packages+=(nodejs npm)
 command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
-# Debian's Chromium and its WebDriver, for tests/browser (never a downloaded browser build).
+# Debian's Chromium and its WebDriver, for tests/it/browser.rs (never a downloaded browser build).
 command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_packages+=(chromium-driver)
 # schemathesis (PyPI) runs from a venv under target/.
@@ -36,7 +36,7 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo build (release binary for the live checks)"
 cargo build --release --locked
 echo "== cargo test"
-# Chromium is installed above, so the browser test must run, not skip.
+# Chromium is installed above, so the browser tests must run, not skip.
 ROWCAST_BROWSER_TEST=require cargo test --locked
 
 echo "== .http request file against a live server"
@@ -69,4 +69,5 @@ target/schemathesis/bin/schemathesis run "http://127.0.0.1:$port/openapi.json" \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
   --exclude-path /products/events --max-examples 30 --request-timeout 10 \
   --generation-deterministic
+echo "== bench smoke (bench/ci-smoke.sh: floor + rowcast on its embedded default)"; bench/ci-smoke.sh "$PWD/target/release/rowcast"
 echo "== all checks passed"

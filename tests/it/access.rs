@@ -2,7 +2,6 @@
 //! token for REST, single-use WebSocket tickets (and that they never reach the logs), and the
 //! limits on connections per client address and on concurrent REST requests.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -11,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use crate::support::process::{free_port, rowcast, terminate_and_wait, wait_until_serving};
 use crate::support::secure::{TestCa, h2_connection, wss_http1, wss_http2, wss_http2_on};
 use crate::support::{TestApp, WsClient, fresh_database, product, spawn_app_with, wait_until};
 
@@ -250,38 +250,21 @@ async fn tickets_never_appear_in_the_logs() {
     let ca = TestCa::new();
     let cert = ca.issue("server");
     let (_name, url) = fresh_database().await;
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let (plain_port, tls_port) = (free_port(), free_port());
     let log_path = ca.dir.join("rowcast.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rowcast"))
-        .args(["--listen", &format!("127.0.0.1:{plain_port}")])
+    let mut child = rowcast(plain_port)
         .args(["--tls-listen", &format!("127.0.0.1:{tls_port}")])
         .args(cert.flags())
         .args(["--api-token", TOKEN, "--auth-reads"])
         .env("DATABASE_URL", &url)
         .env("RUST_LOG", "trace")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{plain_port}");
     let ws_url = format!("ws://127.0.0.1:{plain_port}/websocket");
     let http = reqwest::Client::new();
-    wait_until(Duration::from_secs(60), "rowcast serving", || async {
-        http.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_until_serving(&mut child, &http, &format!("{base}/healthz")).await;
     let issue = || async {
         let body: Value = http
             .post(format!("{base}/ws-ticket"))
@@ -311,12 +294,7 @@ async fn tickets_never_appear_in_the_logs() {
     h2.subscribe(&[1]).await;
     ws.close().await;
     drop(h2);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("rowcast exits")
-        .unwrap();
+    terminate_and_wait(&mut child, Duration::from_secs(10)).await;
 
     let logs = std::fs::read_to_string(&log_path).unwrap();
     // The log did record these requests, down to the path.

@@ -1,19 +1,25 @@
 //! The browser side, in headless Chromium: `rowcast.js` keeps an application's view exact
-//! through a server restart and bursts of changes, and the dashboard shows edits from another
-//! tab and survives a restart (reconnecting → resumed, missed change applied). A screenshot of
-//! the dashboard is saved as `target/dashboard.png`.
+//! through a server restart and bursts of changes, the dashboard shows edits from another
+//! tab and survives a restart (reconnecting → resumed, missed change applied), and a page served
+//! over HTTPS/HTTP2 with the self-signed certificate receives changes on a WebSocket over HTTP/2.
+//! A screenshot of the dashboard is saved as `target/dashboard.png`.
 //!
 //! rowcast runs as the real binary on a fixed port, so the page can reconnect to the same
 //! address after a kill and restart.
+//!
+//! Without chromedriver these tests say so and pass, unless `ROWCAST_BROWSER_TEST=require`
+//! (set by tests/run-all.sh, which installs Chromium), where that is a failure.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::json;
-use tokio::process::{Child, Command};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
 
-use crate::support::webdriver::{Browser, free_port};
-use crate::support::{fresh_database, product};
+use crate::support::process::{free_port, rowcast, wait_until_serving};
+use crate::support::webdriver::{Browser, skip_without_chromedriver};
+use crate::support::{fresh_database, get_json, product};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -25,38 +31,24 @@ struct Server {
 
 impl Server {
     async fn start(database_url: &str, port: u16) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        let child = rowcast(port)
             .env("DATABASE_URL", database_url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let server = Self {
+        let mut server = Self {
             child,
             port,
             database_url: database_url.to_owned(),
         };
-        let http = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = http
-                .get(format!("{}/readyz", server.base()))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if ready {
-                return server;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "rowcast not ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let ready = format!("{}/readyz", server.base());
+        wait_until_serving(&mut server.child, &reqwest::Client::new(), &ready).await;
+        server
+    }
+
+    /// A rowcast on a fresh database and a free port.
+    async fn start_fresh() -> Self {
+        let (_name, database_url) = fresh_database().await;
+        Self::start(&database_url, free_port()).await
     }
 
     fn base(&self) -> String {
@@ -88,16 +80,18 @@ async fn create(http: &reqwest::Client, base: &str, name: &str) -> i64 {
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
-    response.json::<serde_json::Value>().await.unwrap()["productId"]
+    response.json::<Value>().await.unwrap()["productId"]
         .as_i64()
         .unwrap()
 }
 
 #[tokio::test]
 async fn rowcast_js_sees_every_change_once_in_order_across_a_server_restart() {
-    let (_name, database_url) = fresh_database().await;
-    let port = free_port();
-    let server = Server::start(&database_url, port).await;
+    if skip_without_chromedriver() {
+        return;
+    }
+    let server = Server::start_fresh().await;
+    let port = server.port;
     let base = server.base();
     let http = reqwest::Client::new();
     let a = create(&http, &base, "Alpha").await;
@@ -196,9 +190,10 @@ async fn rowcast_js_sees_every_change_once_in_order_across_a_server_restart() {
 
 #[tokio::test]
 async fn dashboard_shows_edits_from_another_tab_and_resumes_after_a_restart() {
-    let (_name, database_url) = fresh_database().await;
-    let port = free_port();
-    let server = Server::start(&database_url, port).await;
+    if skip_without_chromedriver() {
+        return;
+    }
+    let server = Server::start_fresh().await;
     let base = server.base();
     let http = reqwest::Client::new();
     for name in ["Anvil", "Bellows", "Chisel", "Drill press", "Escapement"] {
@@ -272,4 +267,146 @@ async fn dashboard_shows_edits_from_another_tab_and_resumes_after_a_restart() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard.png");
     std::fs::write(&path, &png).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+}
+
+/// The README's browser-console snippet for the HTTPS page, word for word but with the port of
+/// this run, plus one line that keeps what arrives where the test can read it.
+fn readme_snippet(port: u16) -> String {
+    format!(
+        r#"ws = new WebSocket("wss://localhost:{port}/websocket"); ws.onmessage = m => console.log(m.data);
+ws.onopen = () => ws.send(JSON.stringify({{command:"subscribe", productIDs:[...Array(1024).keys()]}}))
+window.received = []; ws.addEventListener("message", m => window.received.push(JSON.parse(m.data)));"#
+    )
+}
+
+/// rowcast as the README runs it (self-signed HTTPS), on free ports, with its log parsed for
+/// the certificate's SPKI pin.
+struct SelfSigned {
+    _child: Child,
+    plain: String,
+    https_port: u16,
+    spki_pin: String,
+}
+
+impl SelfSigned {
+    async fn start() -> Self {
+        let (_name, url) = fresh_database().await;
+        let (plain_port, https_port) = (free_port(), free_port());
+        let mut child = rowcast(plain_port)
+            .args(["--tls-listen", &format!("127.0.0.1:{https_port}")])
+            .args(["--tls-self-signed", "--log-format", "json"])
+            .env("DATABASE_URL", &url)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (pin_tx, pin_rx) = tokio::sync::oneshot::channel();
+        // Reads the log to its end (a full pipe would block the server), picking out the pin.
+        tokio::spawn(async move {
+            let mut pin_tx = Some(pin_tx);
+            let echo = std::env::var_os("TEST_LOG").is_some();
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if echo {
+                    eprintln!("rowcast: {line}");
+                }
+                let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if let Some(pin) = entry["fields"]["spki_sha256_base64"].as_str() {
+                    if let Some(tx) = pin_tx.take() {
+                        let _ = tx.send(pin.to_owned());
+                    }
+                }
+            }
+        });
+        let spki_pin = tokio::time::timeout(Duration::from_secs(60), pin_rx)
+            .await
+            .expect("rowcast logs its self-signed certificate within 60 s")
+            .expect("rowcast logs the SPKI pin of its self-signed certificate");
+        let plain = format!("http://127.0.0.1:{plain_port}");
+        // Ready: database migrated and the LISTEN connection up.
+        let ready = format!("{plain}/readyz");
+        wait_until_serving(&mut child, &reqwest::Client::new(), &ready).await;
+        Self {
+            _child: child,
+            plain,
+            https_port,
+            spki_pin,
+        }
+    }
+}
+
+/// A page loaded over HTTPS with the self-signed certificate of the README's run command runs the
+/// README's console snippet (a WebSocket subscribing to ids 0..1023) and must receive both the
+/// INSERT and the UPDATE of a product that REST creates and changes in that range. The server's
+/// counters must show that the browser's WebSocket came over HTTP/2 (extended CONNECT), as the
+/// page did.
+#[tokio::test]
+async fn a_page_over_h2_gets_both_changes_on_a_websocket_over_h2() {
+    if skip_without_chromedriver() {
+        return;
+    }
+    let rowcast = SelfSigned::start().await;
+    // Trust rowcast's self-signed certificate by its key, and nothing else.
+    let pin = format!("--ignore-certificate-errors-spki-list={}", rowcast.spki_pin);
+    let browser = Browser::start_with(&[pin]).await;
+    let page = format!("https://localhost:{}/healthz", rowcast.https_port);
+    browser.goto(&page).await;
+    let protocol = browser.page_protocol().await;
+    assert_eq!(protocol, "h2", "the page itself must come over HTTP/2");
+
+    browser.eval(&readme_snippet(rowcast.https_port)).await;
+    let wait = Duration::from_secs(10);
+    browser
+        .wait_for(
+            "return window.received.length >= 1;",
+            "the subscribe ack",
+            wait,
+        )
+        .await;
+    let ack = browser.eval("return window.received[0];").await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    assert_eq!(ack["productIDs"].as_array().unwrap().len(), 1024);
+
+    let http = reqwest::Client::new();
+    let mut body = product("Browser anvil");
+    body["productId"] = json!(512);
+    let created = http
+        .post(format!("{}/products", rowcast.plain))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let patched = http
+        .patch(format!("{}/products/512", rowcast.plain))
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"unitsAvailable":2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+
+    let changes = "window.received.filter(m => m.type === 'change')";
+    browser
+        .wait_for(
+            &format!("return {changes}.length >= 2;"),
+            "both changes in the page",
+            wait,
+        )
+        .await;
+    let changes: Vec<Value> =
+        serde_json::from_value(browser.eval(&format!("return {changes};")).await).unwrap();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(changes[0]["action"], "INSERT");
+    assert_eq!(changes[1]["action"], "UPDATE");
+    assert_eq!(changes[1]["product"]["productId"], 512);
+    assert_eq!(changes[1]["product"]["unitsAvailable"], 2);
+
+    // The server saw the browser's WebSocket arrive as an HTTP/2 extended CONNECT.
+    let stats = get_json(&http, &format!("{}/stats", rowcast.plain)).await;
+    let transport = &stats["transport"];
+    assert_eq!(transport["websocketUpgradesHttp2"], 1, "{transport}");
+    assert_eq!(transport["websocketUpgradesHttp1"], 0, "{transport}");
 }

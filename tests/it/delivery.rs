@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::support::{
-    SseClient, TestApp, WsClient, product, spawn_app, spawn_app_with, spawn_instance, wait_until,
+    SseClient, TestApp, WsClient, get_json, product, spawn_app, spawn_app_with, spawn_instance,
+    wait_until,
 };
 
 /// The committed changes to `products` after `after`, as (product, seq), in seq order.
@@ -92,15 +93,7 @@ async fn a_change_committed_while_the_client_was_away_arrives_on_resume_websocke
         drop(client_ws);
         drop(client_sse);
         a.commit().await.unwrap();
-        let a_row: Value = app
-            .http
-            .get(format!("{}/products/{first}", app.base_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let a_row = get_json(&app.http, &format!("{}/products/{first}", app.base_url)).await;
 
         if transport == "websocket" {
             let mut client = WsClient::connect(&app.ws_url).await;
@@ -514,15 +507,7 @@ async fn a_client_that_stops_reading_is_conflated_with_bounded_memory_and_conver
         }
     }
     for id in ids {
-        let current: Value = app
-            .http
-            .get(format!("{}/products/{id}", app.base_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let current = get_json(&app.http, &format!("{}/products/{id}", app.base_url)).await;
         assert_eq!(latest.get(&id), Some(&current), "product {id} converged");
     }
 }

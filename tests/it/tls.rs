@@ -2,16 +2,16 @@
 //! over HTTP/1.1 and WebSockets over HTTP/2 extended CONNECT, certificate reload on SIGHUP
 //! without dropping open sockets, the plain-HTTP redirect, and stalled clients cut off in time.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use reqwest::{StatusCode, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 
+use crate::support::process::{
+    free_port, rowcast, send_signal, terminate_and_wait, wait_until_serving,
+};
 use crate::support::secure::{
     ServerCert, TestCa, h2_connection, served_leaf, tls_connect, wss_http1, wss_http2, wss_http2_on,
 };
@@ -433,48 +433,17 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_open_websockets_ke
     std::fs::copy(&first.key, &live.key).unwrap();
 
     let (_name, url) = fresh_database().await;
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let (plain_port, tls_port) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rowcast"))
-        .args(["--listen", &format!("127.0.0.1:{plain_port}")])
+    let mut child = rowcast(plain_port)
         .args(["--tls-listen", &format!("127.0.0.1:{tls_port}")])
         .args(live.flags())
         .env("DATABASE_URL", &url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let tls_addr = format!("127.0.0.1:{tls_port}").parse().unwrap();
     let https = ca.https_client(false);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(child.try_wait().unwrap().is_none(), "rowcast exited early");
-        let up = https
-            .get(format!("https://localhost:{tls_port}/stats"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if up {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rowcast not serving HTTPS within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stats = format!("https://localhost:{tls_port}/stats");
+    wait_until_serving(&mut child, &https, &stats).await;
     assert_eq!(served_leaf(tls_addr, &ca).await, first.leaf);
 
     let mut over_h1 = wss_http1(tls_addr, &ca, "/websocket", None).await.unwrap();
@@ -484,8 +453,7 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_open_websockets_ke
 
     std::fs::copy(&second.cert, &live.cert).unwrap();
     std::fs::copy(&second.key, &live.key).unwrap();
-    let pid = Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-    kill(pid, Signal::SIGHUP).unwrap();
+    send_signal(&child, Signal::SIGHUP);
     wait_until(Duration::from_secs(10), "the new certificate", || async {
         served_leaf(tls_addr, &ca).await == second.leaf
     })
@@ -510,14 +478,10 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_open_websockets_ke
 
     // A broken file on the next SIGHUP keeps the current certificate.
     std::fs::write(&live.cert, "garbage").unwrap();
-    kill(pid, Signal::SIGHUP).unwrap();
+    send_signal(&child, Signal::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(served_leaf(tls_addr, &ca).await, second.leaf);
 
-    kill(pid, Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("rowcast exits after SIGTERM")
-        .unwrap();
+    let status = terminate_and_wait(&mut child, Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
 }

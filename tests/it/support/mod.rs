@@ -2,6 +2,7 @@
 //! `DATABASE_URL`), a fresh database per test, and rowcast running in-process on 127.0.0.1:0.
 //! Logs are silent unless `TEST_LOG` is set.
 
+pub mod process;
 pub mod secure;
 pub mod sse;
 pub mod webdriver;
@@ -202,14 +203,7 @@ fn authorized_client(flags: &[&str]) -> reqwest::Client {
 impl TestApp {
     /// GET /stats as JSON.
     pub async fn stats(&self) -> Value {
-        self.http
-            .get(format!("{}/stats", self.base_url))
-            .send()
-            .await
-            .expect("GET /stats")
-            .json()
-            .await
-            .expect("stats JSON")
+        get_json(&self.http, &format!("{}/stats", self.base_url)).await
     }
 
     /// Waits until the LISTEN connection is up, so that writes made next are seen.
@@ -274,6 +268,17 @@ impl Drop for TestApp {
             drop_database(database);
         }
     }
+}
+
+/// GET `url` and its body as JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url)
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("GET {url}: {err}"))
+        .json()
+        .await
+        .unwrap_or_else(|err| panic!("GET {url}: no JSON: {err}"))
 }
 
 /// A valid product body with the given name.

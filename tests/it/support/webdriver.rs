@@ -1,12 +1,37 @@
 //! A minimal W3C WebDriver client for the browser tests: starts Debian's `chromedriver` on a free
 //! port and drives one headless Chromium with a fresh profile. Just what the tests use:
-//! navigate, run a script, take a screenshot.
+//! navigate, run a script, read the page's protocol, take a screenshot.
+//!
+//! Without chromedriver a browser test says so and passes (see [`skip_without_chromedriver`]),
+//! unless `ROWCAST_BROWSER_TEST=require` (set by tests/run-all.sh, which installs Chromium),
+//! where that is a failure.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
+
+use super::process::free_port;
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// True when the calling browser test should return at once: chromedriver is missing and
+/// `ROWCAST_BROWSER_TEST` is not `require` (with `require`, a missing chromedriver fails).
+pub fn skip_without_chromedriver() -> bool {
+    if Path::new(CHROMEDRIVER).exists() {
+        return false;
+    }
+    let required = std::env::var("ROWCAST_BROWSER_TEST").is_ok_and(|v| v == "require");
+    assert!(
+        !required,
+        "ROWCAST_BROWSER_TEST=require but {CHROMEDRIVER} is missing: apt-get install chromium chromium-driver"
+    );
+    eprintln!("skipped: {CHROMEDRIVER} not found (apt-get install chromium chromium-driver)");
+    true
+}
 
 #[derive(Debug)]
 pub struct Browser {
@@ -26,19 +51,16 @@ impl Drop for TempDir {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Browser {
     /// A headless Chromium with a 1280×800 window.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Browser::start`] with extra Chromium flags (e.g. a certificate's SPKI pin).
+    pub async fn start_with(extra_args: &[String]) -> Self {
         let port = free_port();
-        let driver = Command::new("chromedriver")
+        let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -64,7 +86,7 @@ impl Browser {
         let profile =
             std::env::temp_dir().join(format!("rowcast-chromium-{:x}", rand::random::<u64>()));
         std::fs::create_dir_all(&profile).unwrap();
-        let args = [
+        let mut args: Vec<String> = [
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
@@ -74,13 +96,16 @@ impl Browser {
             "--disable-component-update",
             "--disable-sync",
             "--window-size=1280,800",
-            &format!("--user-data-dir={}", profile.display()),
-        ];
+        ]
+        .map(str::to_owned)
+        .into();
+        args.push(format!("--user-data-dir={}", profile.display()));
+        args.extend_from_slice(extra_args);
         let created: Value = http
             .post(format!("{driver_url}/session"))
             .json(&json!({"capabilities": {"alwaysMatch": {
                 "browserName": "chrome",
-                "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}
+                "goog:chromeOptions": {"binary": CHROMIUM, "args": args}
             }}}))
             .send()
             .await
@@ -130,6 +155,12 @@ impl Browser {
             json!({"script": script, "args": []}),
         )
         .await
+    }
+
+    /// The protocol the current page came over (`h2`, `http/1.1`), as the browser reports it.
+    pub async fn page_protocol(&self) -> Value {
+        self.eval("return performance.getEntriesByType('navigation')[0].nextHopProtocol")
+            .await
     }
 
     /// Polls `script` until it returns true.
