@@ -11,6 +11,8 @@
 #   PG_URL        Postgres server for rowcast, the baseline and `writes`
 #                 (default postgres://postgres@127.0.0.1:5432)
 #   ROWCAST_URL   measure an already running rowcast instead of starting one
+#   ROWCAST_BIN   rowcast binary to start (default ../target/release/rowcast; built if missing,
+#                 and the run warns — and says so in its note — if a source file is newer)
 #   NO_BASELINE=1 skip the Node.js baseline
 #   TAG           suffix for the result files
 set -euo pipefail
@@ -27,6 +29,17 @@ cargo build --release --locked --quiet
 # What server state was measured, without asking git: a digest of the server's sources.
 fingerprint="$(cd "$repo" && find src migrations sql Cargo.toml Cargo.lock -type f 2>/dev/null | sort | xargs sha256sum | sha256sum | cut -c1-12)"
 note="server source digest $fingerprint (sha256 of src/ migrations/ sql/ Cargo.toml Cargo.lock), $(date -u +%Y-%m-%dT%H:%MZ)"
+rowcast_bin="${ROWCAST_BIN:-$repo/target/release/rowcast}"
+if [[ "$scenario" != writes && -z "${ROWCAST_URL:-}" ]]; then
+  [[ -x "$rowcast_bin" ]] || (cd "$repo" && cargo build --release --quiet)
+  # The digest above names the sources, not the binary: say when they may differ.
+  newer="$(cd "$repo" && find src migrations sql Cargo.toml Cargo.lock -type f -newer "$rowcast_bin" 2>/dev/null | head -3 | tr '\n' ' ')"
+  note="$note; rowcast binary $rowcast_bin built $(date -u -r "$rowcast_bin" +%Y-%m-%dT%H:%MZ)"
+  if [[ -n "$newer" ]]; then
+    echo "run.sh: WARNING: sources newer than $rowcast_bin ($newer…): the binary may not match the digest" >&2
+    note="$note, OLDER than sources ($newer)"
+  fi
+fi
 out=(--out-dir "$here/results" --note "$note")
 [[ -n "${TAG:-}" ]] && out+=(--tag "$TAG")
 
@@ -48,9 +61,8 @@ targets=()
 if [[ -n "${ROWCAST_URL:-}" ]]; then
   targets+=(--target "rowcast=$ROWCAST_URL")
 else
-  [[ -x "$repo/target/release/rowcast" ]] || (cd "$repo" && cargo build --release --quiet)
   ensure_db rowcast_bench
-  DATABASE_URL="$pg/rowcast_bench" "$repo/target/release/rowcast" --listen 127.0.0.1:18080 \
+  DATABASE_URL="$pg/rowcast_bench" "$rowcast_bin" --listen 127.0.0.1:18080 \
     >"$here/results/rowcast-$scenario.log" 2>&1 &
   pids+=($!)
   wait_http http://127.0.0.1:18080

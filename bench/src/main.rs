@@ -74,7 +74,7 @@ enum Scenario {
     Conns(scenario::conns::ConnsArgs),
     /// connect + subscribe(1024) + unsubscribe + disconnect in a loop: ops/s, RSS drift.
     Churn(scenario::churn::ChurnArgs),
-    /// Postgres commits/s: no trigger vs bare pg_notify vs rowcast's trigger.
+    /// Postgres commits/s: no trigger vs bare pg_notify vs rowcast's earlier (unordered) and current trigger.
     Writes(scenario::writes::WritesArgs),
 }
 

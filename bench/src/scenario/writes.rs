@@ -1,20 +1,30 @@
 //! `writes`: the write-path cost of rowcast's change trigger as a ratio. In one run, on a
 //! scratch database created for the run (and dropped after), the same `UPDATE` load runs
-//! against the products table in three variants:
+//! against the products table in up to four variants:
 //!
-//! - `none`    — notify triggers disabled;
-//! - `bare`    — only a bare `pg_notify('bench_bare', <id>)` row trigger;
-//! - `rowcast` — rowcast's own trigger(s), from its migrations (`--migrations-dir`), or the
-//!   stand-in `sql/baseline_schema.sql` trigger when those are not there yet (the report
-//!   says which).
+//! - `none`      — notify triggers disabled;
+//! - `bare`      — only a bare `pg_notify('bench_bare', <id>)` row trigger;
+//! - `unordered` — rowcast's schema as it was after the migration named by
+//!   `--unordered-through` (default `0002`: the immediate `pg_notify` row trigger, no
+//!   advisory lock, no changelog): those migrations only, applied in a Postgres schema of
+//!   their own (`bench_unordered`, seeded alike), which the writers of these cells put on
+//!   their `search_path`. Later migrations that drop or replace what it uses cannot touch
+//!   it. Left out (and the report says so) when no migration has that prefix;
+//! - `rowcast`   — rowcast's own trigger(s) after all its migrations (`--migrations-dir`;
+//!   since 0003 the commit-ordered deferred trigger), or the stand-in
+//!   `sql/baseline_schema.sql` trigger when those are not there yet (the report says which).
 //!
 //! Each cell (variant × writer count) is W connections committing single-row UPDATEs for
-//! `--secs` after `--warmup-secs`; per writer count the three variants alternate for
+//! `--secs` after `--warmup-secs`; per writer count the variants alternate for
 //! `--repeats` rounds and the median is reported, so background load on a shared machine
-//! hits all three alike. A listener connection LISTENs on every notify
+//! hits all of them alike. A listener connection LISTENs on every notify
 //! channel, as rowcast's listener would, and notifications must equal commits (the
 //! correctness counter of this scenario). Only triggers whose function calls NOTIFY are
 //! switched; any other trigger of rowcast's schema stays on in all variants.
+//!
+//! Beside commits/s each cell reports the CPU of the writers' own backends per measured
+//! commit (`/proc/<backend pid>/stat`, local Postgres only): where the trigger body runs.
+//! The listener's backend and the WAL writer are not in it.
 
 use super::Outcome;
 use crate::svg::Series;
@@ -42,7 +52,7 @@ pub struct WritesArgs {
     /// Measured seconds per cell.
     #[arg(long, default_value_t = 3)]
     pub secs: u64,
-    /// Rounds over the three variants per writer count; the median commits/s is reported.
+    /// Rounds over the variants per writer count; the median commits/s is reported.
     /// Alternating short cells spreads background load over all variants alike.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -59,17 +69,60 @@ pub struct WritesArgs {
     /// (realistic), `off` isolates the CPU cost of the trigger.
     #[arg(long, default_value = "on")]
     pub synchronous_commit: String,
+    /// File-name prefix of the migration whose NOTIFY trigger(s) form the `unordered`
+    /// variant (applied up to and including it, copied, then the rest applied). Empty: no
+    /// `unordered` variant.
+    #[arg(long, default_value = "0002")]
+    pub unordered_through: String,
 }
 
 const BASELINE_SCHEMA: &str = include_str!("../../sql/baseline_schema.sql");
-const VARIANTS: [&str; 3] = ["none", "bare", "rowcast"];
+/// Postgres schema that holds rowcast's schema as of `--unordered-through`.
+const UNORDERED_SCHEMA: &str = "bench_unordered";
 
-struct Schema {
-    source: String,
+/// One seeded `products` table and how to load it.
+struct Table {
+    /// Qualified name (for VACUUM).
+    name: String,
+    /// `search_path` the writers set (None: the connection's default); the trigger bodies
+    /// resolve their unqualified names through it.
+    search_path: Option<String>,
     update_sql: String,
+    pk: String,
     ids: Vec<i64>,
     notify_triggers: Vec<String>,
     channels: Vec<String>,
+}
+
+struct Schema {
+    source: String,
+    /// All migrations: `none`, `bare` and `rowcast` run here.
+    main: Table,
+    /// Migrations up to `--unordered-through`, in schema `bench_unordered`.
+    unordered: Option<Table>,
+    /// Where the `unordered` table came from, or why there is none.
+    unordered_source: String,
+    channels: Vec<String>,
+    /// Settings of the Postgres server that decide commit cost.
+    server: serde_json::Value,
+}
+
+impl Schema {
+    fn variants(&self) -> Vec<&'static str> {
+        let mut v = vec!["none", "bare"];
+        if self.unordered.is_some() {
+            v.push("unordered");
+        }
+        v.push("rowcast");
+        v
+    }
+
+    fn table(&self, variant: &str) -> &Table {
+        match (variant, &self.unordered) {
+            ("unordered", Some(t)) => t,
+            _ => &self.main,
+        }
+    }
 }
 
 pub async fn run(args: &WritesArgs) -> anyhow::Result<Outcome> {
@@ -103,22 +156,35 @@ async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::R
     let client = connect(cfg).await?;
     let schema = prepare(&client, args).await?;
     let listener = Listener::start(cfg, &schema.channels).await?;
+    let variants = schema.variants();
+    out.summary.push(format!(
+        "variants: {} (rowcast = all migrations; unordered: {}); server: {}",
+        variants.join(", "),
+        schema.unordered_source,
+        schema.server
+    ));
     let mut cells = Vec::new();
-    let mut by_variant: Vec<Vec<(f64, f64)>> = vec![Vec::new(); VARIANTS.len()];
+    let mut by_variant: Vec<Vec<(f64, f64)>> = vec![Vec::new(); variants.len()];
     let mut ratios = Vec::new();
     for &w in &args.writers {
-        let w = w.clamp(1, schema.ids.len());
-        let mut rates: [Vec<f64>; 3] = Default::default();
-        for (rep, vi) in
-            (0..args.repeats.max(1)).flat_map(|r| (0..VARIANTS.len()).map(move |v| (r, v)))
+        let w = w.clamp(1, schema.main.ids.len());
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let n_variants = variants.len();
+        for (rep, vi) in (0..args.repeats.max(1)).flat_map(|r| (0..n_variants).map(move |v| (r, v)))
         {
-            let variant = &VARIANTS[vi];
+            let variant = &variants[vi];
             set_variant(&client, &schema, variant).await?;
-            client.batch_execute("VACUUM products").await?;
+            let table = schema.table(variant);
+            client
+                .batch_execute(&format!("VACUUM {}", table.name))
+                .await?;
             let before = listener.count.load(Ordering::Acquire);
             let machine = crate::procstat::MachineCpu::now();
             let pg0 = crate::procstat::cpu_of_comm("postgres");
-            let (commits, measured, secs, errors) = run_cell(cfg, &schema, w, args).await?;
+            let (commits, measured, secs, errors, backend_cpu) =
+                run_cell(cfg, table, w, args).await?;
+            // The writers' own backends over the measured window (None: Postgres not local).
+            let backend_us = backend_cpu.map(|c| c * 1e6 / measured.max(1) as f64);
             let busy = machine.busy_since(&crate::procstat::MachineCpu::now()) * 100.0;
             let pg_cpu = (crate::procstat::cpu_of_comm("postgres") - pg0).max(0.0);
             // Notifications are delivered after commit; give the listener a moment.
@@ -143,42 +209,64 @@ async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::R
                     .push(format!("{variant} × {w}: {errors} failed updates"));
             }
             out.summary.push(format!(
-                "{variant:>8} × {w:>2} writers (round {}): {rate:>8.0} commits/s ({commits} commits, {notes} notifications, postgres {:.0} µs CPU/commit, machine {busy:.0}% busy)",
+                "{variant:>9} × {w:>2} writers (round {}): {rate:>8.0} commits/s ({commits} commits, {notes} notifications, writer backends {} µs CPU/commit, machine {busy:.0}% busy)",
                 rep + 1,
-                pg_cpu * 1e6 / commits.max(1) as f64
+                backend_us.map_or("?".to_owned(), |u| format!("{u:.0}"))
             ));
             cells.push(json!({
                 "variant": variant, "writers": w, "round": rep + 1, "commits_per_s": rate, "measured_commits": measured,
                 "measured_s": secs, "total_commits": commits, "notifications": notes, "errors": errors,
                 "machine_busy_pct": busy, "postgres_cpu_s": pg_cpu,
                 "postgres_cpu_us_per_commit": pg_cpu * 1e6 / commits.max(1) as f64,
+                "writer_backends_cpu_s": backend_cpu,
+                "writer_backend_cpu_us_per_commit": backend_us,
             }));
         }
-        let tps = rates.clone().map(|mut v| median(&mut v));
+        let tps: Vec<f64> = rates.iter().map(|v| median(&mut v.clone())).collect();
         for (vi, t) in tps.iter().enumerate() {
             by_variant[vi].push((w as f64, *t));
         }
-        let r = json!({
+        let of = |name: &str| variants.iter().position(|v| *v == name).map(|i| tps[i]);
+        let (none, bare, rowcast) = (
+            of("none").unwrap_or(f64::NAN),
+            of("bare").unwrap_or(f64::NAN),
+            of("rowcast").unwrap_or(f64::NAN),
+        );
+        let unordered = of("unordered");
+        let medians: serde_json::Map<String, serde_json::Value> = variants
+            .iter()
+            .zip(&tps)
+            .map(|(v, t)| ((*v).to_owned(), json!(t)))
+            .collect();
+        let mut r = json!({
             "writers": w,
-            "median_commits_per_s": { "none": tps[0], "bare": tps[1], "rowcast": tps[2] },
-            "rowcast_vs_bare": tps[2] / tps[1],
-            "bare_vs_none": tps[1] / tps[0],
-            "rowcast_vs_none": tps[2] / tps[0],
+            "median_commits_per_s": medians,
+            "rowcast_vs_bare": rowcast / bare,
+            "bare_vs_none": bare / none,
+            "rowcast_vs_none": rowcast / none,
         });
-        out.summary.push(format!(
-            "           medians at {w}: none {:.0}, bare {:.0}, rowcast {:.0} commits/s; rowcast/bare {:.3}, bare/none {:.3}, rowcast/none {:.3}",
-            tps[0],
-            tps[1],
-            tps[2],
-            tps[2] / tps[1],
-            tps[1] / tps[0],
-            tps[2] / tps[0]
-        ));
+        let mut line = format!(
+            "           medians at {w}: none {none:.0}, bare {bare:.0}, {}rowcast {rowcast:.0} commits/s; rowcast/bare {:.3}, bare/none {:.3}, rowcast/none {:.3}",
+            unordered.map_or(String::new(), |u| format!("unordered {u:.0}, ")),
+            rowcast / bare,
+            bare / none,
+            rowcast / none
+        );
+        if let Some(u) = unordered {
+            r["rowcast_vs_unordered"] = json!(rowcast / u);
+            r["unordered_vs_bare"] = json!(u / bare);
+            line += &format!(
+                ", rowcast/unordered {:.3}, unordered/bare {:.3}",
+                rowcast / u,
+                u / bare
+            );
+        }
+        out.summary.push(line);
         ratios.push(r);
     }
     for (vi, points) in by_variant.into_iter().enumerate() {
         out.series.push(Series {
-            name: VARIANTS[vi].to_owned(),
+            name: variants[vi].to_owned(),
             points,
             dash: 0,
             group: vi,
@@ -186,11 +274,15 @@ async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::R
     }
     out.result = json!({
         "trigger_source": schema.source,
-        "update_sql": schema.update_sql,
-        "notify_triggers": schema.notify_triggers,
+        "update_sql": schema.main.update_sql,
+        "notify_triggers": schema.main.notify_triggers,
+        "variants": variants,
+        "unordered_triggers": schema.unordered.as_ref().map(|t| &t.notify_triggers),
+        "unordered_source": schema.unordered_source,
+        "server": schema.server,
         "channels": schema.channels,
         "synchronous_commit": args.synchronous_commit,
-        "rows": schema.ids.len(),
+        "rows": schema.main.ids.len(),
         "secs_per_cell": args.secs,
         "repeats": args.repeats,
         "cells": cells,
@@ -208,7 +300,8 @@ async fn connect(cfg: &Config) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// Applies rowcast's migrations (or the stand-in), seeds rows, and finds what to switch.
+/// Applies rowcast's migrations (or the stand-in), seeds rows, and finds what to switch;
+/// with `--unordered-through`, first builds the earlier schema in its own Postgres schema.
 async fn prepare(client: &Client, args: &WritesArgs) -> anyhow::Result<Schema> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&args.migrations_dir)
         .map(|d| {
@@ -222,6 +315,70 @@ async fn prepare(client: &Client, args: &WritesArgs) -> anyhow::Result<Schema> {
         })
         .unwrap_or_default();
     files.sort();
+    let file_name = |f: &PathBuf| {
+        f.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let list = |fs: &[PathBuf]| fs.iter().map(file_name).collect::<Vec<_>>().join(", ");
+
+    // The `unordered` variant: migrations up to and including `--unordered-through`, in a
+    // schema of their own, so that later migrations (which drop or replace what it uses)
+    // cannot touch it. Its NOTIFY triggers stay on: only `unordered` cells write its table.
+    let split = if args.unordered_through.is_empty() {
+        None
+    } else {
+        files
+            .iter()
+            .rposition(|f| file_name(f).starts_with(&args.unordered_through))
+            .map(|i| i + 1)
+    };
+    let mut unordered = None;
+    let unordered_source = match split {
+        None if args.unordered_through.is_empty() => {
+            "not measured (--unordered-through is empty)".to_owned()
+        }
+        None => format!(
+            "not measured (no migration named {}* in {})",
+            args.unordered_through,
+            args.migrations_dir.display()
+        ),
+        Some(k) if k == files.len() => format!(
+            "not measured ({} is the last migration: unordered would equal rowcast)",
+            list(&files[k - 1..])
+        ),
+        Some(k) => {
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA {UNORDERED_SCHEMA}; SET search_path = {UNORDERED_SCHEMA}"
+                ))
+                .await?;
+            apply(client, &files[..k]).await?;
+            let mut t = inspect_and_seed(client, args, Some(UNORDERED_SCHEMA))
+                .await
+                .with_context(|| {
+                    format!("prepare the unordered variant ({})", list(&files[..k]))
+                })?;
+            for tg in &t.notify_triggers {
+                client
+                    .batch_execute(&format!("ALTER TABLE products ENABLE TRIGGER {tg}"))
+                    .await?;
+            }
+            client.batch_execute("RESET search_path").await?;
+            t.notify_triggers = t
+                .notify_triggers
+                .iter()
+                .map(|tg| format!("{UNORDERED_SCHEMA}.{tg}"))
+                .collect();
+            unordered = Some(t);
+            format!(
+                "rowcast migrations {} only, in schema {UNORDERED_SCHEMA}",
+                list(&files[..k])
+            )
+        }
+    };
+
     let source = if files.is_empty() {
         client
             .batch_execute(BASELINE_SCHEMA)
@@ -232,14 +389,7 @@ async fn prepare(client: &Client, args: &WritesArgs) -> anyhow::Result<Schema> {
             args.migrations_dir.display()
         )
     } else {
-        for f in &files {
-            let sql =
-                std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
-            client
-                .batch_execute(&sql)
-                .await
-                .with_context(|| format!("apply {}", f.display()))?;
-        }
+        apply(client, &files).await?;
         format!(
             "rowcast migrations: {}",
             files
@@ -249,7 +399,72 @@ async fn prepare(client: &Client, args: &WritesArgs) -> anyhow::Result<Schema> {
                 .join(", ")
         )
     };
+    let main = inspect_and_seed(client, args, None)
+        .await
+        .with_context(|| format!("prepare {source}"))?;
+    let pk = &main.pk;
+    client
+        .batch_execute(&format!(
+            "CREATE OR REPLACE FUNCTION bench_bare_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_notify('bench_bare', (CASE WHEN TG_OP = 'DELETE' THEN OLD.{pk} ELSE NEW.{pk} END)::text); RETURN NULL; END $$; \
+             CREATE TRIGGER bench_bare_notify AFTER INSERT OR UPDATE OR DELETE ON products FOR EACH ROW EXECUTE FUNCTION bench_bare_notify(); \
+             ALTER TABLE products DISABLE TRIGGER bench_bare_notify; ANALYZE products;"
+        ))
+        .await?;
+    let mut channels: Vec<String> = main
+        .channels
+        .iter()
+        .chain(unordered.iter().flat_map(|t: &Table| &t.channels))
+        .cloned()
+        .collect();
+    channels.push("bench_bare".into());
+    channels.sort();
+    channels.dedup();
 
+    let settings = client
+        .query(
+            "SELECT name, setting FROM pg_settings WHERE name IN \
+             ('server_version', 'fsync', 'wal_sync_method', 'full_page_writes', 'wal_level', 'commit_delay', 'shared_buffers', 'data_directory') \
+             ORDER BY name",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    let server = serde_json::Value::Object(
+        settings
+            .iter()
+            .map(|r| (r.get::<_, String>(0), json!(r.get::<_, String>(1))))
+            .collect(),
+    );
+    Ok(Schema {
+        source,
+        main,
+        unordered,
+        unordered_source,
+        channels,
+        server,
+    })
+}
+
+/// Applies migration files in order.
+async fn apply(client: &Client, files: &[PathBuf]) -> anyhow::Result<()> {
+    for f in files {
+        let sql = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+        client
+            .batch_execute(&sql)
+            .await
+            .with_context(|| format!("apply {}", f.display()))?;
+    }
+    Ok(())
+}
+
+/// Finds the `products` table of the current `search_path`, its NOTIFY triggers (left
+/// disabled) and an integer column to bump, and seeds `--rows` rows.
+async fn inspect_and_seed(
+    client: &Client,
+    args: &WritesArgs,
+    schema: Option<&str>,
+) -> anyhow::Result<Table> {
     let pk: String = client
         .query_one(
             "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
@@ -297,21 +512,19 @@ async fn prepare(client: &Client, args: &WritesArgs) -> anyhow::Result<Schema> {
     let notify_rows = client
         .query(
             "SELECT t.tgname::text, p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
-             WHERE t.tgrelid = 'products'::regclass AND NOT t.tgisinternal AND p.prosrc ILIKE '%notify%'",
+             WHERE t.tgrelid = 'products'::regclass AND NOT t.tgisinternal AND p.prosrc ILIKE '%notify%' \
+               AND t.tgname NOT LIKE 'bench\\_%'",
             &[],
         )
         .await?;
     if notify_rows.is_empty() {
-        bail!("no NOTIFY trigger on products in {source}");
+        bail!("no NOTIFY trigger on products");
     }
     let notify_triggers: Vec<String> = notify_rows.iter().map(|r| r.get(0)).collect();
-    let mut channels: Vec<String> = notify_rows
+    let channels: Vec<String> = notify_rows
         .iter()
         .flat_map(|r| notify_channels(r.get(1)))
         .collect();
-    channels.push("bench_bare".into());
-    channels.sort();
-    channels.dedup();
 
     // Seed with the notify triggers off: the setup is not what we measure.
     for t in &notify_triggers {
@@ -321,7 +534,7 @@ async fn prepare(client: &Client, args: &WritesArgs) -> anyhow::Result<Schema> {
     }
     client
         .batch_execute(&format!(
-            "INSERT INTO products ({}) SELECT {} FROM generate_series(1, {})",
+            "INSERT INTO products ({}) SELECT {} FROM generate_series(1, {}); ANALYZE products;",
             names.join(", "),
             values.join(", "),
             args.rows
@@ -336,17 +549,11 @@ async fn prepare(client: &Client, args: &WritesArgs) -> anyhow::Result<Schema> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    client
-        .batch_execute(&format!(
-            "CREATE OR REPLACE FUNCTION bench_bare_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN PERFORM pg_notify('bench_bare', (CASE WHEN TG_OP = 'DELETE' THEN OLD.{pk} ELSE NEW.{pk} END)::text); RETURN NULL; END $$; \
-             CREATE TRIGGER bench_bare_notify AFTER INSERT OR UPDATE OR DELETE ON products FOR EACH ROW EXECUTE FUNCTION bench_bare_notify(); \
-             ALTER TABLE products DISABLE TRIGGER bench_bare_notify; ANALYZE products;"
-        ))
-        .await?;
-    Ok(Schema {
-        source,
+    Ok(Table {
+        name: schema.map_or("products".to_owned(), |s| format!("{s}.products")),
+        search_path: schema.map(str::to_owned),
         update_sql: format!("UPDATE products SET {bump} = {bump} + 1 WHERE {pk} = $1::bigint"),
+        pk,
         ids,
         notify_triggers,
         channels,
@@ -382,34 +589,31 @@ fn notify_channels(src: &str) -> Vec<String> {
 }
 
 async fn set_variant(client: &Client, schema: &Schema, variant: &str) -> anyhow::Result<()> {
-    let (rowcast_on, bare_on) = match variant {
-        "none" => (false, false),
-        "bare" => (false, true),
-        _ => (true, false),
-    };
+    let on_off = |on: bool| if on { "ENABLE" } else { "DISABLE" };
+    let (rowcast_on, bare_on) = (variant == "rowcast", variant == "bare");
     let mut sql = String::new();
-    for t in &schema.notify_triggers {
-        sql += &format!(
-            "ALTER TABLE products {} TRIGGER {t};",
-            if rowcast_on { "ENABLE" } else { "DISABLE" }
-        );
+    // The `unordered` table's triggers stay on; only `unordered` cells write that table.
+    for t in &schema.main.notify_triggers {
+        sql += &format!("ALTER TABLE products {} TRIGGER {t};", on_off(rowcast_on));
     }
     sql += &format!(
         "ALTER TABLE products {} TRIGGER bench_bare_notify;",
-        if bare_on { "ENABLE" } else { "DISABLE" }
+        on_off(bare_on)
     );
     client.batch_execute(&sql).await?;
     Ok(())
 }
 
 /// Runs one cell; returns (all commits, commits in the measured window, window seconds,
-/// errors).
+/// errors, CPU seconds of the writers' backends in the measured window — `None` when the
+/// backends are not processes on this machine).
 async fn run_cell(
     cfg: &Config,
-    schema: &Schema,
+    table: &Table,
     writers: usize,
     args: &WritesArgs,
-) -> anyhow::Result<(u64, u64, f64, u64)> {
+) -> anyhow::Result<(u64, u64, f64, u64, Option<f64>)> {
+    let mut backend_pids = Vec::new();
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let measured = Arc::new(AtomicU64::new(0));
@@ -418,12 +622,21 @@ async fn run_cell(
         let client = connect(cfg).await?;
         client
             .batch_execute(&format!(
-                "SET synchronous_commit = {}",
-                args.synchronous_commit
+                "SET synchronous_commit = {};{}",
+                args.synchronous_commit,
+                table
+                    .search_path
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" SET search_path = {p};"))
             ))
             .await?;
-        let stmt = client.prepare(&schema.update_sql).await?;
-        let mine: Vec<i64> = schema
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
+        backend_pids.push(pid as u32);
+        let stmt = client.prepare(&table.update_sql).await?;
+        let mine: Vec<i64> = table
             .ids
             .iter()
             .skip(wi)
@@ -453,11 +666,26 @@ async fn run_cell(
     let pb = crate::progress::timed(args.warmup_secs + args.secs, format!("writes × {writers}"));
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
     pb.set_position(args.warmup_secs);
+    // Summed utime+stime of the writers' backends; None if any is not visible in /proc.
+    let backends_cpu = || -> Option<f64> {
+        backend_pids
+            .iter()
+            .map(|&p| {
+                // A pid from a Postgres in another pid namespace may name some other process.
+                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
+                (comm.trim() == "postgres")
+                    .then(|| crate::procstat::sample(p).map(|s| s.cpu_s))
+                    .flatten()
+            })
+            .sum()
+    };
+    let cpu0 = backends_cpu();
     measuring.store(true, Ordering::Release);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
     measuring.store(false, Ordering::Release);
     let secs = t0.elapsed().as_secs_f64();
+    let cpu1 = backends_cpu();
     stop.store(true, Ordering::Release);
     pb.finish_and_clear();
     let (mut commits, mut errors) = (0, 0);
@@ -466,7 +694,14 @@ async fn run_cell(
         commits += c;
         errors += e;
     }
-    Ok((commits, measured.load(Ordering::Acquire), secs, errors))
+    let backend_cpu = cpu0.zip(cpu1).map(|(a, b)| (b - a).max(0.0));
+    Ok((
+        commits,
+        measured.load(Ordering::Acquire),
+        secs,
+        errors,
+        backend_cpu,
+    ))
 }
 
 /// A connection that LISTENs on the notify channels and counts what arrives.
