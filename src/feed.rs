@@ -64,7 +64,7 @@ impl Feed {
             pending: VecDeque::new(),
             replay: None,
             floors: HashMap::new(),
-            received: Vec::with_capacity(BATCH),
+            received: Vec::new(),
             metrics,
         }
     }

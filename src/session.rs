@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::config::{Heartbeat, Limits};
 use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
-use crate::feed::{self, Feed, Outgoing};
+use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{self, ClientCommand, close_code, error_code};
 use crate::shutdown::Shutdown;
@@ -218,7 +218,8 @@ impl Writer {
         let pong = tokio::time::sleep(self.heartbeat.timeout);
         tokio::pin!(ping, pong);
         let mut awaiting_pong = false;
-        let mut messages = Vec::with_capacity(feed::BATCH);
+        // Grown on first use, not up front: most sessions sit idle most of the time.
+        let mut messages = Vec::new();
         loop {
             // Work the feed already holds (a replay in pages, a long batch) goes first; shutdown
             // and eviction are checked between pages.
