@@ -91,9 +91,15 @@ impl Feed {
     /// messages expand to (up to a batch, stopping where a replay begins).
     pub async fn fill(&mut self, out: &mut Vec<Outgoing>) -> Result<(), ChangelogError> {
         if let Some(replay) = &mut self.replay {
-            let page =
-                changelog::for_products(&self.pool, &replay.products, replay.after, replay.upto)
-                    .await?;
+            // Boxed, like `begin`: a database query's future is large, and held inline it would
+            // sit in every idle session's task.
+            let page = Box::pin(changelog::for_products(
+                &self.pool,
+                &replay.products,
+                replay.after,
+                replay.upto,
+            ))
+            .await?;
             for change in &page {
                 out.push(Outgoing {
                     text: protocol::encode_change(change).into(),
@@ -146,7 +152,14 @@ impl Feed {
             } => {
                 // The WebSocket session's span declares this field; elsewhere it is a no-op.
                 tracing::Span::current().record("subscriptions", total);
-                self.begin(products, position, start, out).await?;
+                if start == SubscriptionStart::Live {
+                    self.metrics.subscription_started(StartKind::Live);
+                    out.push(message(protocol::encode_ack(&products, Some(position))));
+                } else {
+                    // Resumes and snapshots read the database: boxed so that their futures do
+                    // not enlarge every session (see `fill`).
+                    Box::pin(self.begin(products, position, start, out)).await?;
+                }
             }
             Delivery::Unsubscribed { products, total } => {
                 tracing::Span::current().record("subscriptions", total);
@@ -167,7 +180,7 @@ impl Feed {
         Ok(())
     }
 
-    /// Starts a subscription's stream after the client's position.
+    /// Starts a resumed or snapshot subscription's stream after the client's position.
     async fn begin(
         &mut self,
         products: Vec<ProductId>,
@@ -176,11 +189,7 @@ impl Feed {
         out: &mut Vec<Outgoing>,
     ) -> Result<(), ChangelogError> {
         let from = match start {
-            SubscriptionStart::Live => {
-                self.metrics.subscription_started(StartKind::Live);
-                out.push(message(protocol::encode_ack(&products, Some(position))));
-                return Ok(());
-            }
+            SubscriptionStart::Live => position,
             SubscriptionStart::Since(since) => {
                 let pruned_through = changelog::pruned_through(&self.pool).await?;
                 if since < pruned_through {

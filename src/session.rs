@@ -1,6 +1,12 @@
-//! One WebSocket session: the upgrade handler, a reader that turns client frames into
-//! distributor commands, and the writer, the sole owner of the socket's sending half, which
-//! writes outbox messages, error replies, pings and the final close frame.
+//! One WebSocket session: the upgrade handler and one loop that owns the socket, reading client
+//! frames (commands go to the distributor, bad ones get an error reply) and writing outbox
+//! messages, pings and the final close frame.
+//!
+//! One task with one loop, not a reader and a writer joined by a channel: an idle session is
+//! then just this future, its socket and its outbox (the channel and the split socket's shared
+//! lock cost ~2 KB per connection; see BENCHMARKS.md). While it writes it does not read; every
+//! write is bounded by the heartbeat window, and a client that floods commands without reading
+//! our replies is simply not read from until it does (backpressure).
 //!
 //! The session registers with the distributor on start and sends `disconnect` exactly once on
 //! exit (a drop guard covers panics and cancellation). It ends on: client close, heartbeat
@@ -19,9 +25,7 @@ use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use futures_util::SinkExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -33,10 +37,7 @@ use crate::metrics::{Metrics, Transport};
 use crate::protocol::{self, ClientCommand, close_code, error_code};
 use crate::shutdown::Shutdown;
 
-/// Reader → writer messages in flight. Small: if the client floods bad frames without reading
-/// our replies, the reader waits, which stops reading from that client (backpressure).
-const CONTROL_CAPACITY: usize = 16;
-/// How long the writer tries to deliver a close frame to a peer that may not be reading.
+/// How long the session tries to deliver a close frame to a peer that may not be reading.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the upgrade handler needs; cloned per connection.
@@ -74,9 +75,11 @@ pub async fn upgrade(
         })
 }
 
-/// Reader → writer events.
+/// What a client frame asks of the session.
 #[derive(Debug)]
-enum Control {
+enum Reply {
+    /// Nothing to answer (a command went to the distributor, a pong, a ping tungstenite answers).
+    None,
     /// Tell the client its frame could not be used.
     Error(&'static str, String),
     /// The client answered a ping.
@@ -87,101 +90,57 @@ enum Control {
     PeerGone,
 }
 
-async fn run(mut socket: WebSocket, state: SessionState, peer: Option<SocketAddr>) {
-    let Ok(registration) = state.distributor.register().await else {
-        let _ = socket
-            .send(close(close_code::INTERNAL, "server is stopping"))
-            .await;
-        return;
+/// The session's whole life. A plain function returning one `async move` block, and
+/// everything big owned by that block and only borrowed below it: an `async fn` keeps a second
+/// copy of each by-value argument, and each by-value hand-over to a nested future a third, which
+/// had made every idle session's task 4.2 KB (BENCHMARKS.md, "Idle connection memory").
+fn run(
+    socket: WebSocket,
+    state: SessionState,
+    peer: Option<SocketAddr>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let SessionState {
+        distributor,
+        heartbeat,
+        shutdown,
+        pool,
+        metrics,
+        limits: _,
+    } = state;
+    let mut session = Session {
+        socket,
+        distributor,
+        heartbeat,
+        shutdown,
+        metrics,
     };
-    let id = registration.id;
-    let guard = SessionGuard::new(state.distributor.clone(), id);
-    async {
-        tracing::debug!("session started");
-        let (sink, stream) = socket.split();
-        let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
-        let writer = Writer {
-            sink,
-            heartbeat: state.heartbeat,
-            shutdown: state.shutdown.clone(),
-            metrics: state.metrics.clone(),
+    async move {
+        let Ok(registration) = session.distributor.register().await else {
+            session
+                .close(close_code::INTERNAL, "server is stopping")
+                .await;
+            return;
         };
+        let id = registration.id;
+        let guard = SessionGuard::new(session.distributor.clone(), id);
+        let mut feed = Feed::new(registration.outbox, pool, session.metrics.clone());
         let evicted = registration.evicted;
-        let feed = Feed::new(
-            registration.outbox,
-            state.pool.clone(),
-            state.metrics.clone(),
+        // The peer address, never the request's query: tickets travel there.
+        let span = tracing::info_span!(
+            "session",
+            session_id = %id,
+            peer = peer.map(tracing::field::display),
+            subscriptions = 0_usize,
         );
-        // The writer decides when the session ends; the reader only reports to it.
-        tokio::select! {
-            biased;
-            reason = writer.run(feed, evicted, control_rx) => {
-                tracing::debug!(reason, "session ended");
-            }
-            () = read(stream, id, &state.distributor, control) => {}
+        async {
+            tracing::debug!("session started");
+            let reason = session.serve(id, &mut feed, &evicted).await;
+            tracing::debug!(reason, "session ended");
         }
+        .instrument(span)
+        .await;
+        guard.disconnect().await;
     }
-    // The peer address, never the request's query: tickets travel there.
-    .instrument(tracing::info_span!(
-        "session",
-        session_id = %id,
-        peer = peer.map(tracing::field::display),
-        subscriptions = 0_usize,
-    ))
-    .await;
-    guard.disconnect().await;
-}
-
-/// Reads client frames until the peer is gone, then waits to be dropped by the writer.
-async fn read(
-    mut stream: SplitStream<WebSocket>,
-    id: SessionId,
-    distributor: &DistributorHandle<Utf8Bytes>,
-    control: mpsc::Sender<Control>,
-) {
-    while let Some(message) = stream.next().await {
-        let event = match message {
-            Ok(Message::Text(text)) => match ClientCommand::parse(text.as_str()) {
-                Ok(command) => {
-                    let sent = match command {
-                        ClientCommand::Subscribe(products, start) => {
-                            distributor.subscribe(id, products, start).await
-                        }
-                        ClientCommand::Unsubscribe(products) => {
-                            distributor.unsubscribe(id, products).await
-                        }
-                    };
-                    if sent.is_err() {
-                        Some(Control::Close(close_code::INTERNAL, "server is stopping"))
-                    } else {
-                        None
-                    }
-                }
-                Err(err) => Some(Control::Error(err.code, err.message)),
-            },
-            Ok(Message::Binary(_)) => Some(Control::Error(
-                error_code::BINARY_FRAME,
-                "binary frames are not supported; send commands as JSON text frames".to_owned(),
-            )),
-            Ok(Message::Pong(_)) => Some(Control::Pong),
-            // tungstenite answers pings by itself.
-            Ok(Message::Ping(_)) => None,
-            Ok(Message::Close(_)) => break,
-            Err(err) if is_too_big(&err) => Some(Control::Close(
-                close_code::TOO_BIG,
-                "message larger than the server accepts",
-            )),
-            Err(_) => break,
-        };
-        if let Some(event) = event {
-            let closing = matches!(event, Control::Close(..));
-            if control.send(event).await.is_err() || closing {
-                break;
-            }
-        }
-    }
-    let _ = control.send(Control::PeerGone).await;
-    std::future::pending::<()>().await;
 }
 
 fn is_too_big(err: &axum::Error) -> bool {
@@ -197,27 +156,27 @@ fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
-struct Writer {
-    sink: SplitSink<WebSocket, Message>,
+struct Session {
+    socket: WebSocket,
+    distributor: DistributorHandle<Utf8Bytes>,
     heartbeat: Heartbeat,
     shutdown: Shutdown,
     metrics: Metrics,
 }
 
-impl Writer {
-    /// Writes until the session must end; returns why, for the log.
-    async fn run(
-        mut self,
-        mut feed: Feed,
-        evicted: CancellationToken,
-        mut control: mpsc::Receiver<Control>,
+impl Session {
+    /// Reads and writes until the session must end; returns why, for the log.
+    async fn serve(
+        &mut self,
+        id: SessionId,
+        feed: &mut Feed,
+        evicted: &CancellationToken,
     ) -> &'static str {
-        // Two timers for the session's life, reset instead of re-created per loop turn: the
-        // next ping, and (armed while a ping is unanswered) the pong deadline.
-        let ping = tokio::time::sleep(self.heartbeat.interval);
-        let pong = tokio::time::sleep(self.heartbeat.timeout);
-        tokio::pin!(ping, pong);
-        let mut awaiting_pong = false;
+        // One timer for the session's life, reset instead of re-created: the next ping while
+        // the peer is answering, the pong deadline while a ping is unanswered.
+        let heartbeat = tokio::time::sleep(self.heartbeat.interval);
+        tokio::pin!(heartbeat);
+        let mut ping_sent: Option<Instant> = None;
         // Grown on first use, not up front: most sessions sit idle most of the time.
         let mut messages = Vec::new();
         loop {
@@ -228,10 +187,7 @@ impl Writer {
                     // Closing: the select below sends the close frame; the rest is not written.
                     feed.discard();
                 } else {
-                    if let Err(reason) = self
-                        .write_from_feed(&mut feed, &mut messages, &evicted)
-                        .await
-                    {
+                    if let Err(reason) = self.write_from_feed(feed, &mut messages, evicted).await {
                         return reason;
                     }
                     continue;
@@ -247,20 +203,25 @@ impl Writer {
                     self.close(close_code::TRY_AGAIN_LATER, "too slow: message queue overflowed").await;
                     return "evicted";
                 }
-                event = control.recv() => match event {
-                    Some(Control::Error(code, message)) => {
-                        self.sink.send(Message::Text(protocol::encode_error(code, &message).into())).await
+                // Before the heartbeat: a pong that arrived during a long write still counts.
+                frame = self.socket.recv() => match self.answer(id, frame).await {
+                    Reply::None => Ok(()),
+                    Reply::Error(code, message) => {
+                        let text = protocol::encode_error(code, &message);
+                        self.send_within_window(Message::Text(text.into())).await
                     }
-                    Some(Control::Pong) => {
-                        awaiting_pong = false;
+                    Reply::Pong => {
+                        if let Some(sent) = ping_sent.take() {
+                            heartbeat.as_mut().reset(sent + self.heartbeat.interval);
+                        }
                         Ok(())
                     }
-                    Some(Control::Close(code, reason)) => {
+                    Reply::Close(code, reason) => {
                         self.close(code, reason).await;
                         return reason;
                     }
-                    Some(Control::PeerGone) | None => {
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.close()).await;
+                    Reply::PeerGone => {
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close()).await;
                         return "peer closed";
                     }
                 },
@@ -271,22 +232,74 @@ impl Writer {
                     }
                     Ok(())
                 },
-                () = &mut pong, if awaiting_pong => {
-                    self.close(close_code::POLICY, "no pong within the heartbeat timeout").await;
-                    return "heartbeat timeout";
-                }
-                () = &mut ping => {
-                    ping.as_mut().reset(Instant::now() + self.heartbeat.interval);
-                    if !awaiting_pong {
-                        awaiting_pong = true;
-                        pong.as_mut().reset(Instant::now() + self.heartbeat.timeout);
+                () = &mut heartbeat => {
+                    if ping_sent.is_some() {
+                        self.close(close_code::POLICY, "no pong within the heartbeat timeout").await;
+                        return "heartbeat timeout";
                     }
-                    self.sink.send(Message::Ping(bytes::Bytes::new())).await
+                    let now = Instant::now();
+                    ping_sent = Some(now);
+                    heartbeat.as_mut().reset(now + self.heartbeat.timeout);
+                    self.send_within_window(Message::Ping(bytes::Bytes::new())).await
                 }
             };
             if step.is_err() {
                 return "write failed";
             }
+        }
+    }
+
+    /// Handles one client frame (or the end of the stream).
+    async fn answer(
+        &mut self,
+        id: SessionId,
+        frame: Option<Result<Message, axum::Error>>,
+    ) -> Reply {
+        match frame {
+            Some(Ok(Message::Text(text))) => match ClientCommand::parse(text.as_str()) {
+                Ok(command) => {
+                    let sent = match command {
+                        ClientCommand::Subscribe(products, start) => {
+                            self.distributor.subscribe(id, products, start).await
+                        }
+                        ClientCommand::Unsubscribe(products) => {
+                            self.distributor.unsubscribe(id, products).await
+                        }
+                    };
+                    match sent {
+                        Ok(()) => Reply::None,
+                        Err(_) => Reply::Close(close_code::INTERNAL, "server is stopping"),
+                    }
+                }
+                Err(err) => Reply::Error(err.code, err.message),
+            },
+            Some(Ok(Message::Binary(_))) => Reply::Error(
+                error_code::BINARY_FRAME,
+                "binary frames are not supported; send commands as JSON text frames".to_owned(),
+            ),
+            Some(Ok(Message::Pong(_))) => Reply::Pong,
+            // tungstenite answers pings by itself.
+            Some(Ok(Message::Ping(_))) => Reply::None,
+            Some(Ok(Message::Close(_))) | None => Reply::PeerGone,
+            Some(Err(err)) if is_too_big(&err) => Reply::Close(
+                close_code::TOO_BIG,
+                "message larger than the server accepts",
+            ),
+            Some(Err(_)) => Reply::PeerGone,
+        }
+    }
+
+    /// How long any write may take: a peer that stops reading cannot hold the session.
+    fn write_window(&self) -> Duration {
+        self.heartbeat.interval + self.heartbeat.timeout
+    }
+
+    async fn send_within_window(&mut self, message: Message) -> Result<(), axum::Error> {
+        match tokio::time::timeout(self.write_window(), self.socket.send(message)).await {
+            Ok(result) => result,
+            Err(_) => Err(axum::Error::new(
+                "peer did not accept data within the heartbeat window",
+            )),
         }
     }
 
@@ -308,11 +321,11 @@ impl Writer {
             .await;
             return Err("changelog read failed");
         }
-        let window = self.heartbeat.interval + self.heartbeat.timeout;
+        let window = self.write_window();
         let count = messages.len();
         let bytes = messages.iter().map(|outgoing| outgoing.text.len()).sum();
         let shutdown = &self.shutdown;
-        let sink = &mut self.sink;
+        let sink = &mut self.socket;
         let write = async {
             for outgoing in messages.drain(..) {
                 sink.feed(Message::Text(outgoing.text)).await?;
@@ -335,8 +348,8 @@ impl Writer {
 
     async fn close(&mut self, code: u16, reason: &'static str) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            self.sink.send(close(code, reason)).await?;
-            self.sink.close().await
+            self.socket.send(close(code, reason)).await?;
+            self.socket.close().await
         })
         .await;
     }
