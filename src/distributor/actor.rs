@@ -19,15 +19,6 @@ struct SessionSink<F> {
     evicted: CancellationToken,
 }
 
-impl<F> Clone for SessionSink<F> {
-    fn clone(&self) -> Self {
-        Self {
-            outbox: self.outbox.clone(),
-            evicted: self.evicted.clone(),
-        }
-    }
-}
-
 struct Distributor<F> {
     subscriptions: Subscriptions<SessionSink<F>>,
     limits: Limits,

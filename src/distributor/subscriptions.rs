@@ -1,14 +1,17 @@
 //! The two subscription maps and the only functions that change them. Pure data: no channels,
 //! no I/O, so every invariant is checked by plain unit tests.
 //!
-//! `by_product` maps a product to the sinks of the sessions subscribed to it (the fan-out path
-//! iterates it without a second lookup); `by_session` maps a session to its sink and its
-//! products, so removing a session costs O(its subscriptions), never a scan of all products.
+//! Sessions live in a slab; `by_session` maps a session's id to its slot, and `by_product` maps
+//! a product to the slots of its subscribers (a plain `Vec<u32>` the fan-out iterates, with a
+//! position index once the set grows large), so a subscription costs a few words and no clone
+//! of the session's sink (cloning it meant two atomic reference counts and a mutex per
+//! subscription). Removing a session costs O(its subscriptions), never a scan of all products.
 //! Empty sets are removed, and the subscription count is kept incrementally.
 
 use std::collections::{HashMap as StdHashMap, HashSet as StdHashSet};
 
 use foldhash::fast::RandomState;
+use slab::Slab;
 
 // foldhash: several times faster than SipHash on integer keys (profiles of subscribe churn
 // spent a third of their time hashing), and still seeded per map, so ids chosen by clients
@@ -39,38 +42,98 @@ pub struct OverLimit {
     pub limit: usize,
 }
 
+/// A session's place in the slab. `u32`: the process cannot hold 4 billion sockets.
+type Slot = u32;
+
 #[derive(Debug)]
 struct SessionEntry<S> {
+    id: SessionId,
     sink: S,
     products: HashSet<ProductId>,
 }
 
+/// Sets up to this size are searched linearly on removal; larger ones keep a position index.
+/// Most products have a handful of subscribers; a product with thousands (a fan-out) must
+/// still lose one in O(1) when a session leaves. Scanning 128 slots (512 bytes) costs about
+/// what the index's own insert and remove cost, so below that the index only adds work.
+const LINEAR_SUBSCRIBERS: usize = 128;
+
+/// The subscribers of one product, in no particular order.
+#[derive(Debug, Default)]
+struct Subscribers {
+    slots: Vec<Slot>,
+    /// slot → index in `slots`, kept only while the set is large.
+    positions: Option<Box<HashMap<Slot, u32>>>,
+}
+
+impl Subscribers {
+    fn insert(&mut self, slot: Slot) {
+        if let Some(positions) = &mut self.positions {
+            positions.insert(slot, self.slots.len() as u32);
+        }
+        self.slots.push(slot);
+        if self.positions.is_none() && self.slots.len() > LINEAR_SUBSCRIBERS {
+            let mut positions =
+                HashMap::with_capacity_and_hasher(self.slots.len() * 2, RandomState::default());
+            positions.extend(self.slots.iter().enumerate().map(|(i, &s)| (s, i as u32)));
+            self.positions = Some(Box::new(positions));
+        }
+    }
+
+    fn remove(&mut self, slot: Slot) {
+        let index = match &mut self.positions {
+            Some(positions) => positions.remove(&slot).map(|i| i as usize),
+            None => self.slots.iter().position(|&s| s == slot),
+        };
+        let Some(index) = index else { return };
+        self.slots.swap_remove(index);
+        if let (Some(positions), Some(&moved)) = (&mut self.positions, self.slots.get(index)) {
+            positions.insert(moved, index as u32);
+        }
+        if self.slots.len() <= LINEAR_SUBSCRIBERS / 2 {
+            self.positions = None;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+}
+
 /// Who is subscribed to what. `S` is what a change is handed to (an outbox sender in the
-/// actor; anything cloneable in tests).
+/// actor; anything in tests).
 #[derive(Debug)]
 pub(crate) struct Subscriptions<S> {
-    by_product: HashMap<ProductId, HashMap<SessionId, S>>,
-    by_session: HashMap<SessionId, SessionEntry<S>>,
+    sessions: Slab<SessionEntry<S>>,
+    by_session: HashMap<SessionId, Slot>,
+    by_product: HashMap<ProductId, Subscribers>,
     subscription_count: usize,
 }
 
 impl<S> Default for Subscriptions<S> {
     fn default() -> Self {
         Self {
-            by_product: HashMap::default(),
+            sessions: Slab::new(),
             by_session: HashMap::default(),
+            by_product: HashMap::default(),
             subscription_count: 0,
         }
     }
 }
 
-impl<S: Clone> Subscriptions<S> {
+impl<S> Subscriptions<S> {
     /// Adds a session with no subscriptions. Re-adding an id replaces nothing.
     pub(crate) fn add_session(&mut self, id: SessionId, sink: S) {
-        self.by_session.entry(id).or_insert(SessionEntry {
+        if self.by_session.contains_key(&id) {
+            return;
+        }
+        let slot = self.sessions.insert(SessionEntry {
+            id,
             sink,
             products: HashSet::default(),
         });
+        let slot = Slot::try_from(slot).expect("fewer than 2^32 sessions: each holds a socket");
+        self.by_session.insert(id, slot);
     }
 
     /// Subscribes `id` to `products`, all or nothing: if the new ids would take the session past
@@ -81,28 +144,32 @@ impl<S: Clone> Subscriptions<S> {
         products: &[ProductId],
         limit: usize,
     ) -> Result<usize, OverLimit> {
-        let Some(entry) = self.by_session.get_mut(&id) else {
+        let Some(&slot) = self.by_session.get(&id) else {
             return Ok(0);
         };
-        let new: Vec<ProductId> = products
-            .iter()
-            .copied()
-            .filter(|product| !entry.products.contains(product))
-            .collect();
+        let entry = &mut self.sessions[slot as usize];
         let current = entry.products.len();
+        // Insert first and roll back if over the cap: one hash per id on the common path.
+        entry.products.reserve(products.len());
+        let mut new = Vec::with_capacity(products.len());
+        for &product in products {
+            if entry.products.insert(product) {
+                new.push(product);
+            }
+        }
         if current + new.len() > limit {
+            for product in &new {
+                entry.products.remove(product);
+            }
             return Err(OverLimit {
                 current,
                 requested: new.len(),
                 limit,
             });
         }
+        self.by_product.reserve(new.len());
         for &product in &new {
-            entry.products.insert(product);
-            self.by_product
-                .entry(product)
-                .or_default()
-                .insert(id, entry.sink.clone());
+            self.by_product.entry(product).or_default().insert(slot);
         }
         self.subscription_count += new.len();
         Ok(new.len())
@@ -110,14 +177,15 @@ impl<S: Clone> Subscriptions<S> {
 
     /// Unsubscribes `id` from `products` it holds; others are ignored. Returns how many it held.
     pub(crate) fn unsubscribe(&mut self, id: SessionId, products: &[ProductId]) -> usize {
-        let Some(entry) = self.by_session.get_mut(&id) else {
+        let Some(&slot) = self.by_session.get(&id) else {
             return 0;
         };
+        let entry = &mut self.sessions[slot as usize];
         let mut removed = 0;
         for product in products {
             if entry.products.remove(product) {
                 removed += 1;
-                Self::remove_from_product(&mut self.by_product, *product, id);
+                Self::remove_from_product(&mut self.by_product, *product, slot);
             }
         }
         self.subscription_count -= removed;
@@ -126,22 +194,23 @@ impl<S: Clone> Subscriptions<S> {
 
     /// Removes a session and all its subscriptions; returns its sink if it was present.
     pub(crate) fn remove_session(&mut self, id: SessionId) -> Option<S> {
-        let entry = self.by_session.remove(&id)?;
+        let slot = self.by_session.remove(&id)?;
+        let entry = self.sessions.remove(slot as usize);
         for product in &entry.products {
-            Self::remove_from_product(&mut self.by_product, *product, id);
+            Self::remove_from_product(&mut self.by_product, *product, slot);
         }
         self.subscription_count -= entry.products.len();
         Some(entry.sink)
     }
 
     fn remove_from_product(
-        by_product: &mut HashMap<ProductId, HashMap<SessionId, S>>,
+        by_product: &mut HashMap<ProductId, Subscribers>,
         product: ProductId,
-        id: SessionId,
+        slot: Slot,
     ) {
         if let Some(subscribers) = by_product.get_mut(&product) {
-            subscribers.remove(&id);
-            if subscribers.is_empty() {
+            subscribers.remove(slot);
+            if subscribers.len() == 0 {
                 by_product.remove(&product);
             }
         }
@@ -155,24 +224,29 @@ impl<S: Clone> Subscriptions<S> {
         self.by_product
             .get(&product)
             .into_iter()
-            .flat_map(|subscribers| subscribers.iter().map(|(id, sink)| (*id, sink)))
+            .flat_map(|subscribers| subscribers.slots.iter())
+            .map(|&slot| {
+                let entry = &self.sessions[slot as usize];
+                (entry.id, &entry.sink)
+            })
     }
 
     /// The sink of a session, if it is registered.
     pub(crate) fn sink(&self, id: SessionId) -> Option<&S> {
-        self.by_session.get(&id).map(|entry| &entry.sink)
+        let slot = *self.by_session.get(&id)?;
+        Some(&self.sessions[slot as usize].sink)
     }
 
     /// Every session's sink.
     pub(crate) fn sinks(&self) -> impl Iterator<Item = &S> + '_ {
-        self.by_session.values().map(|entry| &entry.sink)
+        self.sessions.iter().map(|(_, entry)| &entry.sink)
     }
 
     /// Subscriptions one session holds (0 if it is not registered).
     pub(crate) fn session_subscriptions(&self, id: SessionId) -> usize {
         self.by_session
             .get(&id)
-            .map_or(0, |entry| entry.products.len())
+            .map_or(0, |&slot| self.sessions[slot as usize].products.len())
     }
 
     /// Registered sessions.
@@ -208,16 +282,23 @@ impl<S: Clone> Subscriptions<S> {
         counts
     }
 
-    /// Asserts that the two maps mirror each other and the counter is right (tests and debug).
+    /// Asserts that the maps mirror each other and the counter is right (tests and debug).
     #[cfg(test)]
     pub(crate) fn check_invariant(&self) {
+        assert_eq!(
+            self.by_session.len(),
+            self.sessions.len(),
+            "slab and id map disagree"
+        );
         let mut pairs = 0;
-        for (id, entry) in &self.by_session {
+        for (&id, &slot) in &self.by_session {
+            let entry = &self.sessions[slot as usize];
+            assert_eq!(entry.id, id, "slot {slot} holds another session");
             for product in &entry.products {
                 assert!(
                     self.by_product
                         .get(product)
-                        .is_some_and(|subscribers| subscribers.contains_key(id)),
+                        .is_some_and(|subscribers| subscribers.slots.contains(&slot)),
                     "session {id} holds {product} but by_product does not list it"
                 );
             }
@@ -225,17 +306,34 @@ impl<S: Clone> Subscriptions<S> {
         }
         for (product, subscribers) in &self.by_product {
             assert!(
-                !subscribers.is_empty(),
+                subscribers.len() > 0,
                 "empty subscriber set kept for {product}"
             );
-            for id in subscribers.keys() {
+            for (index, &slot) in subscribers.slots.iter().enumerate() {
+                let entry = self.sessions.get(slot as usize);
                 assert!(
-                    self.by_session
-                        .get(id)
-                        .is_some_and(|entry| entry.products.contains(product)),
-                    "by_product lists session {id} for {product} but the session does not hold it"
+                    entry.is_some_and(|entry| entry.products.contains(product)),
+                    "by_product lists slot {slot} for {product} but its session does not hold it"
                 );
+                if let Some(positions) = &subscribers.positions {
+                    assert_eq!(
+                        positions.get(&slot),
+                        Some(&(index as u32)),
+                        "stale position index"
+                    );
+                }
             }
+            if let Some(positions) = &subscribers.positions {
+                assert_eq!(positions.len(), subscribers.len(), "position index size");
+            }
+            let mut unique = subscribers.slots.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(
+                unique.len(),
+                subscribers.len(),
+                "duplicate subscriber for {product}"
+            );
         }
         assert_eq!(
             pairs, self.subscription_count,
@@ -318,6 +416,56 @@ mod tests {
         assert_eq!(subs.subscribe(SessionId(9), &ids(&[1]), 10), Ok(0));
         assert_eq!(subs.unsubscribe(SessionId(9), &ids(&[1])), 0);
         assert_eq!(subs.product_count(), 0);
+        subs.check_invariant();
+    }
+
+    #[test]
+    fn large_subscriber_sets_switch_to_an_index_and_back() {
+        let mut subs = Subscriptions::default();
+        let product = ids(&[7]);
+        let sessions: Vec<SessionId> = (1..=200).map(SessionId).collect();
+        for &id in &sessions {
+            subs.add_session(id, id.0);
+            subs.subscribe(id, &product, 10).unwrap();
+        }
+        subs.check_invariant();
+        assert!(subs.by_product[&product[0]].positions.is_some());
+        // Leave in an order that moves members around inside the set.
+        for (n, &id) in sessions.iter().enumerate().filter(|(n, _)| n % 3 != 1) {
+            if n % 2 == 0 {
+                subs.unsubscribe(id, &product);
+            } else {
+                subs.remove_session(id);
+            }
+            subs.check_invariant();
+        }
+        let left: Vec<u64> = subs.subscribers(product[0]).map(|(_, s)| *s).collect();
+        let mut expected: Vec<u64> = (1..=200).filter(|n| (n - 1) % 3 == 1).collect();
+        let mut got = left.clone();
+        got.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(got, expected);
+        for &id in &sessions {
+            subs.remove_session(id);
+        }
+        subs.check_invariant();
+        assert_eq!(subs.product_count(), 0);
+    }
+
+    #[test]
+    fn slots_are_reused_without_leaking_old_subscriptions() {
+        let mut subs = Subscriptions::default();
+        subs.add_session(SessionId(1), 'a');
+        subs.subscribe(SessionId(1), &ids(&[1, 2]), 10).unwrap();
+        subs.remove_session(SessionId(1));
+        subs.add_session(SessionId(2), 'b');
+        assert_eq!(subs.subscribers(ProductId::new(1).unwrap()).count(), 0);
+        subs.subscribe(SessionId(2), &ids(&[2]), 10).unwrap();
+        let on_two: Vec<(SessionId, char)> = subs
+            .subscribers(ProductId::new(2).unwrap())
+            .map(|(id, s)| (id, *s))
+            .collect();
+        assert_eq!(on_two, vec![(SessionId(2), 'b')]);
         subs.check_invariant();
     }
 }
