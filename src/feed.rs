@@ -51,7 +51,6 @@ pub struct Feed {
     replay: Option<Replay>,
     /// Per product: live changes at or below this seq were already covered for the client.
     floors: HashMap<ProductId, Seq>,
-    received: Vec<Delivery<Utf8Bytes>>,
     metrics: Metrics,
 }
 
@@ -64,7 +63,6 @@ impl Feed {
             pending: VecDeque::new(),
             replay: None,
             floors: HashMap::new(),
-            received: Vec::new(),
             metrics,
         }
     }
@@ -82,9 +80,16 @@ impl Feed {
 
     /// Waits for outbox messages; false once the outbox is closed and drained. Cancel-safe.
     pub async fn recv(&mut self) -> bool {
-        let more = self.outbox.recv_batch(&mut self.received, BATCH).await;
-        self.pending.extend(self.received.drain(..));
-        more
+        self.outbox.recv_batch(&mut self.pending, BATCH).await
+    }
+
+    /// Frees buffers kept for the next batch if nothing is waiting in them (called by an idle
+    /// session; a busy one keeps them, so a change costs it no allocation).
+    pub fn release_idle_memory(&mut self) {
+        if self.pending.is_empty() {
+            self.pending = VecDeque::new();
+        }
+        self.outbox.release_idle_memory();
     }
 
     /// Appends the next messages to `out`: one replay page, or what the pending outbox

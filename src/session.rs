@@ -237,6 +237,11 @@ impl Session {
                         self.close(close_code::POLICY, "no pong within the heartbeat timeout").await;
                         return "heartbeat timeout";
                     }
+                    // Buffers kept for the next batch are freed once per heartbeat: an idle
+                    // session then costs its socket and this future, a busy one reallocates
+                    // them at most once per interval.
+                    feed.release_idle_memory();
+                    messages = Vec::new();
                     let now = Instant::now();
                     ping_sent = Some(now);
                     heartbeat.as_mut().reset(now + self.heartbeat.timeout);

@@ -150,7 +150,7 @@ fn conflate<F>(items: &mut VecDeque<Delivery<F>>) -> usize {
 impl<F> OutboxReceiver<F> {
     /// Moves up to `max` queued messages into `batch`, waiting for at least one. Returns false
     /// once the outbox is closed and drained. Cancel-safe: nothing is taken until it returns.
-    pub async fn recv_batch(&mut self, batch: &mut Vec<Delivery<F>>, max: usize) -> bool {
+    pub async fn recv_batch(&mut self, batch: &mut impl Extend<Delivery<F>>, max: usize) -> bool {
         loop {
             {
                 let mut queue = self.0.lock();
@@ -167,6 +167,17 @@ impl<F> OutboxReceiver<F> {
                 }
             }
             self.0.ready.notified().await;
+        }
+    }
+}
+
+impl<F> OutboxReceiver<F> {
+    /// Frees the queue's buffer if it is empty. The queue keeps its capacity between messages
+    /// so that a busy session does not allocate per change; an idle one calls this now and then.
+    pub fn release_idle_memory(&self) {
+        let mut queue = self.0.lock();
+        if queue.items.is_empty() {
+            queue.items = VecDeque::new();
         }
     }
 }

@@ -111,3 +111,39 @@ async fn a_peer_that_stops_answering_pings_is_disconnected() {
     let code = silent.close_code().await;
     assert!(matches!(code, Some(1008) | None), "got close code {code:?}");
 }
+
+#[tokio::test]
+async fn a_reading_client_keeps_its_session_and_its_changes_across_many_heartbeats() {
+    // Each ping also frees the session's idle buffers; each pong re-arms the next ping. A
+    // session that answers must live on and get every change, before and after those cycles.
+    let app = spawn_app_with(&[
+        "--heartbeat-interval",
+        "100ms",
+        "--heartbeat-timeout",
+        "300ms",
+    ])
+    .await;
+    let id = app.create_product(product("Pinged")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client.subscribe(&[id]).await;
+    for round in 1..=5_i64 {
+        // About five ping/pong cycles while idle (the client answers pings as it reads).
+        client.expect_silence(Duration::from_millis(500)).await;
+        for step in 1..=3_i64 {
+            let units = round * 10 + step;
+            app.patch_product(id, json!({"unitsAvailable": units}))
+                .await;
+            assert_eq!(
+                client.next_change().await["product"]["unitsAvailable"],
+                units
+            );
+        }
+    }
+    assert_eq!(
+        app.stats().await["sessions"],
+        1,
+        "the session was never dropped"
+    );
+}
