@@ -21,6 +21,7 @@ use crate::distributor::DistributorHandle;
 use crate::hardening;
 use crate::health::{self, HealthState};
 use crate::listener::Listener;
+use crate::memory;
 use crate::metrics::Metrics;
 use crate::ops::{self, OpsState};
 use crate::serve::{self, Connections, Handshake};
@@ -138,6 +139,10 @@ impl App {
             listener
                 .run(shutdown.clone())
                 .instrument(tracing::info_span!("listener")),
+        );
+        shutdown.spawn(
+            memory::run_trimmer(distributor.clone(), shutdown.clone())
+                .instrument(tracing::info_span!("memory_trimmer")),
         );
         shutdown.spawn(
             changelog::run_retention(pool.clone(), config.changelog, shutdown.clone())

@@ -21,6 +21,7 @@ pub mod feed;
 pub mod hardening;
 pub mod health;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
