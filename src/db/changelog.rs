@@ -74,14 +74,10 @@ pub async fn latest_seq(pool: &PgPool) -> Result<Seq, ChangelogError> {
 
 /// Up to [`PAGE`] changes to any product after `after`, in seq order.
 pub async fn after(pool: &PgPool, after: Seq) -> Result<Vec<Change>, ChangelogError> {
-    sqlx::query(include_str!("../../sql/changelog_after.sql"))
+    let query = sqlx::query(include_str!("../../sql/changelog_after.sql"))
         .bind(to_param(after))
-        .bind(PAGE)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(decode)
-        .collect()
+        .bind(PAGE);
+    fetch_page(pool, query).await
 }
 
 /// Up to [`PAGE`] changes to `products` with `after < seq <= upto`, in seq order.
@@ -92,16 +88,20 @@ pub async fn for_products(
     upto: Seq,
 ) -> Result<Vec<Change>, ChangelogError> {
     let ids: Vec<i64> = products.iter().map(|id| id.get()).collect();
-    sqlx::query(include_str!("../../sql/changelog_for_products.sql"))
+    let query = sqlx::query(include_str!("../../sql/changelog_for_products.sql"))
         .bind(ids)
         .bind(to_param(after))
         .bind(to_param(upto))
-        .bind(PAGE)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(decode)
-        .collect()
+        .bind(PAGE);
+    fetch_page(pool, query).await
+}
+
+/// Runs a query for one page of changes and decodes its rows.
+async fn fetch_page(
+    pool: &PgPool,
+    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> Result<Vec<Change>, ChangelogError> {
+    query.fetch_all(pool).await?.iter().map(decode).collect()
 }
 
 /// Changes with seq at or below this may have been pruned.

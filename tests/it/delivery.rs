@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::support::{
-    SseClient, TestApp, WsClient, get_json, product, spawn_app, spawn_app_with, spawn_instance,
-    wait_until,
+    SseClient, TestApp, WsClient, add_one_unit, get_json, product, spawn_app, spawn_app_with,
+    spawn_instance, wait_until,
 };
 
 /// The committed changes to `products` after `after`, as (product, seq), in seq order.
@@ -233,12 +233,7 @@ async fn randomized_writers_and_roaming_clients_on_two_instances_lose_and_double
             tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(seed ^ (w + 100));
                 for _ in 0..300 {
-                    let id = ids[rng.random_range(0..ids.len())];
-                    sqlx::query("UPDATE products SET units_available = units_available + 1 WHERE product_id = $1")
-                        .bind(id)
-                        .execute(&pool)
-                        .await
-                        .unwrap();
+                    add_one_unit(&pool, ids[rng.random_range(0..ids.len())]).await;
                 }
             })
         })
@@ -291,13 +286,7 @@ async fn changes_written_while_the_listener_is_down_all_arrive_in_order() {
     let writer_ids = ids.clone();
     let writer = tokio::spawn(async move {
         for n in 0..600_usize {
-            sqlx::query(
-                "UPDATE products SET units_available = units_available + 1 WHERE product_id = $1",
-            )
-            .bind(writer_ids[n % writer_ids.len()])
-            .execute(&pool)
-            .await
-            .unwrap();
+            add_one_unit(&pool, writer_ids[n % writer_ids.len()]).await;
         }
     });
     let mut received = Vec::new();
@@ -355,13 +344,7 @@ async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_wr
                     .await
                     .unwrap();
             }
-            sqlx::query(
-                "UPDATE products SET units_available = units_available + 1 WHERE product_id = $1",
-            )
-            .bind(writer_ids[n % (writer_ids.len() - 1) + 1])
-            .execute(&pool)
-            .await
-            .unwrap();
+            add_one_unit(&pool, writer_ids[n % (writer_ids.len() - 1) + 1]).await;
         }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,6 +1,6 @@
 //! Commit order: every subscriber sees one product's changes in the order they committed.
 
-use crate::support::{WsClient, product, spawn_app};
+use crate::support::{WsClient, add_one_unit, product, spawn_app};
 
 #[tokio::test]
 async fn a_thousand_updates_arrive_in_commit_order_at_every_subscriber() {
@@ -22,13 +22,7 @@ async fn a_thousand_updates_arrive_in_commit_order_at_every_subscriber() {
             let pool = app.pool.clone();
             tokio::spawn(async move {
                 for _ in 0..UPDATES / 4 {
-                    sqlx::query(
-                        "UPDATE products SET units_available = units_available + 1 WHERE product_id = $1",
-                    )
-                    .bind(id)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
+                    add_one_unit(&pool, id).await;
                 }
             })
         })

@@ -282,6 +282,15 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
 }
 
 /// A valid product body with the given name.
+/// One committed change through the database directly (not REST): adds a unit to `id`.
+pub async fn add_one_unit(pool: &PgPool, id: i64) {
+    sqlx::query("UPDATE products SET units_available = units_available + 1 WHERE product_id = $1")
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 pub fn product(name: &str) -> Value {
     json!({"manufacturer": "Acme", "pricePerUnit": "9.99", "unitsAvailable": 10, "productName": name})
 }
