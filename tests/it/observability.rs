@@ -43,8 +43,9 @@ async fn scrape(app: &TestApp) -> Vec<Sample> {
     scrape.samples
 }
 
-fn value(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let sample = samples
+/// The sample of `metric` with (at least) these labels; fails the test if there is none.
+fn sample<'a>(samples: &'a [Sample], metric: &str, labels: &[(&str, &str)]) -> &'a Sample {
+    samples
         .iter()
         .find(|sample| {
             sample.metric == metric
@@ -52,7 +53,11 @@ fn value(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> f64 {
                     .iter()
                     .all(|(key, value)| sample.labels.get(key) == Some(value))
         })
-        .unwrap_or_else(|| panic!("no {metric}{labels:?} in {samples:#?}"));
+        .unwrap_or_else(|| panic!("no {metric}{labels:?} in {samples:#?}"))
+}
+
+fn value(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = sample(samples, metric, labels);
     match &sample.value {
         Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
         Value::Histogram(buckets) => buckets.last().map_or(0.0, |bucket| bucket.count),
@@ -62,15 +67,7 @@ fn value(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// Observations in a histogram (its +Inf bucket).
 fn observations(samples: &[Sample], metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let sample = samples
-        .iter()
-        .find(|sample| {
-            sample.metric == metric
-                && labels
-                    .iter()
-                    .all(|(key, value)| sample.labels.get(key) == Some(value))
-        })
-        .unwrap_or_else(|| panic!("no {metric}{labels:?} in {samples:#?}"));
+    let sample = sample(samples, metric, labels);
     let Value::Histogram(buckets) = &sample.value else {
         panic!("{metric} is not a histogram: {sample:?}")
     };
