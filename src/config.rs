@@ -18,6 +18,11 @@ pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
 /// Messages queued for one WebSocket before it counts as too slow: room for a burst of
 /// thousands of changes, while a stuck client costs at most this many shared frame handles.
 pub const DEFAULT_OUTBOX_CAPACITY: usize = 4096;
+/// Bytes of change frames queued for one WebSocket before the slow-client policy applies: a
+/// product can be ~1 MB, so a count alone would let one session hold gigabytes. 8 MiB holds
+/// thousands of typical changes; what does not fit is read from the changelog when the client
+/// gets there (see `distributor::outbox`).
+pub const DEFAULT_OUTBOX_BYTES: usize = 8 << 20;
 /// Per-connection subscription cap: the dashboard-sized use (a few thousand ids) fits many times,
 /// while one connection cannot grow the maps without bound.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100_000;
@@ -156,13 +161,20 @@ pub struct Config {
 /// Limits that bound what one client can make the server hold.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct Limits {
-    /// Messages queued for one WebSocket before it is disconnected as too slow (close 1013).
+    /// Messages queued for one WebSocket before its queue counts as full (see
+    /// `--slow-client-policy`).
     #[arg(long, env = "ROWCAST_OUTBOX_CAPACITY", default_value_t = DEFAULT_OUTBOX_CAPACITY,
           value_parser = parse_positive)]
     pub outbox_capacity: usize,
 
-    /// What to do when a client's queue is full: conflate (keep the latest change per product)
-    /// or disconnect (close 1013).
+    /// Bytes of change messages queued for one WebSocket before its queue counts as full.
+    #[arg(long, env = "ROWCAST_OUTBOX_BYTES", default_value_t = DEFAULT_OUTBOX_BYTES,
+          value_parser = parse_positive)]
+    pub outbox_bytes: usize,
+
+    /// What to do when a client's queue is full: conflate (changes that do not fit are read
+    /// from the changelog when the client catches up; a client that stopped reading gets the
+    /// newest version of each product, marked `"conflated":true`) or disconnect (close 1013).
     #[arg(long, env = "ROWCAST_SLOW_CLIENT_POLICY", value_enum, default_value_t = SlowClientPolicy::Conflate)]
     pub slow_client_policy: SlowClientPolicy,
 

@@ -9,10 +9,23 @@
 //! an instance that is ahead of this one), it drops live changes with seq <= C for those
 //! products. Replays are read a page at a time, so a long one streams in bounded memory.
 //!
+//! The same replay serves a [`Delivery::Gap`]: changes the distributor did not queue because the
+//! queue was full are read from the changelog when the feed reaches the marker, so a client that
+//! reads promptly loses no version however large a burst. A marker reached more than
+//! [`CONFLATE_AFTER`] after it opened means the client had stopped reading: then only the newest
+//! version of each product is sent, marked `"conflated":true`.
+//!
+//! Every replay page carries the retention horizon read in the same database snapshot; if
+//! retention may have removed changes the replay still needs (a slow replay racing the pruner),
+//! the feed sends `reset` and a snapshot instead of a stream with a hole. The same happens on a
+//! [`Delivery::Reset`] from the distributor, and when a client resumes from a seq the database
+//! has never reached (its history was rewound).
+//!
 //! Imports `distributor` (outbox), `protocol` (encoding), `product`, `db::changelog`, and
 //! `metrics` (how each stream began: live, resume, snapshot, reset).
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use sqlx::PgPool;
@@ -20,11 +33,16 @@ use sqlx::PgPool;
 use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::{Delivery, OutboxReceiver};
 use crate::metrics::{Metrics, StartKind};
-use crate::product::{ProductId, Seq, SubscriptionStart};
+use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
 use crate::protocol::{self, error_code};
 
 /// Outbox messages taken at once; also about how many messages are written per flush.
 pub const BATCH: usize = 64;
+
+/// A gap marker reached later than this after it opened means the client had stopped reading
+/// (a prompt reader drains a full queue in milliseconds, even over a slow link): it then gets
+/// the newest version of each product instead of every version.
+pub const CONFLATE_AFTER: Duration = Duration::from_secs(1);
 
 /// One message for the client. `seq` is set for changes (SSE uses it as the event id).
 #[derive(Debug, Clone)]
@@ -35,11 +53,16 @@ pub struct Outgoing {
     pub seq: Option<Seq>,
 }
 
+/// Changes to read from the changelog before the outbox goes on.
 #[derive(Debug)]
 struct Replay {
     products: Vec<ProductId>,
+    /// Changes after this seq are still to be sent (the cursor).
     after: Seq,
+    /// ...up to and including this one.
     upto: Seq,
+    /// `Some(start)`: only the newest version per product in (start, upto] (conflated).
+    conflated_from: Option<Seq>,
 }
 
 /// One subscriber's ordered message source.
@@ -95,33 +118,77 @@ impl Feed {
     /// Appends the next messages to `out`: one replay page, or what the pending outbox
     /// messages expand to (up to a batch, stopping where a replay begins).
     pub async fn fill(&mut self, out: &mut Vec<Outgoing>) -> Result<(), ChangelogError> {
-        if let Some(replay) = &mut self.replay {
+        if self.replay.is_some() {
             // Boxed, like `begin`: a database query's future is large, and held inline it would
             // sit in every idle session's task.
-            let page = Box::pin(changelog::for_products(
-                &self.pool,
-                &replay.products,
-                replay.after,
-                replay.upto,
-            ))
-            .await?;
-            for change in &page {
-                out.push(Outgoing {
-                    text: protocol::encode_change(change).into(),
-                    seq: Some(change.seq),
-                });
-                replay.after = change.seq;
-            }
-            if page.len() < changelog::PAGE as usize {
-                self.replay = None;
-            }
-            return Ok(());
+            return Box::pin(self.replay_page(out)).await;
         }
         while let Some(delivery) = self.pending.pop_front() {
             self.expand(delivery, out).await?;
             if self.replay.is_some() || out.len() >= BATCH {
                 break;
             }
+        }
+        Ok(())
+    }
+
+    /// Sends one page of the replay in progress, or a reset if retention got there first.
+    async fn replay_page(&mut self, out: &mut Vec<Outgoing>) -> Result<(), ChangelogError> {
+        let Some(replay) = &mut self.replay else {
+            return Ok(());
+        };
+        let page = match replay.conflated_from {
+            None => {
+                changelog::for_products(&self.pool, &replay.products, replay.after, replay.upto)
+                    .await?
+            }
+            Some(start) => {
+                changelog::latest_per_product(
+                    &self.pool,
+                    &replay.products,
+                    (start, replay.upto),
+                    replay.after,
+                )
+                .await?
+            }
+        };
+        if page.pruned_through > replay.after {
+            // Changes this replay still needs may be gone: never send a stream with a hole.
+            let Some(replay) = self.replay.take() else {
+                return Ok(());
+            };
+            let cause = ResetCause::Pruned {
+                pruned_through: page.pruned_through,
+            };
+            return self.reset(&replay.products, replay.after, cause, out).await;
+        }
+        let mut conflated = 0;
+        for logged in &page.changes {
+            let change = &logged.change;
+            replay.after = change.seq;
+            if self
+                .floors
+                .get(&change.product.product_id)
+                .is_some_and(|&floor| change.seq <= floor)
+            {
+                continue;
+            }
+            let text = if logged.versions > 1 {
+                conflated += logged.versions - 1;
+                protocol::encode_conflated_change(change)
+            } else {
+                protocol::encode_change(change)
+            };
+            out.push(Outgoing {
+                text: text.into(),
+                seq: Some(change.seq),
+            });
+        }
+        if conflated > 0 {
+            self.metrics.changes_conflated(conflated);
+        }
+        if !page.more {
+            self.replay = None;
         }
         Ok(())
     }
@@ -173,6 +240,26 @@ impl Feed {
                 }
                 out.push(message(protocol::encode_ack(&products, None)));
             }
+            Delivery::Gap {
+                products,
+                after,
+                upto,
+                opened,
+            } => {
+                let stopped_reading = opened.elapsed() >= CONFLATE_AFTER;
+                self.replay = Some(Replay {
+                    products,
+                    after,
+                    upto,
+                    conflated_from: stopped_reading.then_some(after),
+                });
+            }
+            Delivery::Reset {
+                products,
+                since,
+                position: _,
+                cause,
+            } => Box::pin(self.reset(&products, since, cause, out)).await?,
             Delivery::Refused(over) => out.push(message(protocol::encode_error(
                 error_code::TOO_MANY_SUBSCRIPTIONS,
                 &format!(
@@ -196,14 +283,22 @@ impl Feed {
         let from = match start {
             SubscriptionStart::Live => position,
             SubscriptionStart::Since(since) => {
-                let pruned_through = changelog::pruned_through(&self.pool).await?;
-                if since < pruned_through {
+                let changelog = changelog::position(&self.pool, since).await?;
+                let cause = if since < changelog.pruned_through {
+                    Some(ResetCause::Pruned {
+                        pruned_through: changelog.pruned_through,
+                    })
+                } else if since > changelog.latest {
+                    // The client saw seqs this database never reached: another history.
+                    Some(ResetCause::Rewound {
+                        latest: changelog.latest,
+                    })
+                } else {
+                    None
+                };
+                if let Some(cause) = cause {
                     self.metrics.subscription_started(StartKind::Reset);
-                    out.push(message(protocol::encode_reset(
-                        &products,
-                        since,
-                        pruned_through,
-                    )));
+                    out.push(message(protocol::encode_reset(&products, since, cause)));
                     self.snapshot(&products, out).await?
                 } else {
                     self.metrics.subscription_started(StartKind::Resume);
@@ -221,12 +316,32 @@ impl Feed {
                 products,
                 after: from,
                 upto: position,
+                conflated_from: None,
             });
         } else if from > position {
             for product in products {
                 let floor = self.floors.entry(product).or_insert(from);
                 *floor = (*floor).max(from);
             }
+        }
+        Ok(())
+    }
+
+    /// Starts `products` again: `reset`, then the ack and a snapshot; live changes the snapshot
+    /// already reflects are dropped. Floors from before are replaced, not raised: after a rewind
+    /// the new history's seqs are lower than the old ones.
+    async fn reset(
+        &mut self,
+        products: &[ProductId],
+        since: Seq,
+        cause: ResetCause,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), ChangelogError> {
+        self.metrics.subscription_started(StartKind::Reset);
+        out.push(message(protocol::encode_reset(products, since, cause)));
+        let seq = self.snapshot(products, out).await?;
+        for &product in products {
+            self.floors.insert(product, seq);
         }
         Ok(())
     }

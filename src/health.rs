@@ -148,7 +148,10 @@ pub(crate) async fn metrics(State(state): State<HealthState>) -> Response {
             .absolute(stats.slow_sessions_evicted);
         metrics
             .counter("rowcast_queue_overflows_total", &[("policy", "conflate")])
-            .absolute(stats.changes_conflated);
+            .absolute(stats.changes_deferred);
+        metrics
+            .counter("rowcast_stream_resets_total", &[])
+            .absolute(stats.resets);
     }
     let listener = *state.listener.borrow();
     metrics
@@ -157,6 +160,9 @@ pub(crate) async fn metrics(State(state): State<HealthState>) -> Response {
     metrics
         .counter("rowcast_listener_reconnects_total", &[])
         .absolute(listener.reconnects);
+    metrics
+        .gauge("rowcast_listener_failed_attempts", &[])
+        .set(listener.failed_attempts as f64);
     metrics
         .counter("rowcast_listener_payloads_skipped_total", &[])
         .absolute(listener.payloads_skipped);

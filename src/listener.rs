@@ -1,29 +1,36 @@
 //! The LISTEN task: one tokio-postgres connection of its own (`application_name`
-//! `rowcast-listener`) that LISTENs on `product_change`, parses each payload once, encodes the
-//! outbound frame once, and publishes it through the distributor handle.
+//! `rowcast-listener`) that LISTENs on `product_change` and publishes, in seq order, every change
+//! the changelog holds after the last one it published, each encoded once.
+//!
+//! **Notifications are hints, never the truth.** Any database login may NOTIFY on any channel,
+//! so a payload proves nothing. A notification only wakes the task; what it publishes is read
+//! from the changelog (`product_changes`), which only the trigger can write (migration 0005). All
+//! notifications that arrived while a read was running are served by the next single read; a
+//! notification naming a seq already published costs nothing; a forged, garbled, replayed or
+//! out-of-range one costs at most one read that finds nothing new.
 //!
 //! The connection is watched two ways: TCP keepalives, and a health query every
 //! `--listener-health-interval` bounded by `--listener-health-timeout`, because a hung backend
-//! raises no error on its own. On any failure it reconnects with exponential backoff and jitter.
+//! raises no error on its own. On any failure it reconnects with exponential backoff and jitter;
+//! the backoff is reset only once a connection has caught up and stayed healthy for a health
+//! interval, so a catch-up that keeps failing cannot turn into a reconnect storm.
 //!
-//! Nothing is lost while the connection is down: every change is also in the changelog with a
-//! commit-ordered `seq`. The listener remembers the last seq it published; after each `LISTEN`
-//! it reads the changelog from there, and when a notification skips ahead (a gap, or a row too
-//! large for a notification that carries only its seq) it reads the missing part. Changes are
-//! published strictly in seq order, each exactly once.
+//! Nothing is lost while the connection is down: after each `LISTEN` the task reads the
+//! changelog from its position. Gaps it cannot fill are announced, never skipped silently:
+//! - if retention pruned changes after its position (an outage longer than retention), or
+//! - if the database's history no longer continues from its position (checked at every health
+//!   tick: the change it published last must still be there with the same commit time, and the
+//!   newest seq must not be below it — a restore, a failover to a lagging replica, a re-created
+//!   database),
 //!
-//! **Dispatch lag** (`rowcast_dispatch_lag_seconds`) is measured from the moment a notification
-//! is read off the LISTEN socket to the moment its change (and any missing earlier ones read
-//! from the changelog) has entered the distributor. The payload does not carry the commit time,
-//! and it is not added: `Change` parsing refuses unknown fields, so a new payload field would
-//! make older instances on the same database skip every notification during a rolling upgrade,
-//! and `committed_at` comes from the database's clock, so the difference to ours would measure
-//! clock skew as well. The trigger runs at commit time and Postgres delivers the notification
-//! right after the commit, so arrival is commit plus the network; what the histogram shows is
-//! the part rowcast controls: notifications waiting behind others, parsing, changelog reads
-//! for gaps, and a busy distributor inbox. Changes read during the catch-up after a reconnect
-//! have no arrival time and are not in the histogram (`rowcast_changes_received_total
-//! {source="changelog"}` counts them).
+//! it re-bases on the database's newest seq and tells the distributor to reset every
+//! subscription (each subscriber then gets `reset` and a snapshot).
+//!
+//! **Dispatch lag** (`rowcast_dispatch_lag_seconds`) is measured from the moment the first of a
+//! batch of notifications is read off the LISTEN socket to the moment the changes read for it
+//! have entered the distributor: notifications waiting behind others, the changelog read, and a
+//! busy distributor inbox. Changes read during the catch-up after a reconnect or at a health
+//! tick have no arrival time (`rowcast_changes_received_total{source="changelog"}` counts them).
 //!
 //! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`, `metrics`, and
 //! `db::changelog` (the same reads clients' resumes use; its own LISTEN connection stays
@@ -43,7 +50,7 @@ use crate::config::ListenerSettings;
 use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::DistributorHandle;
 use crate::metrics::Metrics;
-use crate::product::{Change, Notice, Seq};
+use crate::product::{Change, ResetCause, Seq, notification_hint};
 use crate::protocol;
 use crate::shutdown::Shutdown;
 
@@ -63,14 +70,26 @@ pub struct ListenerStatus {
     pub connected: bool,
     /// Connections replaced after a failure since start.
     pub reconnects: u64,
-    /// Notifications received and published.
+    /// Changes published from reads woken by a notification.
     pub changes_received: u64,
-    /// Notifications whose payload could not be parsed (logged and skipped).
+    /// Notifications whose payload named no seq (garbage, or not rowcast's; each still woke
+    /// one read).
     pub payloads_skipped: u64,
-    /// Changes read from the changelog instead of a notification (catch-up, gaps, large rows).
+    /// Changes published from reads after a reconnect or at a health tick.
     pub changes_read_from_changelog: u64,
     /// The seq of the last change published.
     pub last_seq: Seq,
+    /// Consecutive failed attempts to connect and catch up (0 while healthy).
+    pub failed_attempts: u64,
+    /// Changelog page reads (each bounded by rows and bytes).
+    pub changelog_reads: u64,
+}
+
+/// What woke a changelog read, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadCause {
+    Notification,
+    CatchUp,
 }
 
 /// Why one connection ended.
@@ -105,6 +124,9 @@ pub struct Listener {
     pool: sqlx::PgPool,
     status: watch::Sender<ListenerStatus>,
     last_seq: Seq,
+    /// The commit time of the change at `last_seq`, once known: with the seq it identifies
+    /// that change in this database's history.
+    anchor: Option<String>,
     metrics: Metrics,
 }
 
@@ -144,6 +166,7 @@ impl Listener {
                 pool,
                 status,
                 last_seq,
+                anchor: None,
                 metrics,
             },
             receiver,
@@ -155,17 +178,21 @@ impl Listener {
         let mut backoff = INITIAL_BACKOFF;
         let mut attempts: u64 = 0;
         loop {
+            let started = tokio::time::Instant::now();
             let outcome = tokio::select! {
                 () = shutdown.cancelled() => return,
                 outcome = self.listen_once() => outcome,
             };
             self.status.send_modify(|status| status.connected = false);
-            let (was_listening, err) = outcome;
+            let (caught_up, err) = outcome;
             if matches!(err, ConnectionEnded::DistributorGone) {
                 return;
             }
-            if was_listening {
+            // Only a connection that caught up and then stayed healthy for a health interval
+            // earns a fresh backoff; anything shorter counts as one more failed attempt.
+            if caught_up && started.elapsed() >= self.settings.health_interval {
                 backoff = INITIAL_BACKOFF;
+                self.status.send_modify(|status| status.failed_attempts = 0);
                 tracing::warn!(
                     cause = %err,
                     last_seq = self.last_seq,
@@ -175,8 +202,10 @@ impl Listener {
                 tracing::warn!(cause = %err, retry_in = ?backoff, "LISTEN connection failed");
             }
             attempts += 1;
-            self.status
-                .send_modify(|status| status.reconnects = attempts);
+            self.status.send_modify(|status| {
+                status.reconnects = attempts;
+                status.failed_attempts += 1;
+            });
             let delay = jitter(backoff);
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -186,7 +215,7 @@ impl Listener {
         }
     }
 
-    /// One connection's life. Returns whether LISTEN was established, and why it ended.
+    /// One connection's life. Returns whether it caught up, and why it ended.
     async fn listen_once(&mut self) -> (bool, ConnectionEnded) {
         let (client, mut connection) = match self.config.connect(NoTls).await {
             Ok(pair) => pair,
@@ -227,10 +256,16 @@ impl Listener {
         }
         // LISTEN is active, so anything committed from now on is notified; whatever committed
         // since the last published seq is in the changelog.
-        if let Err(err) = self.catch_up(None).await {
-            return (true, err);
+        if let Err(err) = self.check_history().await {
+            return (false, err);
         }
-        self.status.send_modify(|status| status.connected = true);
+        if let Err(err) = self.catch_up(ReadCause::CatchUp).await {
+            return (false, err);
+        }
+        self.status.send_modify(|status| {
+            status.connected = true;
+            status.failed_attempts = 0;
+        });
         tracing::info!(
             channel = CHANNEL,
             last_seq = self.last_seq,
@@ -239,11 +274,12 @@ impl Listener {
 
         let mut health = tokio::time::interval(self.settings.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        health.reset();
         let ended = loop {
             tokio::select! {
                 notification = notifications.recv() => match notification {
                     Some((notification, arrived)) => {
-                        if let Err(err) = self.forward(&notification).await {
+                        if let Err(err) = self.wake(&notification, &mut notifications).await {
                             break err;
                         }
                         self.metrics.observe_dispatch_lag(arrived.elapsed());
@@ -259,6 +295,16 @@ impl Listener {
                         Ok(Err(err)) => break ConnectionEnded::Lost(err),
                         Err(_) => break ConnectionEnded::Unhealthy(self.settings.health_timeout),
                     }
+                    match tokio::time::timeout(self.settings.health_timeout, self.check_history()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => break err,
+                        Err(_) => break ConnectionEnded::Unhealthy(self.settings.health_timeout),
+                    }
+                    // A safety net: anything committed but not yet published (a notification
+                    // lost with a connection) is read now.
+                    if let Err(err) = self.catch_up(ReadCause::CatchUp).await {
+                        break err;
+                    }
                 }
             }
         };
@@ -266,62 +312,125 @@ impl Listener {
         (true, ended)
     }
 
-    /// Publishes one notification's change, reading the changelog first if earlier changes
-    /// are missing or the payload carried only a seq. Unparseable payloads are skipped.
-    async fn forward(&mut self, notification: &Notification) -> Result<(), ConnectionEnded> {
-        let notice = match Notice::parse(notification.payload()) {
-            Ok(notice) => notice,
-            Err(err) => {
+    /// Serves one notification and every other one already waiting with at most one changelog
+    /// read. Payloads are hints: one naming a seq already published needs no read.
+    async fn wake(
+        &mut self,
+        first: &Notification,
+        more: &mut mpsc::Receiver<(Notification, tokio::time::Instant)>,
+    ) -> Result<(), ConnectionEnded> {
+        let mut read = self.needs_read(first);
+        while let Ok((notification, _)) = more.try_recv() {
+            read |= self.needs_read(&notification);
+        }
+        if read {
+            self.catch_up(ReadCause::Notification).await?;
+        }
+        Ok(())
+    }
+
+    fn needs_read(&self, notification: &Notification) -> bool {
+        match notification_hint(notification.payload()) {
+            Some(seq) => seq > self.last_seq,
+            None => {
                 self.status
                     .send_modify(|status| status.payloads_skipped += 1);
-                tracing::warn!(
-                    cause = %err,
+                tracing::debug!(
                     payload_bytes = notification.payload().len(),
-                    "skipping a notification whose payload is not a product change"
+                    "a notification on the channel names no seq; reading the changelog anyway"
                 );
-                return Ok(());
+                true
             }
-        };
-        if notice.seq() <= self.last_seq {
-            // Already published by a catch-up that overlapped with LISTEN.
-            return Ok(());
-        }
-        match notice {
-            Notice::Full(change) if change.seq == self.last_seq + 1 => {
-                self.publish(&change).await?;
-                self.status
-                    .send_modify(|status| status.changes_received += 1);
-                Ok(())
-            }
-            // A gap (a seq taken by a transaction that failed at commit, or a notification not
-            // yet seen) or a large row: the changelog has everything up to this seq.
-            other => self.catch_up(Some(other.seq())).await,
         }
     }
 
-    /// Publishes every change in the changelog after the last published seq, up to `upto`.
-    async fn catch_up(&mut self, upto: Option<Seq>) -> Result<(), ConnectionEnded> {
+    /// Publishes every change in the changelog after the last published seq, a bounded page at
+    /// a time; re-bases (and resets subscribers) if retention removed changes it still needed.
+    async fn catch_up(&mut self, cause: ReadCause) -> Result<(), ConnectionEnded> {
         loop {
             let page = changelog::after(&self.pool, self.last_seq).await?;
-            let full_page = page.len() >= changelog::PAGE as usize;
-            let mut read = 0;
-            for change in &page {
-                if upto.is_some_and(|upto| change.seq > upto) {
-                    return Ok(());
-                }
-                self.publish(change).await?;
-                read += 1;
-            }
             self.status
-                .send_modify(|status| status.changes_read_from_changelog += read);
-            if !full_page {
-                if let Some(upto) = upto.filter(|upto| *upto > self.last_seq) {
-                    // Seqs taken by transactions that never committed leave holes for good.
-                    self.last_seq = upto;
-                }
+                .send_modify(|status| status.changelog_reads += 1);
+            if self.last_seq > page.pruned_through
+                && self.anchor.is_some()
+                && page.committed_at_of != self.anchor
+            {
+                // The change published last is gone or another one: a rewound history that
+                // has already grown past our position.
+                let position = changelog::position(&self.pool, 0).await?;
+                let latest = position.latest;
+                self.rebase(position, ResetCause::Rewound { latest })
+                    .await?;
+                continue;
+            }
+            if page.pruned_through > self.last_seq {
+                let position = changelog::position(&self.pool, 0).await?;
+                self.rebase(
+                    position,
+                    ResetCause::Pruned {
+                        pruned_through: page.pruned_through,
+                    },
+                )
+                .await?;
+                continue;
+            }
+            for logged in page.changes {
+                self.publish(&logged.change).await?;
+                // Moved, not copied: kept in step with `last_seq` (see `check_history`).
+                self.anchor = Some(logged.committed_at);
+                self.status.send_modify(|status| match cause {
+                    ReadCause::Notification => status.changes_received += 1,
+                    ReadCause::CatchUp => status.changes_read_from_changelog += 1,
+                });
+            }
+            if !page.more {
                 return Ok(());
             }
         }
+    }
+
+    /// Checks that the database's history still continues from the last published change;
+    /// if not, re-bases on its newest seq and resets every subscription.
+    async fn check_history(&mut self) -> Result<(), ConnectionEnded> {
+        let position = changelog::position(&self.pool, self.last_seq).await?;
+        let anchor_gone = self.last_seq > position.pruned_through
+            && self
+                .anchor
+                .as_ref()
+                .is_some_and(|anchor| position.committed_at_of.as_ref() != Some(anchor));
+        if position.latest < self.last_seq || anchor_gone {
+            let latest = position.latest;
+            self.rebase(position, ResetCause::Rewound { latest })
+                .await?;
+        } else if self.anchor.is_none() {
+            // At start the position came from the database itself: learn the change there.
+            self.anchor = position.committed_at_of;
+        }
+        Ok(())
+    }
+
+    /// Continues from the database's newest change, telling every subscriber to start again.
+    async fn rebase(
+        &mut self,
+        position: changelog::Position,
+        cause: ResetCause,
+    ) -> Result<(), ConnectionEnded> {
+        let since = self.last_seq;
+        tracing::warn!(
+            since,
+            latest = position.latest,
+            ?cause,
+            "the changelog cannot continue from the last published change; \
+             every subscription restarts from a snapshot"
+        );
+        self.distributor
+            .reset(since, position.latest, cause)
+            .await?;
+        self.last_seq = position.latest;
+        self.anchor = position.latest_committed_at;
+        self.status
+            .send_modify(|status| status.last_seq = position.latest);
+        Ok(())
     }
 
     async fn publish(&mut self, change: &Change) -> Result<(), ConnectionEnded> {

@@ -79,6 +79,7 @@ struct Inner {
     bytes: [Counter; 2],
     /// Indexed by `StartKind as usize`.
     starts: [Counter; 4],
+    conflated: Counter,
     rate: Mutex<Rate>,
 }
 
@@ -132,6 +133,10 @@ impl Metrics {
             counter("rowcast_subscription_starts_total", ("kind", "snapshot")),
             counter("rowcast_subscription_starts_total", ("kind", "reset")),
         ];
+        let conflated = recorder.register_counter(
+            &Key::from_name("rowcast_changes_conflated_total"),
+            &METADATA,
+        );
         let dispatch_lag =
             recorder.register_histogram(&Key::from_name("rowcast_dispatch_lag_seconds"), &METADATA);
         Self(Arc::new(Inner {
@@ -141,6 +146,7 @@ impl Metrics {
             messages,
             bytes,
             starts,
+            conflated,
             rate: Mutex::new(Rate::default()),
         }))
     }
@@ -193,6 +199,11 @@ impl Metrics {
         self.0.starts[kind as usize].increment(1);
     }
 
+    /// `count` superseded versions were skipped for a client that had stopped reading.
+    pub fn changes_conflated(&self, count: u64) {
+        self.0.conflated.increment(count);
+    }
+
     /// A REST request finished. `route` is the matched route template (bounded cardinality).
     pub fn request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
         let labels = vec![
@@ -232,7 +243,7 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 }
 
 /// Help lines. (`describe_counter` serves every kind: the recorder keeps one table.)
-const DESCRIPTIONS: [(&str, Option<Unit>, &str); 18] = [
+const DESCRIPTIONS: [(&str, Option<Unit>, &str); 21] = [
     (
         "rowcast_sessions",
         None,
@@ -281,7 +292,22 @@ const DESCRIPTIONS: [(&str, Option<Unit>, &str); 18] = [
     (
         "rowcast_queue_overflows_total",
         None,
-        "Outbox overflows by slow-client policy: sessions evicted (disconnect) or changes dropped (conflate).",
+        "Outbox overflows by slow-client policy: sessions evicted (disconnect) or changes left to a changelog read (conflate).",
+    ),
+    (
+        "rowcast_changes_conflated_total",
+        None,
+        "Superseded versions skipped for clients that had stopped reading (each newer version sent says so).",
+    ),
+    (
+        "rowcast_stream_resets_total",
+        None,
+        "Times every subscription was restarted from a snapshot because the changelog could not fill a gap (pruned during an outage, or the database's history rewound).",
+    ),
+    (
+        "rowcast_listener_failed_attempts",
+        None,
+        "Consecutive failed LISTEN connection or catch-up attempts (0 while healthy); reconnects back off exponentially with it.",
     ),
     (
         "rowcast_listener_connected",

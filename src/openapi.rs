@@ -79,6 +79,10 @@ pub struct ListenerSchema {
     payloadsSkipped: u64,
     changesReadFromChangelog: u64,
     lastSeq: u64,
+    /// Consecutive failed connection or catch-up attempts (0 while healthy).
+    failedAttempts: u64,
+    /// Changelog page reads (each bounded by rows and bytes).
+    changelogReads: u64,
 }
 
 /// One entry of `topProducts`.
@@ -103,7 +107,10 @@ pub struct StatsSchema {
     changesPublished: u64,
     messagesQueued: u64,
     slowSessionsEvicted: u64,
-    changesConflated: u64,
+    /// Changes left to a changelog read because a session's queue was full.
+    changesDeferred: u64,
+    /// Times every subscription restarted from a snapshot (gap the changelog cannot fill).
+    resets: u64,
     messagesWaiting: u64,
     /// The seq of the last change published.
     lastSeq: u64,

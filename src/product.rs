@@ -52,7 +52,7 @@ pub struct Product {
     pub product_id: ProductId,
     /// Who makes it; never empty.
     pub manufacturer: String,
-    /// Decimal price as text (e.g. `"12.50"`), kept as text so no rounding ever happens.
+    /// Price as free text (e.g. `"12.50"` or `"500EUR"`), stored and returned exactly.
     pub price_per_unit: String,
     /// Stock level; never negative.
     pub units_available: i32,
@@ -99,51 +99,35 @@ pub enum SubscriptionStart {
     Snapshot,
 }
 
-/// A `product_change` notification: the whole change, or, for rows too large for a
-/// notification, only its seq and product (the rest is read from the changelog).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Notice {
-    /// The payload carried the whole change.
-    Full(Change),
-    /// The payload carried only where to find the change.
-    SeqOnly {
-        /// Position of the change in the changelog.
-        seq: Seq,
-        /// The product it changed.
-        product_id: ProductId,
+/// Why a subscriber's stream cannot go on with a replay and starts again from a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetCause {
+    /// Changes after the position were pruned by retention.
+    Pruned {
+        /// Changes at or below this may be gone.
+        pruned_through: Seq,
+    },
+    /// The database's history is not the one the position came from: its seq went backwards
+    /// or the change at the position is a different one (a restore, a failover to a lagging
+    /// replica, a re-created database).
+    Rewound {
+        /// The database's newest seq when this was noticed.
+        latest: Seq,
     },
 }
 
-impl Notice {
-    /// Parses a `product_change` notification payload.
-    pub fn parse(payload: &str) -> Result<Self, serde_json::Error> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase", deny_unknown_fields)]
-        struct Stub {
-            seq: Seq,
-            #[allow(dead_code)]
-            action: Action,
-            product_id: ProductId,
-        }
-        match serde_json::from_str::<Change>(payload) {
-            Ok(change) => Ok(Self::Full(change)),
-            Err(full_err) => match serde_json::from_str::<Stub>(payload) {
-                Ok(stub) => Ok(Self::SeqOnly {
-                    seq: stub.seq,
-                    product_id: stub.product_id,
-                }),
-                Err(_) => Err(full_err),
-            },
-        }
+/// The seq a `product_change` notification names, if it names one. Notifications are hints
+/// that something was committed, never the change itself: any database login may NOTIFY, so
+/// what subscribers receive is always read from the changelog, and a payload only saves a read
+/// when it names a seq already published.
+pub fn notification_hint(payload: &str) -> Option<Seq> {
+    #[derive(Deserialize)]
+    struct Hint {
+        seq: Seq,
     }
-
-    /// The change's seq.
-    pub fn seq(&self) -> Seq {
-        match self {
-            Self::Full(change) => change.seq,
-            Self::SeqOnly { seq, .. } => *seq,
-        }
-    }
+    serde_json::from_str::<Hint>(payload)
+        .ok()
+        .map(|hint| hint.seq)
 }
 
 /// A client input that breaks a rule; `field` names the JSON field at fault.
@@ -336,23 +320,33 @@ fn parse_name(field: &'static str, value: String) -> Result<String, ValidationEr
     Ok(value)
 }
 
-/// Prices are decimal text with an optional fraction ("12", "12.5", "0.99"): what a shop shows,
-/// kept exact instead of going through a float.
+/// Longest price text accepted: far above any real price with its currency ("500EUR",
+/// "12.50 USD / unit"), small enough that a price is never the reason a row is large.
+const MAX_PRICE_CHARS: usize = 64;
+
+/// Prices are free text, as in the Go service rowcast replaces (its documented request sends
+/// `"500EUR"`): stored and returned exactly, never parsed into a number, so no rounding and no
+/// currency is lost. Only what no price can be is refused: empty, blank, overlong, or NUL.
 fn parse_price(value: String) -> Result<String, ValidationError> {
-    let (whole, fraction) = match value.split_once('.') {
-        Some((whole, fraction)) => (whole, Some(fraction)),
-        None => (value.as_str(), None),
-    };
-    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
-    let valid = value.len() <= 40 && digits(whole) && fraction.is_none_or(digits);
-    if valid {
-        Ok(value)
-    } else {
-        Err(ValidationError::new(
+    if value.trim().is_empty() {
+        return Err(ValidationError::new(
             "pricePerUnit",
-            format!("must be a non-negative decimal number as text, like \"12.50\"; got {value:?}"),
-        ))
+            "must not be empty; send the price as text, like \"12.50\" or \"500EUR\"",
+        ));
     }
+    if value.chars().count() > MAX_PRICE_CHARS {
+        return Err(ValidationError::new(
+            "pricePerUnit",
+            format!("must be at most {MAX_PRICE_CHARS} characters"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ValidationError::new(
+            "pricePerUnit",
+            "must not contain NUL characters",
+        ));
+    }
+    Ok(value)
 }
 
 fn parse_units(value: i64) -> Result<i32, ValidationError> {
@@ -394,9 +388,10 @@ mod tests {
         for (field, bad) in [
             ("manufacturer", json!("  ")),
             ("productName", json!("")),
-            ("pricePerUnit", json!("12,50")),
-            ("pricePerUnit", json!("-1")),
-            ("pricePerUnit", json!("1.")),
+            ("pricePerUnit", json!("")),
+            ("pricePerUnit", json!("   ")),
+            ("pricePerUnit", json!("9".repeat(65))),
+            ("pricePerUnit", json!("5\u{0}")),
             ("unitsAvailable", json!(-1)),
             ("unitsAvailable", json!(3_000_000_000_i64)),
             ("productId", json!(-4)),
@@ -405,6 +400,16 @@ mod tests {
             body[field] = bad.clone();
             let err = NewProduct::parse(input(body)).unwrap_err();
             assert_eq!(err.field, field, "{bad}");
+        }
+    }
+
+    #[test]
+    fn prices_are_free_text_as_in_the_original_service() {
+        for price in ["500EUR", "12,50", "-1", "1.", "12.50", "€ 3"] {
+            let mut body = valid();
+            body["pricePerUnit"] = json!(price);
+            let product = NewProduct::parse(input(body)).unwrap();
+            assert_eq!(product.price_per_unit, price, "kept exactly");
         }
     }
 
@@ -433,22 +438,15 @@ mod tests {
     }
 
     #[test]
-    fn notices_parse_whole_changes_and_seq_only_stubs() {
-        let payload = r#"{"seq":7,"action":"DELETE","product":{"productId":1,"manufacturer":"A","pricePerUnit":"1","unitsAvailable":0,"productName":"B"}}"#;
-        let Notice::Full(change) = Notice::parse(payload).unwrap() else {
-            panic!("a whole change")
-        };
-        assert_eq!(change.action, Action::Delete);
-        assert_eq!(serde_json::to_string(&change).unwrap(), payload);
+    fn notification_hints_name_a_seq_or_nothing() {
         assert_eq!(
-            Notice::parse(r#"{"seq" : 8, "action" : "UPDATE", "productId" : 3}"#).unwrap(),
-            Notice::SeqOnly {
-                seq: 8,
-                product_id: ProductId::new(3).unwrap()
-            }
+            notification_hint(r#"{"seq":8,"action":"UPDATE","productId":3}"#),
+            Some(8)
         );
-        assert!(Notice::parse(r#"{"seq":1,"action":"TRUNCATE","product":{}}"#).is_err());
-        assert!(Notice::parse(r#"{"action":"UPDATE","productId":3}"#).is_err());
+        assert_eq!(notification_hint(r#"{"seq":8,"anything":[1]}"#), Some(8));
+        for garbage in ["", "null", "{}", r#"{"seq":-1}"#, r#"{"seq":"8"}"#, "\u{0}"] {
+            assert_eq!(notification_hint(garbage), None, "{garbage:?}");
+        }
     }
 
     #[test]

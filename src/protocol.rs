@@ -14,7 +14,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::product::{Change, Product, ProductId, Seq, SubscriptionStart};
+use crate::product::{Change, Product, ProductId, ResetCause, Seq, SubscriptionStart};
 
 /// WebSocket close codes rowcast sends, each with when and what a client should do.
 pub mod close_code {
@@ -270,6 +270,23 @@ pub fn encode_change(change: &Change) -> String {
     })
 }
 
+/// Encodes a change that stands for `versions` changes of its product: the client had stopped
+/// reading, so the versions between were skipped and this is the newest (`"conflated":true`).
+pub fn encode_conflated_change(change: &Change) -> String {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        r#type: &'static str,
+        #[serde(flatten)]
+        change: &'a Change,
+        conflated: bool,
+    }
+    to_json(&Wire {
+        r#type: "change",
+        change,
+        conflated: true,
+    })
+}
+
 /// Encodes the acknowledgement of an applied subscribe (with the seq after which its changes
 /// follow) or unsubscribe (without).
 pub fn encode_ack(ids: &[ProductId], seq: Option<Seq>) -> String {
@@ -309,8 +326,9 @@ pub fn encode_snapshot(seq: Seq, products: &[Product], missing: &[ProductId]) ->
     })
 }
 
-/// Tells a resuming client that changes after `since` are no longer kept; a snapshot follows.
-pub fn encode_reset(ids: &[ProductId], since: Seq, pruned_through: Seq) -> String {
+/// Tells a client that its stream cannot go on from `since` with a replay; a snapshot of the
+/// products follows, then every change after it.
+pub fn encode_reset(ids: &[ProductId], since: Seq, cause: ResetCause) -> String {
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Wire<'a> {
@@ -318,18 +336,41 @@ pub fn encode_reset(ids: &[ProductId], since: Seq, pruned_through: Seq) -> Strin
         #[serde(rename = "productIDs")]
         product_ids: &'a [ProductId],
         since: Seq,
-        pruned_through: Seq,
+        reason: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pruned_through: Option<Seq>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        latest: Option<Seq>,
         message: String,
     }
+    let (reason, pruned_through, latest, message) = match cause {
+        ResetCause::Pruned { pruned_through } => (
+            "pruned",
+            Some(pruned_through),
+            None,
+            format!(
+                "changes up to seq {pruned_through} are no longer kept, so a resume from {since} could miss some; \
+                 a snapshot of the current rows follows, then every change after it"
+            ),
+        ),
+        ResetCause::Rewound { latest } => (
+            "rewound",
+            None,
+            Some(latest),
+            format!(
+                "the database's history does not continue from seq {since} (its newest is {latest}: \
+                 restored, failed over or re-created); a snapshot of the current rows follows, then every change after it"
+            ),
+        ),
+    };
     to_json(&Wire {
         r#type: "reset",
         product_ids: ids,
         since,
+        reason,
         pruned_through,
-        message: format!(
-            "changes up to seq {pruned_through} are no longer kept, so a resume from {since} could miss some; \
-             a snapshot of the current rows follows, then every change after it"
-        ),
+        latest,
+        message,
     })
 }
 
@@ -524,9 +565,21 @@ mod tests {
             encode_snapshot(12, std::slice::from_ref(&change.product), &[id(5)]),
             r#"{"type":"snapshot","seq":12,"products":[{"productId":1,"manufacturer":"A","pricePerUnit":"1.00","unitsAvailable":2,"productName":"\"B\""}],"missing":[5]}"#
         );
-        assert!(encode_reset(&[id(1)], 3, 9).starts_with(
-            r#"{"type":"reset","productIDs":[1],"since":3,"prunedThrough":9,"message":"#
-        ));
+        assert!(
+            encode_reset(&[id(1)], 3, ResetCause::Pruned { pruned_through: 9 }).starts_with(
+                r#"{"type":"reset","productIDs":[1],"since":3,"reason":"pruned","prunedThrough":9,"message":"#
+            )
+        );
+        assert!(
+            encode_reset(&[id(1)], 30, ResetCause::Rewound { latest: 9 }).starts_with(
+                r#"{"type":"reset","productIDs":[1],"since":30,"reason":"rewound","latest":9,"message":"#
+            )
+        );
+        let conflated = encode_conflated_change(&change);
+        let mut plain: Value = serde_json::from_str(&encode_change(&change)).unwrap();
+        plain["conflated"] = Value::Bool(true);
+        assert_eq!(serde_json::from_str::<Value>(&conflated).unwrap(), plain);
+        assert!(conflated.ends_with(r#","conflated":true}"#), "{conflated}");
         assert_eq!(
             encode_error("x", "y"),
             r#"{"type":"error","error":"x","message":"y"}"#

@@ -39,6 +39,9 @@ pub enum ApiError {
     /// A product with the given id exists already: 409.
     #[error("{0}")]
     Conflict(String),
+    /// No id is left for a product created without one: 409.
+    #[error("{0}")]
+    IdsExhausted(String),
     /// A server fault; the cause is logged, never sent: 500.
     #[error("internal error")]
     Internal(String),
@@ -62,6 +65,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::IdsExhausted(_) => (StatusCode::CONFLICT, "product_ids_exhausted"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -99,6 +103,7 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::NotFound(_) => Self::NotFound(err.to_string()),
             StoreError::Conflict(_) => Self::Conflict(err.to_string()),
+            StoreError::IdsExhausted => Self::IdsExhausted(err.to_string()),
             StoreError::Database(cause) => Self::Internal(cause.to_string()),
         }
     }

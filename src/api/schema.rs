@@ -18,8 +18,8 @@ pub struct ProductSchema {
     /// Who makes it; never empty.
     #[schema(min_length = 1)]
     pub manufacturer: String,
-    /// Decimal price as text, kept exact.
-    #[schema(pattern = r"^[0-9]+(\.[0-9]+)?$", example = "12.50")]
+    /// Price as free text (e.g. `"12.50"`, `"500EUR"`), returned exactly as stored.
+    #[schema(min_length = 1, example = "500EUR")]
     pub price_per_unit: String,
     /// Stock level.
     #[schema(minimum = 0, maximum = 2147483647, format = Int32)]
@@ -41,8 +41,8 @@ pub struct ProductInputSchema {
     /// Not blank, at most 200000 characters, no NUL.
     #[schema(min_length = 1, max_length = 200000)]
     pub manufacturer: String,
-    /// Non-negative decimal text, at most 40 characters.
-    #[schema(pattern = r"^[0-9]+(\.[0-9]+)?$", max_length = 40, example = "12.50")]
+    /// Free text, not blank, at most 64 characters, no NUL (e.g. `"12.50"`, `"500EUR"`).
+    #[schema(min_length = 1, max_length = 64, example = "500EUR")]
     pub price_per_unit: String,
     /// Stock level.
     #[schema(minimum = 0, maximum = 2147483647, format = Int64)]
@@ -64,8 +64,8 @@ pub struct ProductPatchSchema {
     /// New manufacturer.
     #[schema(min_length = 1, max_length = 200000)]
     pub manufacturer: Option<String>,
-    /// New price.
-    #[schema(pattern = r"^[0-9]+(\.[0-9]+)?$", max_length = 40)]
+    /// New price: free text, not blank, at most 64 characters.
+    #[schema(min_length = 1, max_length = 64)]
     pub price_per_unit: Option<String>,
     /// New stock level.
     #[schema(minimum = 0, maximum = 2147483647, format = Int64)]

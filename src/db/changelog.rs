@@ -8,8 +8,13 @@ use sqlx::{PgPool, Row};
 use crate::product::{Action, Change, Product, ProductId, Seq};
 use crate::shutdown::Shutdown;
 
-/// Rows fetched per changelog query, so a long catch-up or replay streams in bounded memory.
-pub const PAGE: i64 = 1000;
+/// Rows fetched per changelog query at most, so a long catch-up or replay streams in bounded
+/// memory.
+pub const PAGE_ROWS: i64 = 1000;
+/// Bytes of change JSON per changelog page at most (past its first row): rows can be ~1 MB each,
+/// so rows alone do not bound a page's memory. 4 MiB keeps pages of typical rows at
+/// [`PAGE_ROWS`] while a backlog of large rows still advances several rows per read.
+pub const PAGE_BYTES: i64 = 4 << 20;
 /// Rows deleted per retention transaction: short transactions, no long-held row locks.
 const PRUNE_BATCH: i64 = 1000;
 
@@ -38,6 +43,46 @@ pub struct Snapshot {
     pub products: Vec<Product>,
 }
 
+/// One page of changes, with what the same database snapshot said about retention.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// Changes at or below this may already be deleted: a reader whose position is below it
+    /// cannot tell whether it missed some.
+    pub pruned_through: Seq,
+    /// The changes, in seq order.
+    pub changes: Vec<LoggedChange>,
+    /// True if more changes may follow the last one (the page was cut by rows or bytes).
+    pub more: bool,
+    /// For reads after a position: the commit time of the change at that position, if it
+    /// exists (see `sql/changelog_after.sql`).
+    pub committed_at_of: Option<String>,
+}
+
+/// A change as the changelog holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedChange {
+    /// The change.
+    pub change: Change,
+    /// When it was recorded (the database's clock, as text): with the seq, it identifies this
+    /// change in this database's history.
+    pub committed_at: String,
+    /// In a conflated read, how many changes of this product it stands for (1 otherwise).
+    pub versions: u64,
+}
+
+/// Where the changelog stands (see `sql/changelog_position.sql`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The newest seq of a committed change (or the horizon, if that is higher).
+    pub latest: Seq,
+    /// The newest change's commit time, if there is a change.
+    pub latest_committed_at: Option<String>,
+    /// Changes at or below this may have been pruned.
+    pub pruned_through: Seq,
+    /// The commit time of the change at the seq asked about, if it exists.
+    pub committed_at_of: Option<String>,
+}
+
 fn to_seq(value: i64) -> Seq {
     // Sequence values start at 1 and pruned_through at 0.
     Seq::try_from(value).unwrap_or(0)
@@ -48,20 +93,46 @@ fn to_param(seq: Seq) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
-fn decode(row: &sqlx::postgres::PgRow) -> Result<Change, ChangelogError> {
-    let seq: i64 = row.try_get("seq")?;
-    let action: String = row.try_get("action")?;
-    let product: String = row.try_get("product")?;
-    let corrupt = |cause: String| ChangelogError::Corrupt { seq, cause };
-    let action: Action = serde_json::from_value(serde_json::Value::String(action))
-        .map_err(|err| corrupt(err.to_string()))?;
-    let product: Product =
-        serde_json::from_str(&product).map_err(|err| corrupt(err.to_string()))?;
-    Ok(Change {
-        seq: to_seq(seq),
-        action,
-        product,
-    })
+/// Decodes a page query's rows (see `sql/changelog_after.sql` for their shape).
+fn decode_page(rows: &[sqlx::postgres::PgRow]) -> Result<Page, ChangelogError> {
+    let mut page = Page::default();
+    let mut fetched = 0;
+    for row in rows {
+        page.pruned_through = to_seq(row.try_get("pruned_through")?);
+        match row.try_get::<Option<String>, _>("committed_at_of") {
+            Ok(committed_at) => page.committed_at_of = committed_at,
+            Err(sqlx::Error::ColumnNotFound(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
+        let Some(seq) = row.try_get::<Option<i64>, _>("seq")? else {
+            continue;
+        };
+        fetched = row.try_get::<i64, _>("fetched")?;
+        let action: String = row.try_get("action")?;
+        let product: String = row.try_get("product")?;
+        let corrupt = |cause: String| ChangelogError::Corrupt { seq, cause };
+        let action: Action = serde_json::from_value(serde_json::Value::String(action))
+            .map_err(|err| corrupt(err.to_string()))?;
+        let product: Product =
+            serde_json::from_str(&product).map_err(|err| corrupt(err.to_string()))?;
+        let versions = match row.try_get::<Option<i64>, _>("versions") {
+            Ok(versions) => versions.map_or(1, to_seq),
+            Err(sqlx::Error::ColumnNotFound(_)) => 1,
+            Err(err) => return Err(err.into()),
+        };
+        page.changes.push(LoggedChange {
+            change: Change {
+                seq: to_seq(seq),
+                action,
+                product,
+            },
+            committed_at: row.try_get("committed_at")?,
+            versions,
+        });
+    }
+    let returned = i64::try_from(page.changes.len()).unwrap_or(i64::MAX);
+    page.more = fetched > returned || fetched >= PAGE_ROWS;
+    Ok(page)
 }
 
 /// The last seq of a committed change (0 if none yet).
@@ -72,36 +143,69 @@ pub async fn latest_seq(pool: &PgPool) -> Result<Seq, ChangelogError> {
     Ok(to_seq(seq))
 }
 
-/// Up to [`PAGE`] changes to any product after `after`, in seq order.
-pub async fn after(pool: &PgPool, after: Seq) -> Result<Vec<Change>, ChangelogError> {
-    let query = sqlx::query(include_str!("../../sql/changelog_after.sql"))
-        .bind(to_param(after))
-        .bind(PAGE);
-    fetch_page(pool, query).await
+/// Where the changelog stands, and the commit time of the change at `seq` (if it exists).
+pub async fn position(pool: &PgPool, seq: Seq) -> Result<Position, ChangelogError> {
+    let row = sqlx::query(include_str!("../../sql/changelog_position.sql"))
+        .bind(to_param(seq))
+        .fetch_one(pool)
+        .await?;
+    Ok(Position {
+        latest: to_seq(row.try_get("latest")?),
+        latest_committed_at: row.try_get("latest_committed_at")?,
+        pruned_through: to_seq(row.try_get("pruned_through")?),
+        committed_at_of: row.try_get("committed_at_of")?,
+    })
 }
 
-/// Up to [`PAGE`] changes to `products` with `after < seq <= upto`, in seq order.
+/// One page of changes to any product after `after`, in seq order.
+pub async fn after(pool: &PgPool, after: Seq) -> Result<Page, ChangelogError> {
+    let rows = sqlx::query(include_str!("../../sql/changelog_after.sql"))
+        .bind(to_param(after))
+        .bind(PAGE_ROWS)
+        .bind(PAGE_BYTES)
+        .fetch_all(pool)
+        .await?;
+    decode_page(&rows)
+}
+
+/// One page of changes to `products` with `after < seq <= upto`, in seq order.
 pub async fn for_products(
     pool: &PgPool,
     products: &[ProductId],
     after: Seq,
     upto: Seq,
-) -> Result<Vec<Change>, ChangelogError> {
+) -> Result<Page, ChangelogError> {
     let ids: Vec<i64> = products.iter().map(|id| id.get()).collect();
-    let query = sqlx::query(include_str!("../../sql/changelog_for_products.sql"))
+    let rows = sqlx::query(include_str!("../../sql/changelog_for_products.sql"))
         .bind(ids)
         .bind(to_param(after))
         .bind(to_param(upto))
-        .bind(PAGE);
-    fetch_page(pool, query).await
+        .bind(PAGE_ROWS)
+        .bind(PAGE_BYTES)
+        .fetch_all(pool)
+        .await?;
+    decode_page(&rows)
 }
 
-/// Runs a query for one page of changes and decodes its rows.
-async fn fetch_page(
+/// One page of the newest change of each of `products` in `range` (exclusive start, inclusive
+/// end) that comes after `cursor`, in seq order: a conflated replay.
+pub async fn latest_per_product(
     pool: &PgPool,
-    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-) -> Result<Vec<Change>, ChangelogError> {
-    query.fetch_all(pool).await?.iter().map(decode).collect()
+    products: &[ProductId],
+    range: (Seq, Seq),
+    cursor: Seq,
+) -> Result<Page, ChangelogError> {
+    let ids: Vec<i64> = products.iter().map(|id| id.get()).collect();
+    let rows = sqlx::query(include_str!("../../sql/changelog_latest_per_product.sql"))
+        .bind(ids)
+        .bind(to_param(range.0))
+        .bind(to_param(range.1))
+        .bind(to_param(cursor))
+        .bind(PAGE_ROWS)
+        .bind(PAGE_BYTES)
+        .fetch_all(pool)
+        .await?;
+    decode_page(&rows)
 }
 
 /// Changes with seq at or below this may have been pruned.

@@ -15,6 +15,13 @@ pub enum StoreError {
     /// A product with this id already exists.
     #[error("product {0} already exists")]
     Conflict(ProductId),
+    /// Every id the identity sequence may hand out (up to [`ProductId::MAX`]) is used up; a
+    /// client may still create products by choosing a free id.
+    #[error(
+        "no product id is left to assign: generated ids end at {max}; choose a free productId",
+        max = ProductId::MAX
+    )]
+    IdsExhausted,
     /// Anything else: connection loss, timeouts, bugs. Details go to the log only.
     #[error("database error")]
     Database(#[from] sqlx::Error),
@@ -49,6 +56,13 @@ impl ProductRow {
             product_name: self.product_name,
         })
     }
+}
+
+/// SQLSTATE 2200H: `nextval` reached the sequence's MAXVALUE (migration 0005 caps it at
+/// [`ProductId::MAX`]).
+fn is_sequence_exhausted(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .is_some_and(|db| db.code().as_deref() == Some("2200H"))
 }
 
 fn is_duplicate_key(err: &sqlx::Error) -> bool {
@@ -100,6 +114,7 @@ async fn insert_generated(pool: &PgPool, new: &NewProduct) -> Result<Product, St
         match result {
             Ok(row) => return row.into_product(),
             Err(err) if is_duplicate_key(&err) && attempt < INSERT_ATTEMPTS => continue,
+            Err(err) if is_sequence_exhausted(&err) => return Err(StoreError::IdsExhausted),
             Err(err) => return Err(err.into()),
         }
     }

@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use super::outbox::{OutboxSender, Pushed, outbox};
 use super::subscriptions::{SessionId, Subscriptions};
-use super::{Command, Delivery, Registration, Stats};
+use super::{Command, Delivery, Frame, Registration, Stats};
 use crate::config::Limits;
 use crate::product::Seq;
 
@@ -26,11 +26,7 @@ struct Distributor<F> {
     stats: Stats,
 }
 
-pub(super) fn spawn<F: Clone + Send + 'static>(
-    inbox: mpsc::Receiver<Command<F>>,
-    limits: Limits,
-    position: Seq,
-) {
+pub(super) fn spawn<F: Frame>(inbox: mpsc::Receiver<Command<F>>, limits: Limits, position: Seq) {
     let actor = Distributor {
         subscriptions: Subscriptions::default(),
         limits,
@@ -47,7 +43,7 @@ pub(super) fn spawn<F: Clone + Send + 'static>(
     );
 }
 
-impl<F: Clone + Send + 'static> Distributor<F> {
+impl<F: Frame> Distributor<F> {
     async fn run(mut self, mut inbox: mpsc::Receiver<Command<F>>) {
         while let Some(command) = inbox.recv().await {
             self.handle(command);
@@ -65,18 +61,14 @@ impl<F: Clone + Send + 'static> Distributor<F> {
                 self.stats.changes_published += 1;
                 self.stats.last_seq = seq;
                 let mut full = Vec::new();
-                for (id, sink) in self.subscriptions.subscribers(product) {
-                    let delivery = Delivery::Change {
-                        product,
-                        seq,
-                        frame: frame.clone(),
-                    };
-                    match sink.outbox.push(delivery) {
+                let subscriptions = &self.subscriptions;
+                for (id, sink) in subscriptions.subscribers(product) {
+                    let pushed = sink.outbox.push_change(product, seq, frame.clone(), || {
+                        subscriptions.session_products(id)
+                    });
+                    match pushed {
                         Pushed::Queued => self.stats.messages_queued += 1,
-                        Pushed::Conflated(dropped) => {
-                            self.stats.messages_queued += 1;
-                            self.stats.changes_conflated += dropped as u64;
-                        }
+                        Pushed::Deferred => self.stats.changes_deferred += 1,
                         Pushed::Full => full.push(id),
                         // The session ended; its Disconnect is on the way.
                         Pushed::Closed => {}
@@ -86,11 +78,39 @@ impl<F: Clone + Send + 'static> Distributor<F> {
                     self.evict(id);
                 }
             }
+            Command::Reset {
+                since,
+                position,
+                cause,
+            } => {
+                self.stats.resets += 1;
+                self.stats.last_seq = position;
+                let sessions: Vec<(SessionId, Vec<_>)> = self
+                    .subscriptions
+                    .session_ids()
+                    .map(|id| (id, self.subscriptions.session_products(id)))
+                    .filter(|(_, products)| !products.is_empty())
+                    .collect();
+                for (id, products) in sessions {
+                    self.deliver(
+                        id,
+                        Delivery::Reset {
+                            products,
+                            since,
+                            position,
+                            cause,
+                        },
+                    );
+                }
+            }
             Command::Register { reply } => {
                 self.next_session += 1;
                 let id = SessionId(self.next_session);
-                let (sender, receiver) =
-                    outbox(self.limits.outbox_capacity, self.limits.slow_client_policy);
+                let (sender, receiver) = outbox(
+                    self.limits.outbox_capacity,
+                    self.limits.outbox_bytes,
+                    self.limits.slow_client_policy,
+                );
                 let evicted = CancellationToken::new();
                 self.subscriptions.add_session(
                     id,
@@ -161,10 +181,7 @@ impl<F: Clone + Send + 'static> Distributor<F> {
         };
         match sink.outbox.push(delivery) {
             Pushed::Queued => self.stats.messages_queued += 1,
-            Pushed::Conflated(dropped) => {
-                self.stats.messages_queued += 1;
-                self.stats.changes_conflated += dropped as u64;
-            }
+            Pushed::Deferred => self.stats.changes_deferred += 1,
             Pushed::Full => self.evict(id),
             Pushed::Closed => {}
         }

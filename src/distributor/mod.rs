@@ -25,10 +25,35 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
-use crate::product::{ProductId, Seq, SubscriptionStart};
+use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
 
 pub use outbox::OutboxReceiver;
 pub use subscriptions::{OverLimit, SessionId};
+
+/// An encoded message as the distributor carries it: opaque, cheap to clone (shared), and of a
+/// known size, so that queues are bounded by bytes as well as by count.
+pub trait Frame: Clone + Send + 'static {
+    /// Bytes the message holds.
+    fn byte_len(&self) -> usize;
+}
+
+impl Frame for axum::extract::ws::Utf8Bytes {
+    fn byte_len(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Frame for &'static str {
+    fn byte_len(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Frame for u64 {
+    fn byte_len(&self) -> usize {
+        8
+    }
+}
 
 /// Commands in flight to the actor before senders wait: absorbs bursts of notifications and
 /// commands without letting any client grow it without bound.
@@ -66,6 +91,32 @@ pub enum Delivery<F> {
     },
     /// The subscribe was refused whole because of the per-session cap.
     Refused(OverLimit),
+    /// Changes to `products` with `after < seq <= upto` were not queued because the queue was
+    /// full: the session reads them from the changelog when it gets here, at its own pace (see
+    /// `outbox`). Further changes extend `upto` while this is the last entry.
+    Gap {
+        /// The session's subscriptions when the gap opened.
+        products: Vec<ProductId>,
+        /// Changes after this seq are missing from the queue.
+        after: Seq,
+        /// ...up to and including this one.
+        upto: Seq,
+        /// When the gap opened: a session that reaches it late has stopped reading.
+        opened: std::time::Instant,
+    },
+    /// The stream cannot continue from the changelog (history pruned during an outage, or the
+    /// database rewound): the session must start its subscriptions again from a snapshot.
+    /// Changes after `position` follow in the outbox.
+    Reset {
+        /// The session's subscriptions.
+        products: Vec<ProductId>,
+        /// The last seq published before the reset.
+        since: Seq,
+        /// The position the distributor continues from.
+        position: Seq,
+        /// Why.
+        cause: ResetCause,
+    },
 }
 
 /// A counting snapshot of the actor's state.
@@ -84,8 +135,11 @@ pub struct Stats {
     pub messages_queued: u64,
     /// Sessions disconnected because their outbox was full (disconnect policy).
     pub slow_sessions_evicted: u64,
-    /// Superseded changes dropped from slow sessions' queues (conflate policy).
-    pub changes_conflated: u64,
+    /// Changes not queued because a session's queue was full: the session reads them from the
+    /// changelog when it catches up (conflate policy).
+    pub changes_deferred: u64,
+    /// Times the stream was reset (history pruned during an outage, or rewound).
+    pub resets: u64,
     /// Messages waiting in all outboxes right now.
     pub messages_waiting: usize,
     /// The seq of the last change published.
@@ -129,6 +183,11 @@ enum Command<F> {
         seq: Seq,
         frame: F,
     },
+    Reset {
+        since: Seq,
+        position: Seq,
+        cause: ResetCause,
+    },
     Stats {
         reply: oneshot::Sender<Stats>,
     },
@@ -142,12 +201,12 @@ enum Command<F> {
 /// when the session ends normally, or from `Drop` when it panics or is cancelled (a dropped SSE
 /// stream, an aborted task).
 #[derive(Debug)]
-pub struct SessionGuard<F: Clone + Send + 'static> {
+pub struct SessionGuard<F: Frame> {
     distributor: DistributorHandle<F>,
     id: Option<SessionId>,
 }
 
-impl<F: Clone + Send + 'static> SessionGuard<F> {
+impl<F: Frame> SessionGuard<F> {
     /// Guards session `id`.
     pub fn new(distributor: DistributorHandle<F>, id: SessionId) -> Self {
         Self {
@@ -164,7 +223,7 @@ impl<F: Clone + Send + 'static> SessionGuard<F> {
     }
 }
 
-impl<F: Clone + Send + 'static> Drop for SessionGuard<F> {
+impl<F: Frame> Drop for SessionGuard<F> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
             self.distributor.disconnect_soon(id);
@@ -195,13 +254,14 @@ impl<F> std::fmt::Debug for Command<F> {
             Self::Unsubscribe { .. } => "Unsubscribe",
             Self::Disconnect { .. } => "Disconnect",
             Self::Publish { .. } => "Publish",
+            Self::Reset { .. } => "Reset",
             Self::Stats { .. } => "Stats",
             Self::TopProducts { .. } => "TopProducts",
         })
     }
 }
 
-impl<F: Clone + Send + 'static> DistributorHandle<F> {
+impl<F: Frame> DistributorHandle<F> {
     /// Starts the actor on the current tokio runtime; `position` is the last seq already
     /// committed, from which the listener continues.
     pub fn spawn(limits: Limits, position: Seq) -> Self {
@@ -284,6 +344,23 @@ impl<F: Clone + Send + 'static> DistributorHandle<F> {
         .await
     }
 
+    /// Starts every subscription again from `position`: each session gets a
+    /// [`Delivery::Reset`] for its products, and changes after `position` follow. For when the
+    /// changelog cannot fill what is missing since the last published change.
+    pub async fn reset(
+        &self,
+        since: Seq,
+        position: Seq,
+        cause: ResetCause,
+    ) -> Result<(), DistributorGone> {
+        self.send(Command::Reset {
+            since,
+            position,
+            cause,
+        })
+        .await
+    }
+
     /// Current counts.
     pub async fn stats(&self) -> Result<Stats, DistributorGone> {
         let (reply, answer) = oneshot::channel();
@@ -314,6 +391,7 @@ mod tests {
     ) -> Limits {
         Limits {
             outbox_capacity,
+            outbox_bytes: 1 << 20,
             slow_client_policy: policy,
             max_subscriptions,
             max_frame_bytes: 1024,
@@ -327,7 +405,7 @@ mod tests {
         raw.iter().map(|&id| ProductId::new(id).unwrap()).collect()
     }
 
-    async fn next<F>(registration: &mut Registration<F>) -> Option<Delivery<F>> {
+    async fn next<F: Frame>(registration: &mut Registration<F>) -> Option<Delivery<F>> {
         let mut batch = Vec::new();
         registration
             .outbox
@@ -414,12 +492,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_slow_session_is_conflated_not_evicted_under_the_conflate_policy() {
+    async fn a_full_queue_defers_changes_to_one_gap_and_resets_reach_every_session() {
         let distributor =
             DistributorHandle::<u64>::spawn(limits(4, 10, SlowClientPolicy::Conflate), 0);
         let mut slow = distributor.register().await.unwrap();
         distributor
-            .subscribe(slow.id, ids(&[1, 2]), SubscriptionStart::Live)
+            .subscribe(slow.id, ids(&[2, 1]), SubscriptionStart::Live)
             .await
             .unwrap();
         for seq in 1..=100 {
@@ -431,21 +509,43 @@ mod tests {
         }
         let stats = distributor.stats().await.unwrap();
         assert_eq!(stats.sessions, 1);
-        assert!(stats.messages_waiting <= 8, "{stats:?}");
-        assert!(stats.changes_conflated > 0);
-        let mut last = Vec::new();
+        assert_eq!(
+            stats.messages_waiting, 5,
+            "ack, 3 changes, one gap: {stats:?}"
+        );
+        assert_eq!(stats.changes_deferred, 97);
         let mut batch = Vec::new();
         slow.outbox.recv_batch(&mut batch, 100).await;
-        for delivery in batch {
-            if let Delivery::Change { seq, .. } = delivery {
-                last.push(seq);
-            }
-        }
+        assert!(matches!(batch[0], Delivery::Subscribed { .. }));
         assert_eq!(
-            &last[last.len() - 2..],
-            &[99, 100],
-            "ends with the latest of each product"
+            &batch[1..4],
+            &[change(1, 1, 1), change(2, 2, 2), change(1, 3, 3)]
         );
+        assert!(
+            matches!(&batch[4], Delivery::Gap { products, after: 3, upto: 100, .. } if *products == ids(&[1, 2])),
+            "{:?}",
+            batch[4]
+        );
+        // The reader took the gap: the queue is in order again.
+        distributor.publish(ids(&[1])[0], 101, 101).await.unwrap();
+        distributor
+            .reset(101, 150, ResetCause::Rewound { latest: 150 })
+            .await
+            .unwrap();
+        distributor.publish(ids(&[2])[0], 151, 151).await.unwrap();
+        assert_eq!(next(&mut slow).await, Some(change(1, 101, 101)));
+        assert_eq!(
+            next(&mut slow).await,
+            Some(Delivery::Reset {
+                products: ids(&[1, 2]),
+                since: 101,
+                position: 150,
+                cause: ResetCause::Rewound { latest: 150 }
+            })
+        );
+        assert_eq!(next(&mut slow).await, Some(change(2, 151, 151)));
+        let stats = distributor.stats().await.unwrap();
+        assert_eq!((stats.resets, stats.last_seq), (1, 151));
     }
 
     #[tokio::test]

@@ -1,10 +1,14 @@
 //! `Outbox`: one session's bounded queue from the actor to the session's writer, with the
 //! slow-client policy applied at the moment the actor pushes.
 //!
-//! - `Conflate` (default): when the queue reaches its capacity, pending changes are compacted
-//!   to the latest one per product (acks stay), then the new one is added. A slow client thus
-//!   converges to the current state of each product, skipping superseded versions, and its
-//!   queue never holds more than about twice max(capacity, its subscription count).
+//! - `Conflate` (default): when the queue is full, the change is not queued; a
+//!   [`Delivery::Gap`] marker is, naming the session's products and the seqs left out, and
+//!   every later change only moves the marker's end while it is the last entry. The session
+//!   reads the gap from the changelog when it reaches the marker, at the pace it drains (`feed`):
+//!   a client that reads promptly gets every version even after a burst far larger than its
+//!   queue (a catch-up after an outage); one that reached the marker only long after it opened
+//!   had stopped reading, and gets the newest version of each product, marked as conflated. A
+//!   queue thus never holds more than its capacity of changes plus one marker.
 //! - `Disconnect`: when the queue is full the push fails and the actor evicts the session
 //!   (close 1013).
 //!
@@ -12,19 +16,21 @@
 //! across an await, so actor and writer rarely meet. (The subscription maps, the shared state,
 //! stay lock-free inside the actor.)
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use super::Delivery;
+use super::{Delivery, Frame};
 use crate::config::SlowClientPolicy;
+use crate::product::{ProductId, Seq};
 
 #[derive(Debug)]
 struct Queue<F> {
     items: VecDeque<Delivery<F>>,
-    /// Length at which the next push compacts (conflate) or fails (disconnect).
-    limit: usize,
+    /// Bytes of the change frames in `items`.
+    bytes: usize,
     closed: bool,
 }
 
@@ -33,6 +39,7 @@ struct Shared<F> {
     queue: Mutex<Queue<F>>,
     ready: Notify,
     capacity: usize,
+    max_bytes: usize,
     policy: SlowClientPolicy,
 }
 
@@ -50,8 +57,8 @@ impl<F> Shared<F> {
 pub(crate) enum Pushed {
     /// Queued as is.
     Queued,
-    /// Queued after superseded changes were dropped; the count dropped.
-    Conflated(usize),
+    /// Not queued: left to the session's gap marker (conflate policy).
+    Deferred,
     /// Refused: the queue is full (disconnect policy).
     Full,
     /// Refused: the session is gone.
@@ -72,49 +79,91 @@ impl<F> Clone for OutboxSender<F> {
     }
 }
 
-/// A new outbox holding `capacity` messages before the policy applies.
+/// A new outbox holding `capacity` messages or `max_bytes` of change frames (whichever comes
+/// first; one change always fits an empty queue) before the policy applies.
 pub(crate) fn outbox<F>(
     capacity: usize,
+    max_bytes: usize,
     policy: SlowClientPolicy,
 ) -> (OutboxSender<F>, OutboxReceiver<F>) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue {
             items: VecDeque::new(),
-            limit: capacity,
+            bytes: 0,
             closed: false,
         }),
         ready: Notify::new(),
         capacity,
+        max_bytes,
         policy,
     });
     (OutboxSender(Arc::clone(&shared)), OutboxReceiver(shared))
 }
 
-impl<F> OutboxSender<F> {
-    /// Queues a message, applying the slow-client policy. Never waits.
+impl<F: Frame> OutboxSender<F> {
+    /// Queues a change, applying the slow-client policy. `products` names the session's
+    /// subscriptions; it is called only when a gap opens. Never waits.
+    pub(crate) fn push_change(
+        &self,
+        product: ProductId,
+        seq: Seq,
+        frame: F,
+        products: impl FnOnce() -> Vec<ProductId>,
+    ) -> Pushed {
+        let shared = &*self.0;
+        let mut queue = shared.lock();
+        if queue.closed {
+            return Pushed::Closed;
+        }
+        if let Some(Delivery::Gap { upto, .. }) = queue.items.back_mut() {
+            // Order: nothing may overtake changes that are waiting in the changelog.
+            *upto = seq;
+            return Pushed::Deferred;
+        }
+        let bytes = frame.byte_len();
+        let fits_bytes = queue.bytes == 0 || queue.bytes + bytes <= shared.max_bytes;
+        if queue.items.len() < shared.capacity && fits_bytes {
+            queue.bytes += bytes;
+            queue.items.push_back(Delivery::Change {
+                product,
+                seq,
+                frame,
+            });
+            drop(queue);
+            shared.ready.notify_one();
+            return Pushed::Queued;
+        }
+        match shared.policy {
+            SlowClientPolicy::Disconnect => Pushed::Full,
+            SlowClientPolicy::Conflate => {
+                queue.items.push_back(Delivery::Gap {
+                    products: products(),
+                    after: seq.saturating_sub(1),
+                    upto: seq,
+                    opened: Instant::now(),
+                });
+                drop(queue);
+                shared.ready.notify_one();
+                Pushed::Deferred
+            }
+        }
+    }
+
+    /// Queues a message that is not a change (an ack, a refusal, a reset). Under the disconnect
+    /// policy a full queue refuses it.
     pub(crate) fn push(&self, delivery: Delivery<F>) -> Pushed {
         let shared = &*self.0;
         let mut queue = shared.lock();
         if queue.closed {
             return Pushed::Closed;
         }
-        let mut result = Pushed::Queued;
-        if queue.items.len() >= queue.limit {
-            match shared.policy {
-                SlowClientPolicy::Disconnect => return Pushed::Full,
-                SlowClientPolicy::Conflate => {
-                    let dropped = conflate(&mut queue.items);
-                    // Compact again only after the queue doubled, so compaction stays amortized
-                    // O(1) per push even when most entries are distinct products.
-                    queue.limit = shared.capacity.max(queue.items.len() * 2);
-                    result = Pushed::Conflated(dropped);
-                }
-            }
+        if queue.items.len() >= shared.capacity && shared.policy == SlowClientPolicy::Disconnect {
+            return Pushed::Full;
         }
         queue.items.push_back(delivery);
         drop(queue);
         shared.ready.notify_one();
-        result
+        Pushed::Queued
     }
 
     /// Messages waiting to be written.
@@ -129,25 +178,7 @@ impl<F> OutboxSender<F> {
     }
 }
 
-/// Keeps only the newest change per product (and every non-change), in their order.
-fn conflate<F>(items: &mut VecDeque<Delivery<F>>) -> usize {
-    let before = items.len();
-    let mut seen = HashSet::with_capacity(before);
-    let mut kept = VecDeque::with_capacity(before);
-    while let Some(item) = items.pop_back() {
-        let keep = match &item {
-            Delivery::Change { product, .. } => seen.insert(*product),
-            _ => true,
-        };
-        if keep {
-            kept.push_front(item);
-        }
-    }
-    *items = kept;
-    before - items.len()
-}
-
-impl<F> OutboxReceiver<F> {
+impl<F: Frame> OutboxReceiver<F> {
     /// Moves up to `max` queued messages into `batch`, waiting for at least one. Returns false
     /// once the outbox is closed and drained. Cancel-safe: nothing is taken until it returns.
     pub async fn recv_batch(&mut self, batch: &mut impl Extend<Delivery<F>>, max: usize) -> bool {
@@ -156,10 +187,17 @@ impl<F> OutboxReceiver<F> {
                 let mut queue = self.0.lock();
                 if !queue.items.is_empty() {
                     let take = queue.items.len().min(max);
+                    let taken: usize = queue
+                        .items
+                        .iter()
+                        .take(take)
+                        .map(|item| match item {
+                            Delivery::Change { frame, .. } => frame.byte_len(),
+                            _ => 0,
+                        })
+                        .sum();
+                    queue.bytes -= taken;
                     batch.extend(queue.items.drain(..take));
-                    if queue.items.len() < self.0.capacity {
-                        queue.limit = self.0.capacity;
-                    }
                     return true;
                 }
                 if queue.closed {
@@ -191,74 +229,70 @@ impl<F> Drop for OutboxReceiver<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::product::ProductId;
 
-    fn change(product: i64, seq: u64) -> Delivery<u64> {
-        Delivery::Change {
-            product: ProductId::new(product).unwrap(),
-            seq,
-            frame: seq,
-        }
+    fn id(raw: i64) -> ProductId {
+        ProductId::new(raw).unwrap()
     }
 
-    fn seqs(batch: &[Delivery<u64>]) -> Vec<u64> {
-        batch
-            .iter()
-            .filter_map(|d| match d {
-                Delivery::Change { seq, .. } => Some(*seq),
-                _ => None,
-            })
-            .collect()
+    fn push(tx: &OutboxSender<u64>, product: i64, seq: u64) -> Pushed {
+        tx.push_change(id(product), seq, seq, || vec![id(1), id(2)])
     }
 
     #[tokio::test]
-    async fn conflation_keeps_the_latest_change_per_product_in_order() {
-        let (tx, mut rx) = outbox(4, SlowClientPolicy::Conflate);
-        let mut seq = 0;
-        for _ in 0..100 {
-            for product in 1..=3 {
-                seq += 1;
-                assert_ne!(tx.push(change(product, seq)), Pushed::Closed);
-            }
+    async fn a_full_queue_opens_one_gap_that_grows_until_the_reader_takes_it() {
+        let (tx, mut rx) = outbox(2, 1 << 20, SlowClientPolicy::Conflate);
+        assert_eq!(push(&tx, 1, 1), Pushed::Queued);
+        assert_eq!(push(&tx, 2, 2), Pushed::Queued);
+        for seq in 3..=50 {
+            assert_eq!(push(&tx, 1 + (seq as i64 % 2), seq), Pushed::Deferred);
         }
-        assert!(
-            tx.len() <= 8,
-            "bounded by about twice the products: {}",
-            tx.len()
+        assert_eq!(tx.len(), 3, "two changes and one marker");
+        let mut batch = Vec::new();
+        assert!(rx.recv_batch(&mut batch, 1).await);
+        // The marker is still last: later changes keep extending it.
+        assert_eq!(push(&tx, 1, 51), Pushed::Deferred);
+        assert!(rx.recv_batch(&mut batch, 10).await);
+        assert!(matches!(
+            &batch[2],
+            Delivery::Gap { after: 2, upto: 51, products, .. } if *products == vec![id(1), id(2)]
+        ));
+        assert_eq!(push(&tx, 1, 52), Pushed::Queued, "in order again");
+    }
+
+    #[tokio::test]
+    async fn queues_are_bounded_by_bytes_as_well_as_count() {
+        let (tx, mut rx) = outbox::<u64>(100, 20, SlowClientPolicy::Conflate);
+        assert_eq!(push(&tx, 1, 1), Pushed::Queued);
+        assert_eq!(push(&tx, 1, 2), Pushed::Queued);
+        assert_eq!(
+            push(&tx, 1, 3),
+            Pushed::Deferred,
+            "24 bytes would exceed 20"
         );
         let mut batch = Vec::new();
-        assert!(rx.recv_batch(&mut batch, 100).await);
-        let got = seqs(&batch);
-        assert!(got.windows(2).all(|w| w[0] < w[1]), "in seq order: {got:?}");
-        for product in 1..=3_i64 {
-            let last = batch.iter().rev().find_map(|d| match d {
-                Delivery::Change {
-                    product: p, seq, ..
-                } if p.get() == product => Some(*seq),
-                _ => None,
-            });
-            assert_eq!(
-                last,
-                Some(297 + product as u64),
-                "latest of product {product}"
-            );
-        }
+        assert!(rx.recv_batch(&mut batch, 10).await);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(
+            push(&tx, 1, 4),
+            Pushed::Queued,
+            "the taken bytes are free again"
+        );
     }
 
     #[tokio::test]
     async fn disconnect_policy_refuses_when_full_and_close_ends_the_stream() {
-        let (tx, mut rx) = outbox(2, SlowClientPolicy::Disconnect);
-        assert_eq!(tx.push(change(1, 1)), Pushed::Queued);
-        assert_eq!(tx.push(change(1, 2)), Pushed::Queued);
-        assert_eq!(tx.push(change(1, 3)), Pushed::Full);
+        let (tx, mut rx) = outbox(2, 1 << 20, SlowClientPolicy::Disconnect);
+        assert_eq!(push(&tx, 1, 1), Pushed::Queued);
+        assert_eq!(push(&tx, 1, 2), Pushed::Queued);
+        assert_eq!(push(&tx, 1, 3), Pushed::Full);
         tx.close();
         let mut batch = Vec::new();
         assert!(rx.recv_batch(&mut batch, 10).await);
-        assert_eq!(seqs(&batch), vec![1, 2]);
+        assert_eq!(batch.len(), 2);
         assert!(!rx.recv_batch(&mut batch, 10).await);
         drop(rx);
-        let (tx, rx) = outbox::<u64>(2, SlowClientPolicy::Disconnect);
+        let (tx, rx) = outbox::<u64>(2, 1 << 20, SlowClientPolicy::Disconnect);
         drop(rx);
-        assert_eq!(tx.push(change(1, 1)), Pushed::Closed);
+        assert_eq!(push(&tx, 1, 1), Pushed::Closed);
     }
 }

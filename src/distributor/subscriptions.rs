@@ -237,9 +237,27 @@ impl<S> Subscriptions<S> {
         Some(&self.sessions[slot as usize].sink)
     }
 
+    /// Every session's id.
+    pub(crate) fn session_ids(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.sessions.iter().map(|(_, entry)| entry.id)
+    }
+
     /// Every session's sink.
     pub(crate) fn sinks(&self) -> impl Iterator<Item = &S> + '_ {
         self.sessions.iter().map(|(_, entry)| &entry.sink)
+    }
+
+    /// The products one session is subscribed to (empty if it is not registered).
+    pub(crate) fn session_products(&self, id: SessionId) -> Vec<ProductId> {
+        self.by_session.get(&id).map_or_else(Vec::new, |&slot| {
+            let mut products: Vec<ProductId> = self.sessions[slot as usize]
+                .products
+                .iter()
+                .copied()
+                .collect();
+            products.sort_unstable();
+            products
+        })
     }
 
     /// Subscriptions one session holds (0 if it is not registered).

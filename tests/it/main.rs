@@ -10,6 +10,7 @@ mod access;
 mod bad_input;
 mod browser;
 mod delivery;
+mod integrity;
 mod listener_recovery;
 mod observability;
 mod ordering;

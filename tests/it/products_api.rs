@@ -294,7 +294,7 @@ async fn bad_requests_get_the_right_status_and_a_message_naming_the_problem() {
             "pricePerUnit",
         ),
         (
-            json!({"manufacturer": "m", "pricePerUnit": "cheap", "unitsAvailable": 1, "productName": "n"}),
+            json!({"manufacturer": "m", "pricePerUnit": " ", "unitsAvailable": 1, "productName": "n"}),
             "pricePerUnit",
         ),
         (
@@ -415,4 +415,104 @@ async fn bad_requests_get_the_right_status_and_a_message_naming_the_problem() {
     // None of the above changed the product.
     let after = body(app.http.get(&one).send().await.unwrap()).await;
     assert_eq!(after, existing);
+}
+
+#[tokio::test]
+async fn the_original_services_request_works_as_written() {
+    let app = spawn_app().await;
+    // Verbatim from the Go service rowcast replaces: id 0 means "assign one", the price is text.
+    let created = app
+        .http
+        .post(format!("{}/products", app.base_url))
+        .header("content-type", "application/json")
+        .body(r#"{"productId":0,"manufacturer":"Apple","pricePerUnit":"500EUR","unitsAvailable":6,"productName":"MacBook Pro"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created = body(created).await;
+    let id = created["productId"].as_i64().unwrap();
+    assert!(id > 0);
+    let read = body(
+        app.http
+            .get(format!("{}/products/{id}", app.base_url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        read,
+        json!({"productId": id, "manufacturer": "Apple", "pricePerUnit": "500EUR", "unitsAvailable": 6, "productName": "MacBook Pro"})
+    );
+}
+
+#[tokio::test]
+async fn when_generated_ids_run_out_a_post_gets_a_json_error_and_commits_nothing() {
+    let app = spawn_app().await;
+    let max = 9_007_199_254_740_991_i64;
+    let mut at_max = product("Last");
+    at_max["productId"] = json!(max);
+    let response = app
+        .http
+        .post(format!("{}/products", app.base_url))
+        .json(&at_max)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let rows_before: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let response = app
+        .http
+        .post(format!("{}/products", app.base_url))
+        .json(&product("One too many"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        StatusCode::CONFLICT,
+        "product_ids_exhausted",
+        "choose a free productId",
+    )
+    .await;
+    let rows_after: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows_after, rows_before, "nothing committed");
+    // A chosen free id still works, and lists walk past the largest id without a 500.
+    let mut chosen = product("Chosen");
+    chosen["productId"] = json!(5);
+    let response = app
+        .http
+        .post(format!("{}/products", app.base_url))
+        .json(&chosen)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    for after in [0, 5, max - 1, max] {
+        let list = app
+            .http
+            .get(format!("{}/products?after={after}", app.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(list.status(), StatusCode::OK, "after={after}");
+    }
+    // Even the database refuses ids the API could not serve.
+    let refused = sqlx::query(
+        "INSERT INTO products (product_id, manufacturer, price_per_unit, units_available, product_name)
+         VALUES (9007199254740992, 'm', '1', 1, 'n')",
+    )
+    .execute(&app.pool)
+    .await;
+    assert!(
+        refused.is_err(),
+        "ids above 2^53-1 are refused by the table"
+    );
 }

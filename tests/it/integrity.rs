@@ -1,0 +1,509 @@
+//! Integrity of the change stream against hostile database roles and unlucky operators:
+//! notifications cannot forge or black-hole changes, any role allowed to write products triggers
+//! pushes, key changes and TRUNCATE are announced, and every gap the changelog cannot fill
+//! (pruned during an outage or a replay, a rewound database) ends in `reset` + snapshot.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+
+use crate::support::{
+    TestApp, WsClient, product, spawn_app, spawn_app_with, url_for_database, wait_until,
+};
+
+/// A login role for the test's database, dropped again by `drop_role`.
+async fn create_role(app: &TestApp, grants: &str) -> (String, PgPool) {
+    let role = format!("rowcast_role_{:016x}", rand::random::<u64>());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    if !grants.is_empty() {
+        sqlx::query(&format!("GRANT {grants} ON products TO {role}"))
+            .execute(&app.pool)
+            .await
+            .unwrap();
+    }
+    let options = PgConnectOptions::from_str(&app.database_url)
+        .unwrap()
+        .username(&role);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    (role, pool)
+}
+
+async fn drop_role(app: &TestApp, role: &str, pool: PgPool) {
+    pool.close().await;
+    sqlx::query(&format!("DROP OWNED BY {role}"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+}
+
+async fn max_seq(db: impl sqlx::PgExecutor<'_>) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM product_changes")
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+/// The products with these ids as the REST API shows them.
+async fn table(pool: &PgPool, ids: &[i64]) -> BTreeMap<i64, Value> {
+    let rows: Vec<(i64, String, String, i32, String)> = sqlx::query_as(
+        "SELECT product_id, manufacturer, price_per_unit, units_available, product_name
+         FROM products WHERE product_id = ANY($1) ORDER BY product_id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(id, m, p, u, n)| {
+            (id, json!({"productId": id, "manufacturer": m, "pricePerUnit": p, "unitsAvailable": u, "productName": n}))
+        })
+        .collect()
+}
+
+/// Applies one server message to a client's view of its products; returns the message type.
+fn apply(state: &mut BTreeMap<i64, Value>, message: &Value) -> String {
+    match message["type"].as_str().unwrap() {
+        "change" => {
+            let id = message["product"]["productId"].as_i64().unwrap();
+            if message["action"] == "DELETE" {
+                state.remove(&id);
+            } else {
+                state.insert(id, message["product"].clone());
+            }
+        }
+        "snapshot" => {
+            for missing in message["missing"].as_array().unwrap() {
+                state.remove(&missing.as_i64().unwrap());
+            }
+            for product in message["products"].as_array().unwrap() {
+                state.insert(product["productId"].as_i64().unwrap(), product.clone());
+            }
+        }
+        _ => {}
+    }
+    message["type"].as_str().unwrap().to_owned()
+}
+
+/// Kills the LISTEN backend of the app whose database `pool` is on.
+async fn terminate_listener(db: impl sqlx::PgExecutor<'_>) {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = 'rowcast-listener' AND datname = current_database()",
+    )
+    .execute(db)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn forged_notifications_change_nothing_and_any_role_allowed_to_write_triggers_pushes() {
+    let app = spawn_app().await;
+    let id = app.create_product(product("Genuine")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client.subscribe(&[id]).await;
+    let last = max_seq(&app.pool).await;
+
+    let (forger, forger_pool) = create_role(&app, "").await;
+    let fake = json!({"productId": id, "manufacturer": "Evil", "pricePerUnit": "0.01", "unitsAvailable": 1, "productName": "Forged"});
+    for payload in [
+        json!({"seq": last + 1, "action": "UPDATE", "product": fake}).to_string(),
+        json!({"seq": last, "action": "UPDATE", "product": fake}).to_string(),
+        json!({"seq": last - 1, "action": "UPDATE", "productId": id}).to_string(),
+        json!({"seq": last + 1, "action": "UPDATE", "productId": id}).to_string(),
+        json!({"seq": 9_000_000_000_000_000_000_u64, "action": "UPDATE", "productId": id})
+            .to_string(),
+        json!({"seq": -5, "action": "DELETE", "productId": id}).to_string(),
+        "\u{1}garbage{".to_owned(),
+    ] {
+        sqlx::query("SELECT pg_notify('product_change', $1)")
+            .bind(payload)
+            .execute(&forger_pool)
+            .await
+            .unwrap();
+    }
+    let forged_history =
+        sqlx::query("INSERT INTO product_changes VALUES (999, 1, 'UPDATE', '{}', now(), 2)")
+            .execute(&forger_pool)
+            .await;
+    assert!(
+        forged_history.is_err(),
+        "only the trigger writes the changelog"
+    );
+    client.expect_silence(Duration::from_millis(500)).await;
+
+    // The real change that gets the seq a forger named is delivered, and so is every later one.
+    app.patch_product(id, json!({"unitsAvailable": 41})).await;
+    let change = client.next_change().await;
+    assert_eq!(change["seq"], last + 1);
+    assert_eq!(change["product"]["manufacturer"], "Acme");
+    assert_eq!(change["product"]["unitsAvailable"], 41);
+    let ready = app
+        .http
+        .get(format!("{}/readyz", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(app.stats().await["lastSeq"], last + 1);
+    drop_role(&app, &forger, forger_pool).await;
+
+    // An application role with plain table rights (no changelog, no sequence) writes with SQL.
+    let (writer, writer_pool) = create_role(&app, "SELECT, INSERT, UPDATE, DELETE").await;
+    sqlx::query("UPDATE products SET units_available = 42 WHERE product_id = $1")
+        .bind(id)
+        .execute(&writer_pool)
+        .await
+        .unwrap();
+    let change = client.next_change().await;
+    assert_eq!(change["seq"], last + 2);
+    assert_eq!(change["product"]["unitsAvailable"], 42);
+    drop_role(&app, &writer, writer_pool).await;
+}
+
+#[tokio::test]
+async fn key_changes_and_truncate_are_announced_to_subscribers_of_every_id_involved() {
+    let app = spawn_app().await;
+    let a = app.create_product(product("A")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let b = app.create_product(product("B")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut old_id = WsClient::connect(&app.ws_url).await;
+    old_id.subscribe(&[a]).await;
+    let mut new_id = WsClient::connect(&app.ws_url).await;
+    new_id.subscribe(&[1000, b]).await;
+
+    sqlx::query("UPDATE products SET product_id = 1000 WHERE product_id = $1")
+        .bind(a)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let gone = old_id.next_change().await;
+    assert_eq!(
+        (
+            gone["action"].as_str(),
+            gone["product"]["productId"].as_i64()
+        ),
+        (Some("DELETE"), Some(a))
+    );
+    let appeared = new_id.next_change().await;
+    assert_eq!(
+        (
+            appeared["action"].as_str(),
+            appeared["product"]["productId"].as_i64()
+        ),
+        (Some("INSERT"), Some(1000))
+    );
+    assert_eq!(
+        appeared["seq"].as_u64(),
+        gone["seq"].as_u64().map(|seq| seq + 1)
+    );
+
+    sqlx::query("TRUNCATE products")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let first = new_id.next_change().await;
+    let second = new_id.next_change().await;
+    assert_eq!(
+        [&first, &second].map(|c| (
+            c["action"].as_str().unwrap().to_owned(),
+            c["product"]["productId"].as_i64().unwrap()
+        )),
+        [("DELETE".to_owned(), b), ("DELETE".to_owned(), 1000)]
+    );
+    old_id.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_listener_outage_longer_than_retention_ends_in_reset_and_a_snapshot() {
+    let app = spawn_app().await;
+    let id = app.create_product(product("Outage")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client.subscribe(&[id]).await;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    // Keep the listener out (the test's own connection stays), write, and prune as retention
+    // would, all before it can come back. (A database's connections are switched off from
+    // another database.)
+    let mut writer = app.pool.acquire().await.unwrap();
+    let admin = PgPool::connect(&url_for_database(&app.database_url, "postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE {database} ALLOW_CONNECTIONS false"
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    terminate_listener(&mut *writer).await;
+    for units in 0..30 {
+        sqlx::query("UPDATE products SET units_available = $2 WHERE product_id = $1")
+            .bind(id)
+            .bind(units)
+            .execute(&mut *writer)
+            .await
+            .unwrap();
+    }
+    let cut = max_seq(&mut *writer).await - 5;
+    sqlx::query("UPDATE changelog_horizon SET pruned_through = $1")
+        .bind(cut)
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM product_changes WHERE seq <= $1")
+        .bind(cut)
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    drop(writer);
+
+    let mut state = table(&app.pool, &[id]).await;
+    state.clear();
+    let reset = client.next_json().await;
+    assert_eq!(reset["type"], "reset", "{reset}");
+    assert_eq!(reset["reason"], "pruned");
+    assert_eq!(reset["prunedThrough"], cut);
+    let position = client.expect_ack(&[id]).await;
+    let snapshot = client.next_json().await;
+    assert_eq!(snapshot["seq"], position);
+    apply(&mut state, &snapshot);
+    assert_eq!(state, table(&app.pool, &[id]).await);
+    app.patch_product(id, json!({"unitsAvailable": 500})).await;
+    assert_eq!(client.next_change().await["product"]["unitsAvailable"], 500);
+    let stats = app.stats().await;
+    assert_eq!(stats["resets"], 1, "{stats}");
+}
+
+#[tokio::test]
+async fn pruning_that_overtakes_a_clients_replay_ends_in_reset_and_a_snapshot() {
+    let app = spawn_app_with(&[
+        "--outbox-capacity",
+        "16",
+        "--changelog-max-rows",
+        "50",
+        "--changelog-prune-interval",
+        "100ms",
+        "--heartbeat-interval",
+        "120s",
+    ])
+    .await;
+    let mut body = product("Raced");
+    body["productName"] = json!("r".repeat(8000));
+    let id = app.create_product(body).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut sleeper = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
+    sleeper.subscribe(&[id]).await;
+    // Far more than the socket buffers, the queue (16) and retention (50) hold.
+    // raw_sql: the simple query protocol, where a DO block may COMMIT (one change per commit).
+    sqlx::raw_sql(
+        "DO $$ BEGIN FOR i IN 1..400 LOOP
+             UPDATE products SET units_available = i WHERE product_id = (SELECT min(product_id) FROM products);
+             COMMIT;
+         END LOOP; END $$",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let last = max_seq(&app.pool).await;
+    wait_until(Duration::from_secs(10), "published and pruned", || async {
+        let stats = app.stats().await;
+        let pruned: i64 = sqlx::query_scalar("SELECT pruned_through FROM changelog_horizon")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        stats["lastSeq"] == json!(last) && pruned > last - 60
+    })
+    .await;
+
+    let mut state = BTreeMap::new();
+    let mut kinds = Vec::new();
+    while let Some(message) = sleeper.try_next_json(Duration::from_millis(1000)).await {
+        kinds.push(apply(&mut state, &message));
+        if message["type"] == "reset" {
+            assert_eq!(message["reason"], "pruned", "{message}");
+        }
+    }
+    assert!(
+        kinds.iter().any(|kind| kind == "reset"),
+        "announced: {kinds:?}"
+    );
+    assert_eq!(
+        state,
+        table(&app.pool, &[id]).await,
+        "converged to the table"
+    );
+}
+
+#[tokio::test]
+async fn a_rewound_database_resets_subscribers_and_resuming_clients_within_the_health_interval() {
+    let app = spawn_app_with(&["--listener-health-interval", "300ms"]).await;
+    let id = app.create_product(product("Rewound")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client.subscribe(&[id]).await;
+    let before = max_seq(&app.pool).await;
+    for units in 1..=5 {
+        app.patch_product(id, json!({"unitsAvailable": units}))
+            .await;
+        client.next_change().await;
+    }
+    let ahead = max_seq(&app.pool).await;
+    // A restore from an older backup: the changelog and its sequence go back, the row too.
+    let started = std::time::Instant::now();
+    sqlx::query("DELETE FROM product_changes WHERE seq > $1")
+        .bind(before)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT setval('product_change_seq', $1)")
+        .bind(before)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let reset = client.next_json().await;
+    assert_eq!(reset["type"], "reset", "{reset}");
+    assert_eq!(reset["reason"], "rewound");
+    assert_eq!(reset["since"], ahead);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "noticed in {:?}",
+        started.elapsed()
+    );
+    let position = client.expect_ack(&[id]).await;
+    assert_eq!(position, u64::try_from(before).unwrap());
+    assert_eq!(client.next_json().await["type"], "snapshot");
+
+    // Later changes flow, with the database's seqs.
+    app.patch_product(id, json!({"unitsAvailable": 77})).await;
+    let change = client.next_change().await;
+    assert_eq!(change["seq"], before + 1);
+    assert_eq!(change["product"]["unitsAvailable"], 77);
+
+    // A client resuming from the old history's position is told too.
+    let mut resumer = WsClient::connect(&app.ws_url).await;
+    resumer
+        .send_json(&json!({"command": "subscribe", "productIDs": [id], "since": ahead}))
+        .await;
+    let reset = resumer.next_json().await;
+    assert_eq!(
+        (reset["type"].as_str(), reset["reason"].as_str()),
+        (Some("reset"), Some("rewound")),
+        "{reset}"
+    );
+    resumer.expect_ack(&[id]).await;
+    let snapshot = resumer.next_json().await;
+    assert_eq!(snapshot["products"][0]["unitsAvailable"], 77);
+
+    // A rewound history that already grew past the old position is caught by its first read.
+    let now = max_seq(&app.pool).await;
+    sqlx::query("DELETE FROM product_changes WHERE seq > $1")
+        .bind(now - 1)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT setval('product_change_seq', $1)")
+        .bind(now - 1)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "DO $$ BEGIN FOR i IN 1..3 LOOP
+             UPDATE products SET units_available = 900 + i WHERE product_id = (SELECT min(product_id) FROM products);
+         END LOOP; END $$",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let mut state = BTreeMap::new();
+    let mut kinds = Vec::new();
+    while let Some(message) = client.try_next_json(Duration::from_millis(1500)).await {
+        kinds.push(apply(&mut state, &message));
+    }
+    assert!(kinds.iter().any(|kind| kind == "reset"), "{kinds:?}");
+    assert_eq!(state, table(&app.pool, &[id]).await);
+    assert_eq!(app.stats().await["resets"], 2);
+}
+
+#[tokio::test]
+async fn a_catch_up_that_keeps_failing_backs_off_instead_of_storming() {
+    let app = spawn_app_with(&[
+        "--listener-max-backoff",
+        "1s",
+        "--listener-health-interval",
+        "1s",
+    ])
+    .await;
+    sqlx::query("ALTER TABLE product_changes RENAME TO product_changes_away")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    terminate_listener(&app.pool).await;
+    wait_until(Duration::from_secs(5), "the first failure", || async {
+        app.stats().await["listener"]["failedAttempts"].as_u64() >= Some(1)
+    })
+    .await;
+    let first = app.stats().await["listener"]["reconnects"]
+        .as_u64()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let listener = app.stats().await["listener"].clone();
+    let attempts = listener["reconnects"].as_u64().unwrap() - first;
+    // 0.2 + 0.4 + 0.8 + 1 + 1 + 1 s (±25 % jitter): about 6 in 5 s; a reset backoff would
+    // retry every ~100 ms (about 50).
+    assert!(
+        (3..=9).contains(&attempts),
+        "{attempts} attempts in 5 s: {listener}"
+    );
+    assert!(listener["failedAttempts"].as_u64() >= Some(4), "{listener}");
+    assert_eq!(listener["connected"], false);
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rowcast_listener_failed_attempts"),
+        "{metrics}"
+    );
+
+    sqlx::query("ALTER TABLE product_changes_away RENAME TO product_changes")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.wait_for_listener().await;
+    assert_eq!(app.stats().await["listener"]["failedAttempts"], 0);
+}
