@@ -74,6 +74,8 @@ pub struct Feed {
     replay: Option<Replay>,
     /// Per product: live changes at or below this seq were already covered for the client.
     floors: HashMap<ProductId, Seq>,
+    /// The client asked for every version: gaps are never conflated.
+    every_version: bool,
     metrics: Metrics,
 }
 
@@ -86,8 +88,14 @@ impl Feed {
             pending: VecDeque::new(),
             replay: None,
             floors: HashMap::new(),
+            every_version: false,
             metrics,
         }
+    }
+
+    /// From now on every gap is replayed in full, however late the client reaches it.
+    pub fn keep_every_version(&mut self) {
+        self.every_version = true;
     }
 
     /// True while messages can be produced without waiting for the outbox.
@@ -246,7 +254,7 @@ impl Feed {
                 upto,
                 opened,
             } => {
-                let stopped_reading = opened.elapsed() >= CONFLATE_AFTER;
+                let stopped_reading = !self.every_version && opened.elapsed() >= CONFLATE_AFTER;
                 self.replay = Some(Replay {
                     products,
                     after,

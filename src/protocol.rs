@@ -55,9 +55,21 @@ pub mod error_code {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientCommand {
     /// Start receiving changes of these products (set semantics: repeats are no-ops).
-    Subscribe(Vec<ProductId>, SubscriptionStart),
+    Subscribe(Vec<ProductId>, SubscriptionStart, Versions),
     /// Stop receiving changes of these products.
     Unsubscribe(Vec<ProductId>),
+}
+
+/// Which versions a subscriber gets after it has stopped reading for a while (`"delivery"` in
+/// a subscribe). Applies to the whole connection once asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Versions {
+    /// `"latest"` (default): the newest version of each product, marked `"conflated":true`
+    /// where versions were skipped.
+    #[default]
+    Latest,
+    /// `"all"`: every version, read from the changelog at the client's pace.
+    All,
 }
 
 /// Why a client frame could not be used; becomes one `{"type":"error"}` message.
@@ -94,7 +106,9 @@ impl ClientCommand {
             {
                 let ids = dedup_keeping_order(ids);
                 return Ok(match plain.command {
-                    PlainVerb::Subscribe => Self::Subscribe(ids, SubscriptionStart::Live),
+                    PlainVerb::Subscribe => {
+                        Self::Subscribe(ids, SubscriptionStart::Live, Versions::Latest)
+                    }
                     PlainVerb::Unsubscribe => Self::Unsubscribe(ids),
                 });
             }
@@ -156,10 +170,10 @@ impl ClientCommand {
                 ));
             }
         };
-        let start = if subscribing {
-            parse_start(&mut members)?
+        let (start, versions) = if subscribing {
+            (parse_start(&mut members)?, parse_versions(&mut members)?)
         } else {
-            SubscriptionStart::Live
+            (SubscriptionStart::Live, Versions::Latest)
         };
         if let Some(unknown) = members.keys().next() {
             return Err(ProtocolError::new(
@@ -182,7 +196,7 @@ impl ClientCommand {
         }
         let parsed = dedup_keeping_order(parsed);
         Ok(if subscribing {
-            Self::Subscribe(parsed, start)
+            Self::Subscribe(parsed, start, versions)
         } else {
             Self::Unsubscribe(parsed)
         })
@@ -216,6 +230,19 @@ fn dedup_keeping_order(ids: Vec<ProductId>) -> Vec<ProductId> {
         foldhash::fast::RandomState::default(),
     );
     ids.into_iter().filter(|id| seen.insert(*id)).collect()
+}
+
+/// Reads the optional `delivery` member of a subscribe.
+fn parse_versions(members: &mut serde_json::Map<String, Value>) -> Result<Versions, ProtocolError> {
+    match members.remove("delivery") {
+        None | Some(Value::Null) => Ok(Versions::Latest),
+        Some(Value::String(mode)) if mode == "latest" => Ok(Versions::Latest),
+        Some(Value::String(mode)) if mode == "all" => Ok(Versions::All),
+        Some(value) => Err(ProtocolError::new(
+            error_code::INVALID_COMMAND,
+            format!("`delivery` must be \"latest\" or \"all\"; got {value}"),
+        )),
+    }
 }
 
 /// Reads the optional `since` / `snapshot` members of a subscribe.
@@ -411,12 +438,20 @@ mod tests {
     fn parses_subscribe_and_unsubscribe_with_deduplicated_ids() {
         assert_eq!(
             ClientCommand::parse(r#"{"command":"subscribe","productIDs":[0,1]}"#).unwrap(),
-            ClientCommand::Subscribe(vec![id(0), id(1)], SubscriptionStart::Live),
+            ClientCommand::Subscribe(
+                vec![id(0), id(1)],
+                SubscriptionStart::Live,
+                Versions::Latest
+            ),
             "0 never exists but may be subscribed to"
         );
         assert_eq!(
             ClientCommand::parse(r#"{"command":"subscribe","productIDs":[3,1,3]}"#).unwrap(),
-            ClientCommand::Subscribe(vec![id(3), id(1)], SubscriptionStart::Live)
+            ClientCommand::Subscribe(
+                vec![id(3), id(1)],
+                SubscriptionStart::Live,
+                Versions::Latest
+            )
         );
         assert_eq!(
             ClientCommand::parse(r#"{"productIDs":[],"command":"unsubscribe"}"#).unwrap(),
@@ -424,13 +459,22 @@ mod tests {
         );
         assert_eq!(
             ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"since":41}"#).unwrap(),
-            ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Since(41))
+            ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Since(41), Versions::Latest)
         );
         assert_eq!(
             ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"snapshot":true}"#)
                 .unwrap(),
-            ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Snapshot)
+            ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Snapshot, Versions::Latest)
         );
+        assert_eq!(
+            ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"delivery":"all"}"#)
+                .unwrap(),
+            ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Live, Versions::All)
+        );
+        let bad =
+            ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"delivery":"some"}"#)
+                .unwrap_err();
+        assert!(bad.message.contains("delivery"), "{bad}");
     }
 
     #[test]

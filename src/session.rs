@@ -34,7 +34,7 @@ use crate::config::{Heartbeat, Limits};
 use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
-use crate::protocol::{self, ClientCommand, close_code, error_code};
+use crate::protocol::{self, ClientCommand, Versions, close_code, error_code};
 use crate::shutdown::Shutdown;
 
 /// How long the session tries to deliver a close frame to a peer that may not be reading.
@@ -113,6 +113,7 @@ fn run(
         heartbeat,
         shutdown,
         metrics,
+        every_version: false,
     };
     async move {
         let Ok(registration) = session.distributor.register().await else {
@@ -162,6 +163,8 @@ struct Session {
     heartbeat: Heartbeat,
     shutdown: Shutdown,
     metrics: Metrics,
+    /// The client asked for every version (`"delivery":"all"`); handed to the feed.
+    every_version: bool,
 }
 
 impl Session {
@@ -251,6 +254,9 @@ impl Session {
             if step.is_err() {
                 return "write failed";
             }
+            if self.every_version {
+                feed.keep_every_version();
+            }
         }
     }
 
@@ -264,7 +270,8 @@ impl Session {
             Some(Ok(Message::Text(text))) => match ClientCommand::parse(text.as_str()) {
                 Ok(command) => {
                     let sent = match command {
-                        ClientCommand::Subscribe(products, start) => {
+                        ClientCommand::Subscribe(products, start, versions) => {
+                            self.every_version |= versions == Versions::All;
                             self.distributor.subscribe(id, products, start).await
                         }
                         ClientCommand::Unsubscribe(products) => {
