@@ -163,6 +163,13 @@ export class Client {
         return;
       }
       case "reset":
+        // A snapshot follows. After a rewound database its seqs are lower than the ones seen
+        // so far: forget them, or every later change would look like a duplicate.
+        for (const id of message.productIDs) {
+          const subscription = this.subscriptions.get(id);
+          if (subscription) subscription.seq = -1;
+        }
+        if (message.reason === "rewound") this.lastSeq = null;
         this.options.onReset?.(message);
         return;
       case "error":
