@@ -371,6 +371,12 @@ async fn a_rewound_database_resets_subscribers_and_resuming_clients_within_the_h
         .unwrap();
     let mut client = WsClient::connect(&app.ws_url).await;
     client.subscribe(&[id]).await;
+    let mut sse = crate::support::SseClient::connect(
+        &format!("{}/products/events?ids={id}", app.base_url),
+        None,
+    )
+    .await;
+    assert_eq!(sse.next_event().await.data["type"], "subscribed");
     let before = max_seq(&app.pool).await;
     for units in 1..=5 {
         app.patch_product(id, json!({"unitsAvailable": units}))
@@ -402,6 +408,24 @@ async fn a_rewound_database_resets_subscribers_and_resuming_clients_within_the_h
     let position = client.expect_ack(&[id]).await;
     assert_eq!(position, u64::try_from(before).unwrap());
     assert_eq!(client.next_json().await["type"], "snapshot");
+    // The same on SSE: after the five changes, the reset and a fresh start.
+    let mut events = Vec::new();
+    while events.last() != Some(&json!("snapshot")) {
+        events.push(sse.next_event().await.data["type"].clone());
+    }
+    assert_eq!(
+        events,
+        [
+            json!("change"),
+            json!("change"),
+            json!("change"),
+            json!("change"),
+            json!("change"),
+            json!("reset"),
+            json!("subscribed"),
+            json!("snapshot")
+        ]
+    );
 
     // Later changes flow, with the database's seqs.
     app.patch_product(id, json!({"unitsAvailable": 77})).await;
