@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::support::{
-    SseClient, TestApp, WsClient, add_one_unit, get_json, product, spawn_app, spawn_app_with,
-    spawn_instance, wait_until,
+    SseClient, TestApp, WsClient, add_one_unit, get_json, product, products_in_table, spawn_app,
+    spawn_app_with, spawn_instance, terminate_listener, wait_until,
 };
 
 /// The committed changes to `products` after `after`, as (product, seq), in seq order.
@@ -295,14 +295,7 @@ async fn changes_written_while_the_listener_is_down_all_arrive_in_order() {
         let change = client.next_change().await;
         received.push(key(&change));
         if received.len() == 100 && !killed {
-            let terminated: i64 = sqlx::query_scalar(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE application_name = 'rowcast-listener' AND datname = current_database()",
-            )
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-            assert_eq!(terminated, 1);
+            assert_eq!(terminate_listener(&app.pool).await, 1);
             killed = true;
         }
     }
@@ -382,20 +375,7 @@ async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_wr
             state.insert(id, change["product"].clone());
         }
     }
-    let table: Vec<(i64, String, String, i32, String)> = sqlx::query_as(
-        "SELECT product_id, manufacturer, price_per_unit, units_available, product_name
-         FROM products WHERE product_id = ANY($1) ORDER BY product_id",
-    )
-    .bind(&ids)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
-    let table: BTreeMap<i64, Value> = table
-        .into_iter()
-        .map(|(id, m, p, u, n)| {
-            (id, json!({"productId": id, "manufacturer": m, "pricePerUnit": p, "unitsAvailable": u, "productName": n}))
-        })
-        .collect();
+    let table = products_in_table(&app.pool, &ids).await;
     assert_eq!(state, table);
 }
 

@@ -12,7 +12,8 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Executor, PgPool};
 
 use crate::support::{
-    TestApp, WsClient, product, spawn_app, spawn_app_with, url_for_database, wait_until,
+    TestApp, WsClient, product, products_in_table, spawn_app, spawn_app_with, terminate_listener,
+    url_for_database, wait_until,
 };
 
 /// A login role for the test's database, dropped again by `drop_role`.
@@ -58,23 +59,6 @@ async fn max_seq(db: impl sqlx::PgExecutor<'_>) -> i64 {
         .unwrap()
 }
 
-/// The products with these ids as the REST API shows them.
-async fn table(pool: &PgPool, ids: &[i64]) -> BTreeMap<i64, Value> {
-    let rows: Vec<(i64, String, String, i32, String)> = sqlx::query_as(
-        "SELECT product_id, manufacturer, price_per_unit, units_available, product_name
-         FROM products WHERE product_id = ANY($1) ORDER BY product_id",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(id, m, p, u, n)| {
-            (id, json!({"productId": id, "manufacturer": m, "pricePerUnit": p, "unitsAvailable": u, "productName": n}))
-        })
-        .collect()
-}
-
 /// Applies one server message to a client's view of its products; returns the message type.
 fn apply(state: &mut BTreeMap<i64, Value>, message: &Value) -> String {
     match message["type"].as_str().unwrap() {
@@ -97,17 +81,6 @@ fn apply(state: &mut BTreeMap<i64, Value>, message: &Value) -> String {
         _ => {}
     }
     message["type"].as_str().unwrap().to_owned()
-}
-
-/// Kills the LISTEN backend of the app whose database `pool` is on.
-async fn terminate_listener(db: impl sqlx::PgExecutor<'_>) {
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE application_name = 'rowcast-listener' AND datname = current_database()",
-    )
-    .execute(db)
-    .await
-    .unwrap();
 }
 
 #[tokio::test]
@@ -285,7 +258,7 @@ async fn a_listener_outage_longer_than_retention_ends_in_reset_and_a_snapshot() 
     admin.close().await;
     drop(writer);
 
-    let mut state = table(&app.pool, &[id]).await;
+    let mut state = products_in_table(&app.pool, &[id]).await;
     state.clear();
     let reset = client.next_json().await;
     assert_eq!(reset["type"], "reset", "{reset}");
@@ -295,7 +268,7 @@ async fn a_listener_outage_longer_than_retention_ends_in_reset_and_a_snapshot() 
     let snapshot = client.next_json().await;
     assert_eq!(snapshot["seq"], position);
     apply(&mut state, &snapshot);
-    assert_eq!(state, table(&app.pool, &[id]).await);
+    assert_eq!(state, products_in_table(&app.pool, &[id]).await);
     app.patch_product(id, json!({"unitsAvailable": 500})).await;
     assert_eq!(client.next_change().await["product"]["unitsAvailable"], 500);
     let stats = app.stats().await;
@@ -358,7 +331,7 @@ async fn pruning_that_overtakes_a_clients_replay_ends_in_reset_and_a_snapshot() 
     );
     assert_eq!(
         state,
-        table(&app.pool, &[id]).await,
+        products_in_table(&app.pool, &[id]).await,
         "converged to the table"
     );
 }
@@ -474,7 +447,7 @@ async fn a_rewound_database_resets_subscribers_and_resuming_clients_within_the_h
         kinds.push(apply(&mut state, &message));
     }
     assert!(kinds.iter().any(|kind| kind == "reset"), "{kinds:?}");
-    assert_eq!(state, table(&app.pool, &[id]).await);
+    assert_eq!(state, products_in_table(&app.pool, &[id]).await);
     assert_eq!(app.stats().await["resets"], 2);
 }
 

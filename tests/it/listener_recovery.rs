@@ -5,17 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{WsClient, product, spawn_app, wait_until};
-
-async fn terminate_listener_backend(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-         WHERE application_name = 'rowcast-listener' AND datname = current_database()",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
+use crate::support::{WsClient, product, spawn_app, terminate_listener, wait_until};
 
 #[tokio::test]
 async fn changes_flow_again_after_the_listen_backend_is_terminated_and_none_are_lost() {
@@ -26,7 +16,7 @@ async fn changes_flow_again_after_the_listen_backend_is_terminated_and_none_are_
     let mut client = WsClient::connect(&app.ws_url).await;
     client.subscribe(&[id]).await;
 
-    assert_eq!(terminate_listener_backend(&app.pool).await, 1);
+    assert_eq!(terminate_listener(&app.pool).await, 1);
     // Written while the listener is (most likely) still reconnecting: the changelog catch-up
     // delivers it anyway.
     app.patch_product(id, json!({"unitsAvailable": 100})).await;

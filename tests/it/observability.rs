@@ -233,14 +233,7 @@ async fn readyz_is_503_while_the_listen_connection_is_down_and_200_after() {
     // The listener reconnects after ~100 ms; poll faster than that after each kill.
     let mut seen_down = None;
     for _ in 0..5 {
-        let killed: i64 = sqlx::query_scalar(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE application_name = 'rowcast-listener' AND datname = current_database()",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        assert_eq!(killed, 1);
+        assert_eq!(crate::support::terminate_listener(&app.pool).await, 1);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while tokio::time::Instant::now() < deadline {
             let (status, body) = readyz(&app).await;

@@ -281,7 +281,6 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
         .unwrap_or_else(|err| panic!("GET {url}: no JSON: {err}"))
 }
 
-/// A valid product body with the given name.
 /// One committed change through the database directly (not REST): adds a unit to `id`.
 pub async fn add_one_unit(pool: &PgPool, id: i64) {
     sqlx::query("UPDATE products SET units_available = units_available + 1 WHERE product_id = $1")
@@ -291,6 +290,38 @@ pub async fn add_one_unit(pool: &PgPool, id: i64) {
         .unwrap();
 }
 
+/// Kills the LISTEN backend of the rowcast instances on `db`'s database; returns how many.
+pub async fn terminate_listener(db: impl sqlx::PgExecutor<'_>) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'rowcast-listener' AND datname = current_database()",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+/// The products with these ids, read from the table in the REST representation, by id.
+pub async fn products_in_table(
+    pool: &PgPool,
+    ids: &[i64],
+) -> std::collections::BTreeMap<i64, Value> {
+    let rows: Vec<(i64, String, String, i32, String)> = sqlx::query_as(
+        "SELECT product_id, manufacturer, price_per_unit, units_available, product_name
+         FROM products WHERE product_id = ANY($1) ORDER BY product_id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(id, m, p, u, n)| {
+            (id, json!({"productId": id, "manufacturer": m, "pricePerUnit": p, "unitsAvailable": u, "productName": n}))
+        })
+        .collect()
+}
+
+/// A valid product body with the given name.
 pub fn product(name: &str) -> Value {
     json!({"manufacturer": "Acme", "pricePerUnit": "9.99", "unitsAvailable": 10, "productName": name})
 }
