@@ -205,7 +205,7 @@ impl Access {
     fn check_subscription(&self, request: &Request) -> Result<(), Denied> {
         match query_param(request.uri().query(), "ticket") {
             Some(ticket) => {
-                if self.0.tickets.redeem(ticket) {
+                if self.0.tickets.redeem(&ticket) {
                     Ok(())
                 } else {
                     Err(Denied::BadTicket)
@@ -243,11 +243,12 @@ fn same_host(origin: &Origin, request: &Request) -> bool {
         }
 }
 
-fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
-    query?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == name).then_some(value)
-    })
+/// The first value of query parameter `name`, percent- and `+`-decoded as browsers encode it
+/// (`URLSearchParams`), by `form_urlencoded` rather than by hand.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -521,8 +522,16 @@ mod tests {
 
     #[test]
     fn query_params_are_found_by_exact_name() {
-        assert_eq!(query_param(Some("a=1&ticket=xyz"), "ticket"), Some("xyz"));
+        assert_eq!(
+            query_param(Some("a=1&ticket=xyz"), "ticket").as_deref(),
+            Some("xyz")
+        );
         assert_eq!(query_param(Some("myticket=xyz"), "ticket"), None);
         assert_eq!(query_param(None, "ticket"), None);
+        // Decoded as a browser encoded it: the hand-written version returned "a%2Bb%3D".
+        assert_eq!(
+            query_param(Some("ticket=a%2Bb%3D"), "ticket").as_deref(),
+            Some("a+b=")
+        );
     }
 }

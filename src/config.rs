@@ -474,79 +474,54 @@ impl std::fmt::Display for Origin {
 }
 
 /// Splits `host[:port]` (IPv6 literals in brackets) into a lower-case host and the port, if any;
-/// None if it is not a plain authority (user info, path, empty host, bad port).
+/// None if it is not a plain authority (user info, path, empty host, bad port). Parsed by
+/// `http::uri::Authority`, the type requests carry.
 pub fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
-    if authority.is_empty() || authority.contains(['/', '@', '?', '#', ' ']) {
+    let parsed: axum::http::uri::Authority = authority.parse().ok()?;
+    let host = parsed.host();
+    // `Authority` accepts a port it cannot read as a u16 (and reports none): refuse it here.
+    let after_host = parsed
+        .as_str()
+        .rsplit_once(']')
+        .map_or(parsed.as_str(), |(_, rest)| rest);
+    let port = parsed.port_u16();
+    if parsed.as_str().contains('@')
+        || host.is_empty()
+        || (after_host.contains(':') && port.is_none())
+    {
         return None;
     }
-    let (host, port) = if authority.starts_with('[') {
-        let end = authority.find(']')?;
-        let (host, rest) = authority.split_at(end + 1);
-        match rest {
-            "" => (host, None),
-            _ => (host, Some(rest.strip_prefix(':')?)),
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() || (!host.starts_with('[') && host.contains(':')) {
-        return None;
-    }
-    let port = match port {
-        Some(port) => Some(port.parse::<u16>().ok()?),
-        None => None,
-    };
     Some((host.to_ascii_lowercase(), port))
 }
 
-/// An address prefix (`10.0.0.0/8`, `::1/128`, or one address).
+/// An address prefix (`10.0.0.0/8`, `::1/128`, `::ffff:10.0.0.0/104`, or one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpPrefix {
-    addr: IpAddr,
-    len: u8,
-}
+pub struct IpPrefix(ipnet::IpNet);
 
 impl IpPrefix {
     /// Parses `addr/len` or a bare address (a prefix of full length).
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
-        let (addr, len) = match text.split_once('/') {
-            Some((addr, len)) => (addr, Some(len)),
-            None => (text, None),
+        let net = match text.parse::<ipnet::IpNet>() {
+            Ok(net) => net,
+            Err(_) => text
+                .parse::<IpAddr>()
+                .map(ipnet::IpNet::from)
+                .map_err(|_| {
+                    format!("{text:?} is not an address or CIDR prefix (e.g. 10.0.0.0/8)")
+                })?,
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not an address or CIDR prefix"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            None => max,
-            Some(len) => len
-                .parse::<u8>()
-                .ok()
-                .filter(|len| *len <= max)
-                .ok_or_else(|| format!("{text:?}: prefix length must be 0..={max}"))?,
-        };
-        Ok(Self { addr, len })
+        Ok(Self(net))
     }
 
-    /// True if `ip` lies in the prefix (IPv4-mapped IPv6 addresses count as IPv4).
+    /// True if `ip` lies in the prefix. An IPv4 client may arrive as an IPv4-mapped IPv6
+    /// address (a dual-stack socket) and a prefix may be written either way: both forms match.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.len))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        let mapped = match ip.to_canonical() {
+            IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+            v6 @ IpAddr::V6(_) => v6,
+        };
+        self.0.contains(&ip) || self.0.contains(&ip.to_canonical()) || self.0.contains(&mapped)
     }
 }
 
@@ -581,30 +556,22 @@ impl std::fmt::Debug for Secret {
 }
 
 /// Parses "30s", "500ms", "2m" or plain seconds ("30"); zero is refused.
+/// Durations as humans write them (`30s`, `500ms`, `2m`, `1h 30m`), read by `humantime`; a bare
+/// number is seconds, as the flags documented before.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration; use e.g. 30s, 500ms or 2m"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => number,
-        "ms" => number / 1000.0,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}; use ms, s, m or h"
-            ));
-        }
+    let duration = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(text).map_err(|err| {
+            format!("{text:?} is not a duration ({err}); use e.g. 30s, 500ms or 2m")
+        })?,
     };
-    if !(seconds > 0.0 && seconds < 1e9) {
-        return Err(format!("{text:?} must be greater than zero"));
+    if duration.is_zero() || duration.as_secs() >= 1_000_000_000 {
+        return Err(format!(
+            "{text:?} must be greater than zero and below 30 years"
+        ));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(duration)
 }
 
 fn parse_positive(text: &str) -> Result<usize, String> {
@@ -637,7 +604,8 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        for bad in ["", "0s", "fast", "5 weeks", "-1s"] {
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        for bad in ["", "0s", "fast", "5 parsecs", "-1s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
@@ -714,6 +682,20 @@ mod tests {
         );
         for bad in ["10.0.0.0/33", "::1/129", "host", "10.0.0.0/x"] {
             assert!(IpPrefix::parse(bad).is_err(), "{bad}");
+        }
+        // An IPv4-mapped IPv6 prefix matches both spellings of its clients (the hand-written
+        // version matched neither).
+        let mapped = IpPrefix::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()));
+        assert!(mapped.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!mapped.contains("11.1.2.3".parse().unwrap()));
+        assert_eq!(
+            split_host_port("Example.COM:8080"),
+            Some(("example.com".to_owned(), Some(8080)))
+        );
+        assert_eq!(split_host_port("[::1]"), Some(("[::1]".to_owned(), None)));
+        for bad in ["", "x:", "u@x", "x/p", "x:99999", "x y"] {
+            assert_eq!(split_host_port(bad), None, "{bad:?}");
         }
     }
 }
