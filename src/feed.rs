@@ -34,7 +34,7 @@ use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::{Delivery, OutboxReceiver};
 use crate::metrics::{Metrics, StartKind};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
-use crate::protocol::{self, error_code};
+use crate::protocol::{self, ErrorCode};
 
 /// Outbox messages taken at once; also about how many messages are written per flush.
 pub const BATCH: usize = 64;
@@ -269,7 +269,7 @@ impl Feed {
                 cause,
             } => Box::pin(self.reset(&products, since, cause, out)).await?,
             Delivery::Refused(over) => out.push(message(protocol::encode_error(
-                error_code::TOO_MANY_SUBSCRIPTIONS,
+                ErrorCode::TooManySubscriptions,
                 &format!(
                     "subscribing to {} more products would exceed the limit of {} per connection \
                      (this connection has {}); nothing was subscribed",

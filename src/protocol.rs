@@ -16,39 +16,89 @@ use serde_json::Value;
 
 use crate::product::{Change, Product, ProductId, ResetCause, Seq, SubscriptionStart};
 
-/// WebSocket close codes rowcast sends, each with when and what a client should do.
-pub mod close_code {
+/// The WebSocket close codes rowcast sends: one closed table. `docs/protocol.md` lists the same
+/// codes (a test compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
     /// 1001 Going Away: the server is shutting down. Reconnect (with backoff) to another or the
     /// restarted instance.
-    pub const GOING_AWAY: u16 = 1001;
+    GoingAway,
     /// 1008 Policy Violation: the peer stopped answering pings in time. Reconnect if still alive.
-    pub const POLICY: u16 = 1008;
+    Policy,
     /// 1009 Message Too Big: a client frame exceeded the configured limit. Fix the client; do not
     /// resend the same frame.
-    pub const TOO_BIG: u16 = 1009;
-    /// 1011 Internal Error: the server could not serve the session (its distributor stopped).
-    /// Reconnect with backoff.
-    pub const INTERNAL: u16 = 1011;
+    TooBig,
+    /// 1011 Internal Error: the server could not serve the session (its distributor stopped, or
+    /// the change history could not be read). Reconnect with backoff.
+    Internal,
     /// 1013 Try Again Later: the client read too slowly and its queue overflowed, so it was
     /// disconnected to protect everyone else. Reconnect and read faster.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
+    TryAgainLater,
 }
 
-/// Machine-readable error codes in `{"type":"error"}` messages. The connection stays open and
-/// keeps its subscriptions after each of them.
-pub mod error_code {
+impl CloseCode {
+    /// Every code, for documentation checks.
+    pub const ALL: [Self; 5] = [
+        Self::GoingAway,
+        Self::Policy,
+        Self::TooBig,
+        Self::Internal,
+        Self::TryAgainLater,
+    ];
+
+    /// The number on the wire.
+    pub const fn code(self) -> u16 {
+        match self {
+            Self::GoingAway => 1001,
+            Self::Policy => 1008,
+            Self::TooBig => 1009,
+            Self::Internal => 1011,
+            Self::TryAgainLater => 1013,
+        }
+    }
+}
+
+/// Machine-readable error codes in `{"type":"error"}` messages: one closed table, also listed in
+/// `docs/protocol.md` (a test compares them). The connection stays open and keeps its
+/// subscriptions after each of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
     /// The frame is not valid JSON.
-    pub const MALFORMED_JSON: &str = "malformed_json";
+    MalformedJson,
     /// The JSON is not an object with a known `command`.
-    pub const UNKNOWN_COMMAND: &str = "unknown_command";
+    UnknownCommand,
     /// The command's fields are missing, unknown or of the wrong type.
-    pub const INVALID_COMMAND: &str = "invalid_command";
+    InvalidCommand,
     /// An id is not an integer in 0..=9007199254740991 (2^53 - 1).
-    pub const INVALID_PRODUCT_ID: &str = "invalid_product_id";
+    InvalidProductId,
     /// The frame was binary; only text frames carry commands.
-    pub const BINARY_FRAME: &str = "binary_frame";
+    BinaryFrame,
     /// Applying the subscribe would exceed the per-connection cap; nothing was applied.
-    pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
+    TooManySubscriptions,
+}
+
+impl ErrorCode {
+    /// Every code, for documentation checks.
+    pub const ALL: [Self; 6] = [
+        Self::MalformedJson,
+        Self::UnknownCommand,
+        Self::InvalidCommand,
+        Self::InvalidProductId,
+        Self::BinaryFrame,
+        Self::TooManySubscriptions,
+    ];
+
+    /// The code on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedJson => "malformed_json",
+            Self::UnknownCommand => "unknown_command",
+            Self::InvalidCommand => "invalid_command",
+            Self::InvalidProductId => "invalid_product_id",
+            Self::BinaryFrame => "binary_frame",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+        }
+    }
 }
 
 /// A command a client sent, parsed and checked.
@@ -77,13 +127,13 @@ pub enum Versions {
 #[error("{message}")]
 pub struct ProtocolError {
     /// One of [`error_code`].
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// Human-readable detail naming what was wrong.
     pub message: String,
 }
 
 impl ProtocolError {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -120,13 +170,13 @@ impl ClientCommand {
     fn parse_general(text: &str) -> Result<Self, ProtocolError> {
         let value: Value = serde_json::from_str(text).map_err(|err| {
             ProtocolError::new(
-                error_code::MALFORMED_JSON,
+                ErrorCode::MalformedJson,
                 format!("frame is not valid JSON: {err}"),
             )
         })?;
         let Value::Object(mut members) = value else {
             return Err(ProtocolError::new(
-                error_code::UNKNOWN_COMMAND,
+                ErrorCode::UnknownCommand,
                 "expected a JSON object like {\"command\":\"subscribe\",\"productIDs\":[1]}",
             ));
         };
@@ -134,13 +184,13 @@ impl ClientCommand {
             Some(Value::String(command)) => command,
             Some(_) => {
                 return Err(ProtocolError::new(
-                    error_code::UNKNOWN_COMMAND,
+                    ErrorCode::UnknownCommand,
                     "`command` must be a string: \"subscribe\" or \"unsubscribe\"",
                 ));
             }
             None => {
                 return Err(ProtocolError::new(
-                    error_code::UNKNOWN_COMMAND,
+                    ErrorCode::UnknownCommand,
                     "missing `command`: expected \"subscribe\" or \"unsubscribe\"",
                 ));
             }
@@ -150,7 +200,7 @@ impl ClientCommand {
             "unsubscribe" => false,
             other => {
                 return Err(ProtocolError::new(
-                    error_code::UNKNOWN_COMMAND,
+                    ErrorCode::UnknownCommand,
                     format!("unknown command {other:?}: expected \"subscribe\" or \"unsubscribe\""),
                 ));
             }
@@ -159,13 +209,13 @@ impl ClientCommand {
             Some(Value::Array(ids)) => ids,
             Some(_) => {
                 return Err(ProtocolError::new(
-                    error_code::INVALID_COMMAND,
+                    ErrorCode::InvalidCommand,
                     "`productIDs` must be an array of product ids",
                 ));
             }
             None => {
                 return Err(ProtocolError::new(
-                    error_code::INVALID_COMMAND,
+                    ErrorCode::InvalidCommand,
                     format!("`{command}` needs `productIDs`, an array of product ids"),
                 ));
             }
@@ -177,7 +227,7 @@ impl ClientCommand {
         };
         if let Some(unknown) = members.keys().next() {
             return Err(ProtocolError::new(
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
                 format!("unknown field `{unknown}` in `{command}`"),
             ));
         }
@@ -185,7 +235,7 @@ impl ClientCommand {
         for (index, raw) in ids.iter().enumerate() {
             let id = ProductId::from_json(raw).ok_or_else(|| {
                 ProtocolError::new(
-                    error_code::INVALID_PRODUCT_ID,
+                    ErrorCode::InvalidProductId,
                     format!(
                         "productIDs[{index}] = {raw} is not a product id (an integer from 0 to {})",
                         ProductId::MAX
@@ -239,7 +289,7 @@ fn parse_versions(members: &mut serde_json::Map<String, Value>) -> Result<Versio
         Some(Value::String(mode)) if mode == "latest" => Ok(Versions::Latest),
         Some(Value::String(mode)) if mode == "all" => Ok(Versions::All),
         Some(value) => Err(ProtocolError::new(
-            error_code::INVALID_COMMAND,
+            ErrorCode::InvalidCommand,
             format!("`delivery` must be \"latest\" or \"all\"; got {value}"),
         )),
     }
@@ -256,7 +306,7 @@ fn parse_start(
         Some(value) => Some(value.as_u64().filter(|seq| i64::try_from(*seq).is_ok()).ok_or_else(
             || {
                 ProtocolError::new(
-                    error_code::INVALID_COMMAND,
+                    ErrorCode::InvalidCommand,
                     format!("`since` must be a seq from a change message (an integer ≥ 0); got {value}"),
                 )
             },
@@ -267,14 +317,14 @@ fn parse_start(
         Some(Value::Bool(true)) => true,
         Some(value) => {
             return Err(ProtocolError::new(
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
                 format!("`snapshot` must be true or false; got {value}"),
             ));
         }
     };
     match (since, snapshot) {
         (Some(_), true) => Err(ProtocolError::new(
-            error_code::INVALID_COMMAND,
+            ErrorCode::InvalidCommand,
             "use either `since` (resume) or `snapshot` (start from the current rows), not both",
         )),
         (Some(seq), false) => Ok(SubscriptionStart::Since(seq)),
@@ -402,7 +452,7 @@ pub fn encode_reset(ids: &[ProductId], since: Seq, cause: ResetCause) -> String 
 }
 
 /// Encodes an error message for the client.
-pub fn encode_error(code: &str, message: &str) -> String {
+pub fn encode_error(code: ErrorCode, message: &str) -> String {
     #[derive(Serialize)]
     struct Wire<'a> {
         r#type: &'static str,
@@ -411,7 +461,7 @@ pub fn encode_error(code: &str, message: &str) -> String {
     }
     to_json(&Wire {
         r#type: "error",
-        error: code,
+        error: code.as_str(),
         message,
     })
 }
@@ -515,61 +565,61 @@ mod tests {
     #[test]
     fn each_bad_frame_gets_its_own_code() {
         for (frame, code) in [
-            ("{nope", error_code::MALFORMED_JSON),
-            ("[1]", error_code::UNKNOWN_COMMAND),
-            (r#"{"productIDs":[1]}"#, error_code::UNKNOWN_COMMAND),
+            ("{nope", ErrorCode::MalformedJson),
+            ("[1]", ErrorCode::UnknownCommand),
+            (r#"{"productIDs":[1]}"#, ErrorCode::UnknownCommand),
             (
                 r#"{"command":"publish","productIDs":[1]}"#,
-                error_code::UNKNOWN_COMMAND,
+                ErrorCode::UnknownCommand,
             ),
             (
                 r#"{"command":7,"productIDs":[1]}"#,
-                error_code::UNKNOWN_COMMAND,
+                ErrorCode::UnknownCommand,
             ),
-            (r#"{"command":"subscribe"}"#, error_code::INVALID_COMMAND),
+            (r#"{"command":"subscribe"}"#, ErrorCode::InvalidCommand),
             (
                 r#"{"command":"subscribe","productIDs":1}"#,
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
             ),
             (
                 r#"{"command":"subscribe","productIDs":[1],"x":1}"#,
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
             ),
             (
                 r#"{"command":"subscribe","productIDs":[1.5]}"#,
-                error_code::INVALID_PRODUCT_ID,
+                ErrorCode::InvalidProductId,
             ),
             (
                 r#"{"command":"subscribe","productIDs":["1"]}"#,
-                error_code::INVALID_PRODUCT_ID,
+                ErrorCode::InvalidProductId,
             ),
             (
                 r#"{"command":"subscribe","productIDs":[-1]}"#,
-                error_code::INVALID_PRODUCT_ID,
+                ErrorCode::InvalidProductId,
             ),
             (
                 r#"{"command":"subscribe","productIDs":[9223372036854775808]}"#,
-                error_code::INVALID_PRODUCT_ID,
+                ErrorCode::InvalidProductId,
             ),
             (
                 r#"{"command":"subscribe","productIDs":[1],"since":-1}"#,
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
             ),
             (
                 r#"{"command":"subscribe","productIDs":[1],"since":"5"}"#,
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
             ),
             (
                 r#"{"command":"subscribe","productIDs":[1],"snapshot":1}"#,
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
             ),
             (
                 r#"{"command":"subscribe","productIDs":[1],"since":1,"snapshot":true}"#,
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
             ),
             (
                 r#"{"command":"unsubscribe","productIDs":[1],"since":1}"#,
-                error_code::INVALID_COMMAND,
+                ErrorCode::InvalidCommand,
             ),
         ] {
             assert_eq!(
@@ -625,8 +675,31 @@ mod tests {
         assert_eq!(serde_json::from_str::<Value>(&conflated).unwrap(), plain);
         assert!(conflated.ends_with(r#","conflated":true}"#), "{conflated}");
         assert_eq!(
-            encode_error("x", "y"),
-            r#"{"type":"error","error":"x","message":"y"}"#
+            encode_error(ErrorCode::BinaryFrame, "y"),
+            r#"{"type":"error","error":"binary_frame","message":"y"}"#
         );
+    }
+
+    #[test]
+    fn the_protocol_document_lists_exactly_the_codes_of_the_tables() {
+        let doc = include_str!("../docs/protocol.md");
+        let documented_close: Vec<u16> = doc
+            .lines()
+            .filter_map(|line| line.strip_prefix("| 10"))
+            .filter_map(|rest| rest.get(..2).and_then(|tail| tail.parse::<u16>().ok()))
+            .map(|tail| 1000 + tail)
+            .collect();
+        let ours: Vec<u16> = CloseCode::ALL.iter().map(|code| code.code()).collect();
+        assert_eq!(documented_close, ours, "close codes in docs/protocol.md");
+
+        let codes_line = doc
+            .lines()
+            .skip_while(|line| !line.starts_with("Codes:"))
+            .take_while(|line| !line.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let documented_errors: Vec<&str> = codes_line.split('`').skip(1).step_by(2).collect();
+        let ours: Vec<&str> = ErrorCode::ALL.iter().map(|code| code.as_str()).collect();
+        assert_eq!(documented_errors, ours, "error codes in docs/protocol.md");
     }
 }

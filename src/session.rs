@@ -34,7 +34,7 @@ use crate::config::{Heartbeat, Limits};
 use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
-use crate::protocol::{self, ClientCommand, Versions, close_code, error_code};
+use crate::protocol::{self, ClientCommand, CloseCode, ErrorCode, Versions};
 use crate::shutdown::Shutdown;
 
 /// How long the session tries to deliver a close frame to a peer that may not be reading.
@@ -81,13 +81,68 @@ enum Reply {
     /// Nothing to answer (a command went to the distributor, a pong, a ping tungstenite answers).
     None,
     /// Tell the client its frame could not be used.
-    Error(&'static str, String),
+    Error(ErrorCode, String),
     /// The client answered a ping.
     Pong,
-    /// Close the socket with this code and reason.
-    Close(u16, &'static str),
-    /// The client closed or the connection failed.
-    PeerGone,
+    /// The session ends.
+    End(SessionEnd),
+}
+
+/// Why a session ended: one closed table, each with the close frame it sends (if any) and the
+/// word the log uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// The process is shutting down.
+    Shutdown,
+    /// The distributor dropped the session for overflowing its queue (disconnect policy).
+    Evicted,
+    /// The distributor stopped (the process is stopping).
+    DistributorGone,
+    /// No pong within the heartbeat timeout.
+    HeartbeatTimeout,
+    /// The client sent a frame over the size limit.
+    FrameTooBig,
+    /// A replay or snapshot could not be read.
+    ChangelogUnreadable,
+    /// The client closed, or the connection failed while reading.
+    PeerClosed,
+    /// A write failed or did not finish within the heartbeat window.
+    WriteFailed,
+}
+
+impl SessionEnd {
+    /// The close frame to send: code and reason. None when the peer is gone or unreachable.
+    fn close_frame(self) -> Option<(CloseCode, &'static str)> {
+        Some(match self {
+            Self::Shutdown => (CloseCode::GoingAway, "server shutting down"),
+            Self::Evicted => (
+                CloseCode::TryAgainLater,
+                "too slow: message queue overflowed",
+            ),
+            Self::DistributorGone => (CloseCode::Internal, "server is stopping"),
+            Self::HeartbeatTimeout => (CloseCode::Policy, "no pong within the heartbeat timeout"),
+            Self::FrameTooBig => (CloseCode::TooBig, "message larger than the server accepts"),
+            Self::ChangelogUnreadable => (
+                CloseCode::Internal,
+                "could not read the change history; reconnect and resume",
+            ),
+            Self::PeerClosed | Self::WriteFailed => return None,
+        })
+    }
+
+    /// The word the log uses.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Evicted => "evicted",
+            Self::DistributorGone => "distributor gone",
+            Self::HeartbeatTimeout => "heartbeat timeout",
+            Self::FrameTooBig => "frame too big",
+            Self::ChangelogUnreadable => "changelog read failed",
+            Self::PeerClosed => "peer closed",
+            Self::WriteFailed => "write failed",
+        }
+    }
 }
 
 /// The session's whole life. A plain function returning one `async move` block, and
@@ -117,9 +172,7 @@ fn run(
     };
     async move {
         let Ok(registration) = session.distributor.register().await else {
-            session
-                .close(close_code::INTERNAL, "server is stopping")
-                .await;
+            session.end(SessionEnd::DistributorGone).await;
             return;
         };
         let id = registration.id;
@@ -135,8 +188,9 @@ fn run(
         );
         async {
             tracing::debug!("session started");
-            let reason = session.serve(id, &mut feed, &evicted).await;
-            tracing::debug!(reason, "session ended");
+            let end = session.serve(id, &mut feed, &evicted).await;
+            session.end(end).await;
+            tracing::debug!(reason = end.as_str(), "session ended");
         }
         .instrument(span)
         .await;
@@ -150,9 +204,9 @@ fn is_too_big(err: &axum::Error) -> bool {
         .is_some_and(|cause| matches!(cause, tungstenite::Error::Capacity(_)))
 }
 
-fn close(code: u16, reason: &'static str) -> Message {
+fn close(code: CloseCode, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: code.code(),
         reason: Utf8Bytes::from_static(reason),
     }))
 }
@@ -174,7 +228,7 @@ impl Session {
         id: SessionId,
         feed: &mut Feed,
         evicted: &CancellationToken,
-    ) -> &'static str {
+    ) -> SessionEnd {
         // One timer for the session's life, reset instead of re-created: the next ping while
         // the peer is answering, the pong deadline while a ping is unanswered.
         let heartbeat = tokio::time::sleep(self.heartbeat.interval);
@@ -190,22 +244,16 @@ impl Session {
                     // Closing: the select below sends the close frame; the rest is not written.
                     feed.discard();
                 } else {
-                    if let Err(reason) = self.write_from_feed(feed, &mut messages, evicted).await {
-                        return reason;
+                    if let Err(end) = self.write_from_feed(feed, &mut messages, evicted).await {
+                        return end;
                     }
                     continue;
                 }
             }
             let step = tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => {
-                    self.close(close_code::GOING_AWAY, "server shutting down").await;
-                    return "shutdown";
-                }
-                () = evicted.cancelled() => {
-                    self.close(close_code::TRY_AGAIN_LATER, "too slow: message queue overflowed").await;
-                    return "evicted";
-                }
+                () = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                () = evicted.cancelled() => return SessionEnd::Evicted,
                 // Before the heartbeat: a pong that arrived during a long write still counts.
                 frame = self.socket.recv() => match self.answer(id, frame).await {
                     Reply::None => Ok(()),
@@ -219,26 +267,17 @@ impl Session {
                         }
                         Ok(())
                     }
-                    Reply::Close(code, reason) => {
-                        self.close(code, reason).await;
-                        return reason;
-                    }
-                    Reply::PeerGone => {
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close()).await;
-                        return "peer closed";
-                    }
+                    Reply::End(end) => return end,
                 },
                 more = feed.recv() => {
                     if !more && !evicted.is_cancelled() {
-                        self.close(close_code::INTERNAL, "server is stopping").await;
-                        return "distributor gone";
+                        return SessionEnd::DistributorGone;
                     }
                     Ok(())
                 },
                 () = &mut heartbeat => {
                     if ping_sent.is_some() {
-                        self.close(close_code::POLICY, "no pong within the heartbeat timeout").await;
-                        return "heartbeat timeout";
+                        return SessionEnd::HeartbeatTimeout;
                     }
                     // Buffers kept for the next batch are freed once per heartbeat: an idle
                     // session then costs its socket and this future, a busy one reallocates
@@ -252,7 +291,7 @@ impl Session {
                 }
             };
             if step.is_err() {
-                return "write failed";
+                return SessionEnd::WriteFailed;
             }
             if self.every_version {
                 feed.keep_every_version();
@@ -280,24 +319,21 @@ impl Session {
                     };
                     match sent {
                         Ok(()) => Reply::None,
-                        Err(_) => Reply::Close(close_code::INTERNAL, "server is stopping"),
+                        Err(_) => Reply::End(SessionEnd::DistributorGone),
                     }
                 }
                 Err(err) => Reply::Error(err.code, err.message),
             },
             Some(Ok(Message::Binary(_))) => Reply::Error(
-                error_code::BINARY_FRAME,
+                ErrorCode::BinaryFrame,
                 "binary frames are not supported; send commands as JSON text frames".to_owned(),
             ),
             Some(Ok(Message::Pong(_))) => Reply::Pong,
             // tungstenite answers pings by itself.
             Some(Ok(Message::Ping(_))) => Reply::None,
-            Some(Ok(Message::Close(_))) | None => Reply::PeerGone,
-            Some(Err(err)) if is_too_big(&err) => Reply::Close(
-                close_code::TOO_BIG,
-                "message larger than the server accepts",
-            ),
-            Some(Err(_)) => Reply::PeerGone,
+            Some(Ok(Message::Close(_))) | None => Reply::End(SessionEnd::PeerClosed),
+            Some(Err(err)) if is_too_big(&err) => Reply::End(SessionEnd::FrameTooBig),
+            Some(Err(_)) => Reply::End(SessionEnd::PeerClosed),
         }
     }
 
@@ -322,16 +358,11 @@ impl Session {
         feed: &mut Feed,
         messages: &mut Vec<Outgoing>,
         evicted: &CancellationToken,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), SessionEnd> {
         messages.clear();
         if let Err(err) = feed.fill(messages).await {
             tracing::error!(cause = %err, "cannot read the changelog for a replay or snapshot");
-            self.close(
-                close_code::INTERNAL,
-                "could not read the change history; reconnect and resume",
-            )
-            .await;
-            return Err("changelog read failed");
+            return Err(SessionEnd::ChangelogUnreadable);
         }
         let window = self.write_window();
         let count = messages.len();
@@ -345,22 +376,25 @@ impl Session {
             sink.flush().await
         };
         let write = pin!(write);
-        let result = tokio::select! {
-            result = write => result,
-            () = evicted.cancelled() => Ok(()),
-            () = shutdown.cancelled() => Ok(()),
-            () = tokio::time::sleep(window) => {
-                Err(axum::Error::new("peer did not accept data within the heartbeat window"))
-            }
+        let written = tokio::select! {
+            result = write => result.map_err(|_| SessionEnd::WriteFailed),
+            // Interrupted: the batch was not (all) written, so it is not counted as delivered;
+            // the loop then ends the session.
+            () = evicted.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(window) => Err(SessionEnd::WriteFailed),
         };
-        result.map_err(|_| "write failed")?;
+        written?;
         self.metrics.delivered(Transport::WebSocket, count, bytes);
         Ok(())
     }
 
-    async fn close(&mut self, code: u16, reason: &'static str) {
+    /// Sends the ending's close frame, if it has one, and closes the socket, within a bound.
+    async fn end(&mut self, end: SessionEnd) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            self.socket.send(close(code, reason)).await?;
+            if let Some((code, reason)) = end.close_frame() {
+                self.socket.send(close(code, reason)).await?;
+            }
             self.socket.close().await
         })
         .await;
