@@ -91,8 +91,7 @@ impl IntoResponse for Denied {
             Self::BadTicket => (StatusCode::UNAUTHORIZED, "invalid_ticket"),
             Self::TooManyTickets => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         };
-        let body = Json(serde_json::json!({"error": code, "message": self.to_string()}));
-        let mut response = (status, body).into_response();
+        let mut response = crate::http_error::respond(status, code, self.to_string());
         // RFC 6750: tell the client which scheme to use, and whether the token was the problem.
         let challenge = match self {
             Self::MissingToken => Some(r#"Bearer realm="rowcast""#),

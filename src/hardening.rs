@@ -15,7 +15,7 @@ use axum::http::uri::Scheme;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::{BoxError, Json, Router};
+use axum::{BoxError, Router};
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -49,8 +49,7 @@ impl IntoResponse for Refusal {
             Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
         };
-        let body = Json(serde_json::json!({"error": code, "message": self.to_string()}));
-        let mut response = (status, body).into_response();
+        let mut response = crate::http_error::respond(status, code, self.to_string());
         if matches!(self, Self::Overloaded) {
             response
                 .headers_mut()

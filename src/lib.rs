@@ -20,6 +20,7 @@ pub mod distributor;
 pub mod feed;
 pub mod hardening;
 pub mod health;
+pub mod http_error;
 pub mod listener;
 pub mod memory;
 pub mod metrics;

@@ -72,7 +72,7 @@ pub(crate) async fn healthz() -> Json<serde_json::Value> {
 #[utoipa::path(get, path = "/stats", tag = "operations",
     responses(
         (status = 200, description = "Counts, rates and the LISTEN state", body = crate::openapi::StatsSchema),
-        (status = 503, description = "The server is stopping", body = crate::api::schema::ErrorBody),
+        (status = 503, description = "The server is stopping", body = crate::http_error::ErrorBody),
     ))]
 pub(crate) async fn stats(State(state): State<OpsState>) -> Response {
     let counts = async {
@@ -95,10 +95,10 @@ pub(crate) async fn stats(State(state): State<OpsState>) -> Response {
                 .collect(),
         })
         .into_response(),
-        Err(_) => (
+        Err(_) => crate::http_error::respond(
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": "unavailable", "message": "the server is stopping"})),
-        )
-            .into_response(),
+            "unavailable",
+            "the server is stopping",
+        ),
     }
 }

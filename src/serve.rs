@@ -513,14 +513,11 @@ async fn redirect(State(https_port): State<u16>, request: Request) -> Response {
                 .map(str::to_owned)
         });
     let Some((host, _)) = authority.as_deref().and_then(split_host_port) else {
-        return (
+        return crate::http_error::respond(
             StatusCode::BAD_REQUEST,
-            axum::Json(serde_json::json!({
-                "error": "missing_host",
-                "message": "a Host header is needed to redirect to HTTPS",
-            })),
-        )
-            .into_response();
+            "missing_host",
+            "a Host header is needed to redirect to HTTPS",
+        );
     };
     let port = if https_port == 443 {
         String::new()

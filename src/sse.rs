@@ -8,7 +8,6 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
-use axum::Json;
 use axum::extract::ws::Utf8Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -48,11 +47,7 @@ pub struct EventsQuery {
 }
 
 fn bad_request(message: &str) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(serde_json::json!({"error": "invalid_query", "message": message})),
-    )
-        .into_response()
+    crate::http_error::respond(StatusCode::BAD_REQUEST, "invalid_query", message)
 }
 
 fn parse_ids(raw: &str, max: usize) -> Result<Vec<ProductId>, String> {
@@ -100,7 +95,7 @@ fn parse_seq(raw: &str, what: &str) -> Result<Seq, String> {
     responses(
         (status = 200, description = "An event stream: each `data:` is one message of docs/protocol.md; changes carry `id: <seq>`",
          content_type = "text/event-stream", body = String),
-        (status = 400, description = "Bad `ids` or `since` (`invalid_query`)", body = crate::api::schema::ErrorBody),
+        (status = 400, description = "Bad `ids` or `since` (`invalid_query`)", body = crate::http_error::ErrorBody),
         (status = 503, description = "The server is stopping"),
     ))]
 pub async fn events(

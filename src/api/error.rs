@@ -2,10 +2,8 @@
 //! Client mistakes say exactly what was wrong; server faults say nothing internal and are logged
 //! once, here.
 
-use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 
 use crate::db::products::StoreError;
 use crate::product::ValidationError;
@@ -42,15 +40,9 @@ pub enum ApiError {
     /// No id is left for a product created without one: 409.
     #[error("{0}")]
     IdsExhausted(String),
-    /// A server fault; the cause is logged, never sent: 500.
+    /// A server fault; the cause is logged (with its chain of sources), never sent: 500.
     #[error("internal error")]
-    Internal(String),
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl ApiError {
@@ -76,19 +68,12 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let message = match &self {
             Self::Internal(cause) => {
-                tracing::error!(%cause, "request failed with a server error");
+                tracing::error!(cause = %error_chain(cause.as_ref()), "request failed with a server error");
                 "the server could not complete the request; it has been logged".to_owned()
             }
             other => other.to_string(),
         };
-        (
-            status,
-            Json(ErrorBody {
-                error: code,
-                message: &message,
-            }),
-        )
-            .into_response()
+        crate::http_error::respond(status, code, message)
     }
 }
 
@@ -104,7 +89,19 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => Self::NotFound(err.to_string()),
             StoreError::Conflict(_) => Self::Conflict(err.to_string()),
             StoreError::IdsExhausted => Self::IdsExhausted(err.to_string()),
-            StoreError::Database(cause) => Self::Internal(cause.to_string()),
+            StoreError::Database(cause) => Self::Internal(Box::new(cause)),
         }
     }
+}
+
+/// An error and its sources, outermost first: what the log needs to find the cause.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

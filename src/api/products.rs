@@ -12,8 +12,9 @@ use serde_json::Value;
 use super::ApiState;
 use super::error::ApiError;
 use super::json::ApiJson;
-use super::schema::{ErrorBody, IdParam, ProductInputSchema, ProductPatchSchema, ProductSchema};
+use super::schema::{IdParam, ProductInputSchema, ProductPatchSchema, ProductSchema};
 use crate::db::products as store;
+use crate::http_error::ErrorBody;
 use crate::product::{NewProduct, ProductId, ProductInput, ProductPatch, id_mismatch};
 
 /// Page size when the client does not say.

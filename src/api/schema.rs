@@ -75,17 +75,6 @@ pub struct ProductPatchSchema {
     pub product_name: Option<String>,
 }
 
-/// Every error: a machine code and a message naming what was wrong.
-#[derive(Debug, ToSchema)]
-#[schema(as = Error)]
-pub struct ErrorBody {
-    /// e.g. `not_found`, `validation_failed`, `invalid_product_id`.
-    #[schema(example = "not_found")]
-    pub error: String,
-    /// Human-readable detail.
-    pub message: String,
-}
-
 /// The `{id}` path parameter.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Path)]

@@ -669,9 +669,14 @@ async fn a_backlog_of_large_rows_is_caught_up_in_order_in_bounded_memory_and_lin
         .await
         .unwrap();
     let id = created["productId"].as_i64().unwrap();
+    let stats = || async { crate::support::get_json(&http, &format!("{base}/stats")).await };
+    // Subscribe after the INSERT went through, so the stream starts with the first UPDATE.
+    wait_until(Duration::from_secs(10), "the INSERT published", || async {
+        stats().await["lastSeq"] == json!(1)
+    })
+    .await;
     let mut client = WsClient::connect(&format!("ws://127.0.0.1:{port}/websocket")).await;
     client.subscribe(&[id]).await;
-    let stats = || async { crate::support::get_json(&http, &format!("{base}/stats")).await };
     let baseline = peak_rss_kib(pid);
 
     let pool = PgPool::connect(&url).await.unwrap();
