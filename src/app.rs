@@ -23,7 +23,6 @@ use crate::health::{self, HealthState};
 use crate::listener::Listener;
 use crate::memory;
 use crate::metrics::Metrics;
-use crate::ops::{self, OpsState};
 use crate::serve::{self, Connections, Handshake};
 use crate::session::{self, SessionState};
 use crate::shutdown::Shutdown;
@@ -167,7 +166,8 @@ impl App {
         let health = HealthState {
             pool: pool.clone(),
             distributor: distributor.clone(),
-            listener: listener_status.clone(),
+            listener: listener_status,
+            transport: connections.stats(),
             metrics: metrics.clone(),
         };
         let hardening = &config.hardening;
@@ -180,12 +180,7 @@ impl App {
             ),
             hardening.max_concurrent_requests,
         )
-        .merge(ops::router(OpsState {
-            distributor,
-            listener: listener_status,
-            transport: connections.stats(),
-            metrics: metrics.clone(),
-        }))
+        .merge(health::stats_router(health.clone()))
         // Guarded like any read: with `--auth-reads`, the scraper sends the token.
         .merge(health::metrics_router(health.clone()))
         .route_layer(from_fn_with_state(access.clone(), access::guard_requests));

@@ -1,14 +1,17 @@
-//! Operator endpoints for machines: `/readyz` (may this instance take traffic?) and `/metrics`
-//! (Prometheus text), plus the middleware that times every HTTP request by route.
+//! Operator endpoints: `/healthz` (the process answers), `/stats` (the distributor's counts,
+//! the LISTEN connection's state and the transport counters, as JSON), `/readyz` (may this
+//! instance take traffic?) and `/metrics` (Prometheus text), plus the middleware that times
+//! every HTTP request by route. Reads state through handles and status channels; changes
+//! nothing. The response bodies derive their OpenAPI schemas here, on the real types.
 //!
-//! `/healthz` (in `ops`) answers while the process runs; `/readyz` answers 200 only when the
+//! `/healthz` answers while the process runs; `/readyz` answers 200 only when the
 //! database answers, every migration this binary knows is applied, and the LISTEN connection
 //! is up — without LISTEN an instance still serves REST, but its subscribers would see changes
 //! late (after the reconnect's catch-up), so a load balancer should prefer another. Otherwise
 //! 503 with every failing check named.
 //!
-//! Imports `metrics`, `distributor` and `listener` (state copied into gauges at scrape time),
-//! and `db` (the readiness queries).
+//! Imports `metrics`, `distributor`, `listener` and `serve` (state copied into bodies and gauges
+//! at request time), `db` (the readiness queries) and `http_error`.
 
 use std::time::Duration;
 
@@ -24,10 +27,17 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use utoipa::ToSchema;
+
 use crate::db;
-use crate::distributor::DistributorHandle;
+use crate::distributor::{DistributorHandle, Stats};
 use crate::listener::ListenerStatus;
 use crate::metrics::Metrics;
+use crate::product::ProductId;
+use crate::serve::{TransportSnapshot, TransportStats};
+
+/// Products listed in `topProducts`: what fits a dashboard panel.
+const TOP_PRODUCTS: usize = 10;
 
 /// How long a readiness probe waits for the database: below Kubernetes' default probe timeout
 /// (1 s), so a hung database gives a 503 with a reason, not a probe timeout.
@@ -45,8 +55,93 @@ pub struct HealthState {
     pub distributor: DistributorHandle<Utf8Bytes>,
     /// The LISTEN task's latest status.
     pub listener: watch::Receiver<ListenerStatus>,
+    /// Connection counters (open, refused, timeouts, WebSockets by HTTP version).
+    pub transport: TransportStats,
     /// This App's registry.
     pub metrics: Metrics,
+}
+
+/// The body of `/healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Health)]
+pub(crate) struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
+/// The body of `/stats`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Stats)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct StatsBody {
+    #[serde(flatten)]
+    distributor: Stats,
+    listener: ListenerStatus,
+    transport: TransportSnapshot,
+    /// Changes dispatched per second, averaged over the last 5 s.
+    changes_per_second: f64,
+    /// The most-subscribed products, most first (at most 10).
+    top_products: Vec<TopProduct>,
+}
+
+/// One entry of `topProducts`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct TopProduct {
+    #[schema(value_type = i64)]
+    product_id: ProductId,
+    subscribers: usize,
+}
+
+/// `/healthz` and `/stats`.
+pub fn stats_router(state: HealthState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/stats", get(stats))
+        .with_state(state)
+}
+
+/// `GET /healthz`.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Health)))]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// `GET /stats`.
+#[utoipa::path(get, path = "/stats", tag = "operations",
+    responses(
+        (status = 200, description = "Counts, rates and the LISTEN state", body = StatsBody),
+        (status = 503, description = "The server is stopping", body = crate::http_error::ErrorBody),
+    ))]
+pub(crate) async fn stats(State(state): State<HealthState>) -> Response {
+    let counts = async {
+        let distributor = state.distributor.stats().await?;
+        let top = state.distributor.top_products(TOP_PRODUCTS).await?;
+        Ok::<_, crate::distributor::DistributorGone>((distributor, top))
+    };
+    match counts.await {
+        Ok((distributor, top)) => Json(StatsBody {
+            distributor,
+            listener: *state.listener.borrow(),
+            transport: state.transport.snapshot(),
+            changes_per_second: state.metrics.changes_per_second(),
+            top_products: top
+                .into_iter()
+                .map(|(product_id, subscribers)| TopProduct {
+                    product_id,
+                    subscribers,
+                })
+                .collect(),
+        })
+        .into_response(),
+        Err(_) => crate::http_error::respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the server is stopping",
+        ),
+    }
 }
 
 /// `/readyz`.
@@ -64,9 +159,11 @@ pub fn metrics_router(state: HealthState) -> Router {
 }
 
 /// The body of `/readyz`.
-#[derive(Debug, Serialize)]
-struct Readiness {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Readiness)]
+pub(crate) struct Readiness {
     /// `ready` or `unavailable`.
+    #[schema(example = "ready")]
     status: &'static str,
     /// Each failed check, in words; empty when ready.
     reasons: Vec<String>,
@@ -75,8 +172,8 @@ struct Readiness {
 /// `GET /readyz`.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "Ready: database reachable, migrated, LISTEN connected", body = crate::openapi::ReadinessSchema),
-        (status = 503, description = "Not ready; `reasons` names each failed check", body = crate::openapi::ReadinessSchema),
+        (status = 200, description = "Ready: database reachable, migrated, LISTEN connected", body = Readiness),
+        (status = 503, description = "Not ready; `reasons` names each failed check", body = Readiness),
     ))]
 pub(crate) async fn readyz(State(state): State<HealthState>) -> Response {
     let mut reasons = Vec::new();

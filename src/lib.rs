@@ -25,7 +25,6 @@ pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod openapi;
-pub mod ops;
 pub mod product;
 pub mod protocol;
 pub mod serve;

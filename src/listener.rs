@@ -63,7 +63,8 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const NOTIFICATION_BUFFER: usize = 1024;
 
 /// What the listener reports about itself (for `/stats` and readiness).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ListenerState)]
 #[serde(rename_all = "camelCase")]
 pub struct ListenerStatus {
     /// True while LISTEN is active on a healthy connection.
@@ -78,6 +79,7 @@ pub struct ListenerStatus {
     /// Changes published from reads after a reconnect or at a health tick.
     pub changes_read_from_changelog: u64,
     /// The seq of the last change published.
+    #[schema(value_type = u64)]
     pub last_seq: Seq,
     /// Consecutive failed attempts to connect and catch up (0 while healthy).
     pub failed_attempts: u64,

@@ -3,11 +3,10 @@
 //! `sse`), plus the schemas of the operator endpoints' bodies. The WebSocket protocol is not
 //! HTTP request/response and lives in `docs/protocol.md`.
 //!
-//! Like `app`, this module sees all the others; nothing imports it except the handlers'
-//! annotations (for schema names).
+//! It names the handlers; the schemas are derived next to the types the handlers return, so
+//! nothing imports this module and the document cannot drift from the real bodies.
 
 use utoipa::OpenApi;
-use utoipa::ToSchema;
 
 /// The whole document.
 #[derive(OpenApi)]
@@ -26,8 +25,8 @@ use utoipa::ToSchema;
         crate::api::products::patch,
         crate::api::products::delete,
         crate::sse::events,
-        crate::ops::healthz,
-        crate::ops::stats,
+        crate::health::healthz,
+        crate::health::stats,
         crate::health::readyz,
         crate::health::metrics,
     ),
@@ -46,81 +45,6 @@ pub fn document() -> String {
         .to_json()
         // Serializing a tree of plain structs and maps cannot fail.
         .expect("the OpenAPI document serializes")
-}
-
-/// `/healthz`.
-#[derive(Debug, ToSchema)]
-#[schema(as = Health)]
-pub struct HealthSchema {
-    /// Always `ok`.
-    #[schema(example = "ok")]
-    pub status: String,
-}
-
-/// `/readyz`.
-#[derive(Debug, ToSchema)]
-#[schema(as = Readiness)]
-pub struct ReadinessSchema {
-    /// `ready` or `unavailable`.
-    #[schema(example = "ready")]
-    pub status: String,
-    /// Each failed check, in words; empty when ready.
-    pub reasons: Vec<String>,
-}
-
-/// The LISTEN connection's state in `/stats`.
-#[derive(Debug, ToSchema)]
-#[schema(as = ListenerState)]
-#[allow(non_snake_case, dead_code)]
-pub struct ListenerSchema {
-    connected: bool,
-    reconnects: u64,
-    changesReceived: u64,
-    payloadsSkipped: u64,
-    changesReadFromChangelog: u64,
-    lastSeq: u64,
-    /// Consecutive failed connection or catch-up attempts (0 while healthy).
-    failedAttempts: u64,
-    /// Changelog page reads (each bounded by rows and bytes).
-    changelogReads: u64,
-}
-
-/// One entry of `topProducts`.
-#[derive(Debug, ToSchema)]
-#[schema(as = TopProduct)]
-#[allow(non_snake_case, dead_code)]
-pub struct TopProductSchema {
-    productId: i64,
-    subscribers: u64,
-}
-
-/// `/stats`. Further members (e.g. `transport`) may appear.
-#[derive(Debug, ToSchema)]
-#[schema(as = Stats)]
-#[allow(non_snake_case, dead_code)]
-pub struct StatsSchema {
-    /// Connected sessions (WebSocket and SSE).
-    sessions: u64,
-    /// (session, product) pairs.
-    subscriptions: u64,
-    productsWithSubscribers: u64,
-    changesPublished: u64,
-    messagesQueued: u64,
-    slowSessionsEvicted: u64,
-    /// Changes left to a changelog read because a session's queue was full.
-    changesDeferred: u64,
-    /// Times every subscription restarted from a snapshot (gap the changelog cannot fill).
-    resets: u64,
-    messagesWaiting: u64,
-    /// The seq of the last change published.
-    lastSeq: u64,
-    /// Averaged over the last 5 s.
-    changesPerSecond: f64,
-    /// The most-subscribed products, most first (at most 10).
-    topProducts: Vec<TopProductSchema>,
-    listener: ListenerSchema,
-    /// Connection counters.
-    transport: std::collections::HashMap<String, u64>,
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ struct Counters {
 }
 
 /// What `/stats` shows under `transport`.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TransportSnapshot {
     /// Connections open now (WebSockets included), on all listeners.

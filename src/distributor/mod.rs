@@ -120,7 +120,8 @@ pub enum Delivery<F> {
 }
 
 /// A counting snapshot of the actor's state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = DistributorStats)]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
     /// Connected sessions.
@@ -143,6 +144,7 @@ pub struct Stats {
     /// Messages waiting in all outboxes right now.
     pub messages_waiting: usize,
     /// The seq of the last change published.
+    #[schema(value_type = u64)]
     pub last_seq: Seq,
 }
 
