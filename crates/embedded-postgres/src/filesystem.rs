@@ -108,7 +108,7 @@ pub(crate) fn prepare_dirs(
     }
     set_mode(dir, 0o700)?;
     if let RunAs::Postgres { uid, gid, .. } = run_as {
-        std::os::unix::fs::chown(dir, Some(*uid), Some(*gid))
+        std::os::unix::fs::chown(dir, Some(uid.as_raw()), Some(gid.as_raw()))
             .map_err(|e| EmbeddedError::io("give the postgres user the dir", dir, e))?;
     }
     Ok(())

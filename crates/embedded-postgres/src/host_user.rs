@@ -1,14 +1,14 @@
 //! The host user: who runs `initdb` and `postgres`. PostgreSQL refuses to run
 //! as root, so when this process's effective uid is 0 they run as the
 //! `postgres` OS user through `runuser`; otherwise as ourselves. Owns the
-//! effective-uid check, the user lookup and finding `runuser`.
+//! effective-uid check and the user lookup (both through `nix`: `geteuid`, and
+//! `getpwnam_r`, which honours NSS) and finding `runuser`.
 
 use std::ffi::OsString;
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use nix::unistd::{Gid, Uid, User, geteuid};
 use tokio::process::Command;
 
 use crate::error::EmbeddedError;
@@ -23,8 +23,8 @@ pub(crate) enum RunAs {
     CurrentUser,
     /// The `postgres` user, via `runuser`, because we are root.
     Postgres {
-        uid: u32,
-        gid: u32,
+        uid: Uid,
+        gid: Gid,
         runuser: PathBuf,
     },
 }
@@ -32,7 +32,7 @@ pub(crate) enum RunAs {
 impl RunAs {
     /// [`Self::CurrentUser`] unless this process runs as root.
     pub(crate) fn detect() -> Result<Self, EmbeddedError> {
-        if effective_uid()? != 0 {
+        if !geteuid().is_root() {
             return Ok(Self::CurrentUser);
         }
         let (uid, gid) = lookup_os_user(OS_USER)?;
@@ -82,60 +82,19 @@ fn find_runuser() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Effective uid from `/proc/self/status` (no `unsafe` libc call), falling
-/// back to `id -u`.
-fn effective_uid() -> Result<u32, EmbeddedError> {
-    if let Some(uid) = fs::read_to_string("/proc/self/status")
-        .ok()
-        .as_deref()
-        .and_then(parse_effective_uid)
-    {
-        return Ok(uid);
+/// The uid and gid of an OS user, looked up through NSS (`getpwnam_r`), so
+/// that users from LDAP, systemd-userdb and the like count as well as those in
+/// `/etc/passwd`.
+fn lookup_os_user(name: &str) -> Result<(Uid, Gid), EmbeddedError> {
+    match User::from_name(name) {
+        Ok(Some(user)) => Ok((user.uid, user.gid)),
+        Ok(None) => Err(EmbeddedError::NoPostgresUser {
+            reason: format!("there is no `{name}` user"),
+        }),
+        Err(e) => Err(EmbeddedError::NoPostgresUser {
+            reason: format!("the `{name}` user could not be looked up ({e})"),
+        }),
     }
-    let output = std::process::Command::new("id")
-        .arg("-u")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| EmbeddedError::io("run", Path::new("id"), e))?;
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| {
-            EmbeddedError::io(
-                "find the effective uid with",
-                Path::new("id -u"),
-                io::Error::new(io::ErrorKind::InvalidData, "unexpected output"),
-            )
-        })
-}
-
-/// The second field of the `Uid:` line (real, effective, saved, fs).
-fn parse_effective_uid(status: &str) -> Option<u32> {
-    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// uid and gid of an OS user, from `/etc/passwd`.
-fn lookup_os_user(name: &str) -> Result<(u32, u32), EmbeddedError> {
-    let passwd = fs::read_to_string("/etc/passwd").map_err(|e| EmbeddedError::NoPostgresUser {
-        reason: format!("/etc/passwd could not be read ({e})"),
-    })?;
-    parse_passwd(&passwd, name).ok_or_else(|| EmbeddedError::NoPostgresUser {
-        reason: format!("there is no `{name}` user in /etc/passwd"),
-    })
-}
-
-fn parse_passwd(passwd: &str, name: &str) -> Option<(u32, u32)> {
-    passwd.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        if fields.next()? != name {
-            return None;
-        }
-        let _password = fields.next()?;
-        let uid = fields.next()?.parse().ok()?;
-        let gid = fields.next()?.parse().ok()?;
-        Some((uid, gid))
-    })
 }
 
 #[cfg(test)]
@@ -143,20 +102,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn effective_uid_is_the_second_uid_field() {
-        let status = "Name:\tx\nUid:\t1000\t0\t1000\t1000\nGid:\t5\t5\t5\t5\n";
-        assert_eq!(parse_effective_uid(status), Some(0));
-        assert_eq!(parse_effective_uid("Name:\tx\n"), None);
-        assert!(
-            parse_effective_uid(&fs::read_to_string("/proc/self/status").unwrap_or_default())
-                .is_some()
-        );
+    fn users_are_looked_up_by_name() {
+        let (uid, gid) = lookup_os_user("root").expect("every system has root");
+        assert!(uid.is_root());
+        assert_eq!(gid.as_raw(), 0);
+        assert!(matches!(
+            lookup_os_user("rowcast-no-such-user"),
+            Err(EmbeddedError::NoPostgresUser { reason }) if reason.contains("no `rowcast-no-such-user` user")
+        ));
     }
 
     #[test]
-    fn passwd_lookup() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\npostgres:x:101:104:PostgreSQL administrator,,,:/var/lib/postgresql:/bin/bash\n";
-        assert_eq!(parse_passwd(passwd, "postgres"), Some((101, 104)));
-        assert_eq!(parse_passwd(passwd, "postgre"), None);
+    fn only_root_switches_users() {
+        let run_as = RunAs::detect();
+        if geteuid().is_root() {
+            // Root needs the `postgres` user and runuser; either it has them or says so.
+            match run_as {
+                Ok(run_as) => assert!(run_as.is_other_user()),
+                Err(e) => assert!(matches!(
+                    e,
+                    EmbeddedError::NoPostgresUser { .. } | EmbeddedError::RunuserNotFound
+                )),
+            }
+        } else {
+            assert!(matches!(run_as, Ok(RunAs::CurrentUser)));
+        }
     }
 }
