@@ -100,3 +100,8 @@ const SOCKET_FILE: &str = ".s.PGSQL.5432";
 /// Limit for a helper program (`runuser` checks, `postgres --version`, the
 /// watchdog reporting the postmaster pid).
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Compiles the README's example as a doctest, so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
