@@ -31,13 +31,13 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo clippy (the whole workspace: rowcast and crates/*)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build (release binary for the live checks)"
 cargo build --release --locked
-echo "== cargo test"
+echo "== cargo test (the whole workspace: rowcast and crates/*)"
 # Chromium is installed above, so the browser tests must run, not skip.
-ROWCAST_BROWSER_TEST=require cargo test --locked
+ROWCAST_BROWSER_TEST=require cargo test --workspace --locked
 
 echo "== .http request file against a live server"
 data_dir=$(mktemp -d /tmp/rowcast-http-XXXXXX)

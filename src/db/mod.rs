@@ -1,9 +1,9 @@
 //! Database access for the REST side: the connection pool, migrations, and the product queries
-//! (`products`). Also the embedded private cluster used when no `DATABASE_URL` is given
-//! (`embedded`). Imports `product` and `config`; knows nothing of sessions or the distributor.
+//! (`products`). The private cluster used when no `DATABASE_URL` is given is the
+//! `rowcast-embedded-postgres` crate (`crates/embedded-postgres`), started by `app`. Imports
+//! `product` and `config`; knows nothing of sessions or the distributor.
 
 pub mod changelog;
-pub mod embedded;
 pub mod products;
 
 use std::str::FromStr;

@@ -12,9 +12,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use rowcast::config::Cli;
-use rowcast::db::embedded::EmbeddedPostgres;
 use rowcast::shutdown::Shutdown;
 use rowcast::{App, telemetry};
+use rowcast_embedded_postgres::EmbeddedPostgres;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
