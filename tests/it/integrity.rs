@@ -547,8 +547,9 @@ async fn only_clients_that_stop_reading_are_conflated_even_through_a_listener_ou
     let mut ids = Vec::new();
     for n in 0..4 {
         let mut body = product(&format!("p{n}"));
-        // ~4 KB per change: a client that stops reading fills its socket buffers quickly.
-        body["productName"] = json!("w".repeat(4000));
+        // ~16 KB per change (15 MB in all): more than the kernel buffers of a client that stops
+        // reading, so its queue overflows.
+        body["productName"] = json!("w".repeat(16_000));
         ids.push(
             app.create_product(body).await["productId"]
                 .as_i64()
@@ -597,7 +598,15 @@ async fn only_clients_that_stop_reading_are_conflated_even_through_a_listener_ou
         || async { app.stats().await["lastSeq"] == json!(last) },
     )
     .await;
-    assert!(app.stats().await["listener"]["reconnects"].as_u64() >= Some(1));
+    let stats = app.stats().await;
+    assert!(
+        stats["listener"]["reconnects"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    assert!(
+        stats["changesDeferred"].as_u64() > Some(0),
+        "queues overflowed: {stats}"
+    );
 
     for reader in readers {
         let (position, (changes, conflated)) = reader.await.unwrap();
