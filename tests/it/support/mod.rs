@@ -3,6 +3,7 @@
 //! Logs are silent unless `TEST_LOG` is set.
 
 pub mod process;
+pub mod scenario;
 pub mod secure;
 pub mod sse;
 pub mod webdriver;
