@@ -61,19 +61,24 @@ pub struct Scenario {
     pub products: usize,
     pub clients: usize,
     pub writers: usize,
+    /// The first `stayers` clients do not roam: client n stays on instance n (mod the number of
+    /// instances) and reconnects, with `since`, only when its connection ends. A gap in one
+    /// instance's live stream shows in them; roaming clients often paper over it with a reset.
+    pub stayers: usize,
     pub writes: Writes,
     /// How long the clients may take, once the writers are done, to have everything.
     pub catch_up_limit: Duration,
 }
 
 impl Scenario {
-    /// 24 products, 6 clients, 8 writers.
+    /// 24 products, 6 clients (all roaming), 8 writers.
     pub fn new(seed: u64, writes: Writes) -> Self {
         Self {
             seed,
             products: 24,
             clients: 6,
             writers: 8,
+            stayers: 0,
             writes,
             catch_up_limit: Duration::from_secs(60),
         }
@@ -117,6 +122,33 @@ struct Received {
     seq: u64,
     action: String,
     body: Value,
+    /// Index into [`ClientLog::streams`].
+    stream: usize,
+}
+
+/// One subscription stream of a client (one WebSocket connection that got going).
+#[derive(Debug, Clone)]
+struct Stream {
+    instance: usize,
+    since: Option<u64>,
+    /// The ack's seq, or the snapshot's after a reset.
+    began_at: u64,
+    reset: bool,
+    opened: Duration,
+}
+
+impl std::fmt::Display for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "instance {} at {:.2?}, since {}, {} {}",
+            self.instance,
+            self.opened,
+            self.since.map_or("-".to_owned(), |s| s.to_string()),
+            if self.reset { "reset+snapshot" } else { "ack" },
+            self.began_at
+        )
+    }
 }
 
 /// The last `reset` a client got: the snapshot that replaced its state.
@@ -131,6 +163,7 @@ struct ResetPoint {
 #[derive(Debug, Default)]
 struct ClientLog {
     first_ack: Option<u64>,
+    streams: Vec<Stream>,
     received: Vec<Received>,
     reset: Option<ResetPoint>,
     resets: usize,
@@ -150,6 +183,10 @@ pub struct ClientReport {
     pub duplicated: Vec<u64>,
     pub out_of_order: Vec<u64>,
     pub phantom: Vec<String>,
+    /// Committed seqs delivered with another product, action or body.
+    pub mismatched: Vec<String>,
+    /// Where each run of missing seqs fell: the streams delivering its neighbours.
+    pub gaps: Vec<String>,
     pub resets: usize,
     pub connections: usize,
     pub failed_starts: usize,
@@ -165,6 +202,7 @@ impl ClientReport {
             && self.duplicated.is_empty()
             && self.out_of_order.is_empty()
             && self.phantom.is_empty()
+            && self.mismatched.is_empty()
             && self.anomalies.is_empty()
             && self.finished
             && self.final_state_matches != Some(false)
@@ -207,7 +245,7 @@ impl std::fmt::Display for Outcome {
         for (n, c) in self.clients.iter().enumerate() {
             writeln!(
                 f,
-                "  client {n}: {} products, received {}, expected {}, missing {}, duplicated {}, out of order {}, phantom {}, resets {}, connections {} ({} failed starts), finished {}{}{}",
+                "  client {n}: {} products, received {}, expected {}, missing {}, duplicated {}, out of order {}, phantom {}, mismatched {}, resets {}, connections {} ({} failed starts), finished {}{}{}",
                 c.products,
                 c.received,
                 c.expected,
@@ -215,6 +253,7 @@ impl std::fmt::Display for Outcome {
                 c.duplicated.len(),
                 c.out_of_order.len(),
                 c.phantom.len(),
+                c.mismatched.len(),
                 c.resets,
                 c.connections,
                 c.failed_starts,
@@ -234,6 +273,9 @@ impl std::fmt::Display for Outcome {
             if !c.missing.is_empty() {
                 writeln!(f, "    missing seqs: {}", head(&c.missing))?;
             }
+            for gap in c.gaps.iter().take(5) {
+                writeln!(f, "    gap: {gap}")?;
+            }
             if !c.duplicated.is_empty() {
                 writeln!(f, "    duplicated seqs: {}", head(&c.duplicated))?;
             }
@@ -242,6 +284,9 @@ impl std::fmt::Display for Outcome {
             }
             for phantom in c.phantom.iter().take(10) {
                 writeln!(f, "    phantom: {phantom}")?;
+            }
+            for mismatch in c.mismatched.iter().take(10) {
+                writeln!(f, "    mismatched: {mismatch}")?;
             }
             for anomaly in c.anomalies.iter().take(10) {
                 writeln!(f, "    anomaly: {anomaly}")?;
@@ -289,6 +334,7 @@ where
 {
     let started = Instant::now();
     let seed = scenario.seed;
+    install_archive(pool).await;
     let ids = create_ids(api, scenario.products).await;
     let mut rng = StdRng::seed_from_u64(seed);
 
@@ -312,6 +358,7 @@ where
         subsets.push(subset.clone());
         clients.push(tokio::spawn(roaming_client(
             ws_urls.to_vec(),
+            (n < scenario.stayers).then_some(n % ws_urls.len()),
             subset,
             seed.wrapping_add(n as u64),
             done,
@@ -363,19 +410,20 @@ where
             .unwrap();
         writer_stats.add(&stats);
     }
-    let last: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM product_changes")
+    let last: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM test_change_archive")
         .fetch_one(pool)
         .await
         .unwrap();
     let last = u64::try_from(last.unwrap_or(0)).unwrap();
     let give_up = Instant::now() + scenario.catch_up_limit;
     for (done_tx, subset) in done_senders.iter().zip(&subsets) {
-        let target: Option<i64> =
-            sqlx::query_scalar("SELECT max(seq) FROM product_changes WHERE product_id = ANY($1)")
-                .bind(subset)
-                .fetch_one(pool)
-                .await
-                .unwrap();
+        let target: Option<i64> = sqlx::query_scalar(
+            "SELECT max(seq) FROM test_change_archive WHERE product_id = ANY($1)",
+        )
+        .bind(subset)
+        .fetch_one(pool)
+        .await
+        .unwrap();
         done_tx
             .send(Some((u64::try_from(target.unwrap_or(0)).unwrap(), give_up)))
             .unwrap();
@@ -401,6 +449,27 @@ where
     outcome
 }
 
+/// The oracle: a copy of every changelog row, made in the committing transaction by a trigger
+/// on `product_changes`, which retention does not prune (a test with a short retention still
+/// knows everything that was committed).
+async fn install_archive(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS test_change_archive (LIKE product_changes INCLUDING ALL);
+         CREATE OR REPLACE FUNCTION test_archive_change() RETURNS trigger
+         LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO test_change_archive VALUES (NEW.*);
+             RETURN NULL;
+         END
+         $$;
+         CREATE OR REPLACE TRIGGER test_archive_change AFTER INSERT ON product_changes
+             FOR EACH ROW EXECUTE FUNCTION test_archive_change();",
+    )
+    .execute(pool)
+    .await
+    .expect("install the changelog archive");
+}
+
 /// The committed changes to `products` with seq in (after, upto], as (product, seq, action,
 /// body), in seq order.
 async fn committed(
@@ -410,7 +479,7 @@ async fn committed(
     upto: u64,
 ) -> Vec<(i64, u64, String, Value)> {
     let rows: Vec<(i64, i64, String, String)> = sqlx::query_as(
-        "SELECT product_id, seq, action, product::text FROM product_changes
+        "SELECT product_id, seq, action, product::text FROM test_change_archive
          WHERE product_id = ANY($1) AND seq > $2 AND seq <= $3 ORDER BY seq",
     )
     .bind(products)
@@ -459,6 +528,7 @@ async fn verdict(pool: &PgPool, subset: &[i64], log: ClientLog, last: u64) -> Cl
     let mut out_of_order = Vec::new();
     let mut highest = 0;
     let mut phantom = Vec::new();
+    let mut mismatched = Vec::new();
     for change in &log.received {
         if !seen.insert(change.seq) {
             duplicated.push(change.seq);
@@ -498,6 +568,8 @@ async fn verdict(pool: &PgPool, subset: &[i64], log: ClientLog, last: u64) -> Cl
             duplicated,
             out_of_order,
             phantom,
+            mismatched,
+            gaps: Vec::new(),
             resets: log.resets,
             connections: log.connections,
             failed_starts: log.failed_starts,
@@ -519,6 +591,7 @@ async fn verdict(pool: &PgPool, subset: &[i64], log: ClientLog, last: u64) -> Cl
         .copied()
         .filter(|seq| !received_seqs.contains(seq))
         .collect();
+    let gaps = explain_gaps(&expected_seqs, &received_seqs, &log.received, &log.streams);
     for change in &tail {
         match expected_seqs.get(&change.seq) {
             None if change.seq > start => phantom.push(format!(
@@ -534,7 +607,7 @@ async fn verdict(pool: &PgPool, subset: &[i64], log: ClientLog, last: u64) -> Cl
                     || *action != change.action
                     || *body != change.body =>
             {
-                phantom.push(format!(
+                mismatched.push(format!(
                     "seq {} delivered as {} {} but committed as {action} {body}",
                     change.seq, change.action, change.body
                 ));
@@ -564,6 +637,8 @@ async fn verdict(pool: &PgPool, subset: &[i64], log: ClientLog, last: u64) -> Cl
         duplicated,
         out_of_order,
         phantom,
+        mismatched,
+        gaps,
         resets: log.resets,
         connections: log.connections,
         failed_starts: log.failed_starts,
@@ -571,6 +646,51 @@ async fn verdict(pool: &PgPool, subset: &[i64], log: ClientLog, last: u64) -> Cl
         finished: log.finished,
         final_state_matches,
     }
+}
+
+/// For each run of consecutive missing seqs (in the committed order of the client's
+/// products): the received changes just before and after it, and the streams they came on.
+fn explain_gaps(
+    expected: &BTreeMap<u64, &(i64, u64, String, Value)>,
+    received_seqs: &HashSet<u64>,
+    received: &[Received],
+    streams: &[Stream],
+) -> Vec<String> {
+    let mut runs: Vec<(u64, u64, usize)> = Vec::new();
+    let mut open: Option<(u64, u64, usize)> = None;
+    for seq in expected.keys().copied() {
+        if received_seqs.contains(&seq) {
+            runs.extend(open.take());
+        } else {
+            open = Some(open.map_or((seq, seq, 1), |(first, _, n)| (first, seq, n + 1)));
+        }
+    }
+    runs.extend(open);
+    let describe = |change: Option<&Received>| {
+        change.map_or("none".to_owned(), |change| {
+            format!(
+                "seq {} on stream #{} ({})",
+                change.seq, change.stream, streams[change.stream]
+            )
+        })
+    };
+    runs.iter()
+        .map(|&(first, last, count)| {
+            let before = received
+                .iter()
+                .filter(|change| change.seq < first)
+                .max_by_key(|change| change.seq);
+            let after = received
+                .iter()
+                .filter(|change| change.seq > last)
+                .min_by_key(|change| change.seq);
+            format!(
+                "{count} missing from {first} to {last}; before: {}; after: {}",
+                describe(before),
+                describe(after)
+            )
+        })
+        .collect()
 }
 
 /// How a (re)subscription began.
@@ -585,9 +705,11 @@ enum Start {
 /// begin: `subscribed`, or `reset`, `subscribed`, `snapshot`.
 async fn start_stream(
     client: &mut WsClient,
+    instance: usize,
     products: &[i64],
     position: &mut Option<u64>,
     log: &mut ClientLog,
+    opened: Duration,
 ) -> Start {
     let since = *position;
     let command = match since {
@@ -619,6 +741,13 @@ async fn start_stream(
                 }
                 log.first_ack.get_or_insert(seq);
                 position.get_or_insert(seq);
+                log.streams.push(Stream {
+                    instance,
+                    since,
+                    began_at: seq,
+                    reset: false,
+                    opened,
+                });
                 return Start::Streaming;
             }
             Some("reset") => {
@@ -639,6 +768,13 @@ async fn start_stream(
                     state,
                 });
                 *position = Some(seq);
+                log.streams.push(Stream {
+                    instance,
+                    since,
+                    began_at: seq,
+                    reset: true,
+                    opened,
+                });
                 return Start::Streaming;
             }
             _ => {
@@ -651,10 +787,12 @@ async fn start_stream(
     }
 }
 
-/// One client that reads for a while, disconnects, and resumes (on any instance) until it has
-/// everything up to the target it is sent once the writers are done.
+/// One client that reads for a while, disconnects, and resumes (on any instance, or always on
+/// `stay_on`, then without disconnecting by itself) until it has everything up to the target
+/// it is sent once the writers are done.
 async fn roaming_client(
     urls: Vec<String>,
+    stay_on: Option<usize>,
     products: Vec<i64>,
     seed: u64,
     done: watch::Receiver<Option<(u64, Instant)>>,
@@ -663,25 +801,40 @@ async fn roaming_client(
     let mut log = ClientLog::default();
     // The seq the stream is complete up to: the last change, the snapshot, or the first ack.
     let mut position: Option<u64> = None;
-    let hard_limit = Instant::now() + CLIENT_HARD_LIMIT;
+    let started = Instant::now();
+    let hard_limit = started + CLIENT_HARD_LIMIT;
     loop {
         let give_up = done.borrow().map_or(hard_limit, |(_, give_up)| give_up);
         if Instant::now() >= give_up.min(hard_limit) {
             return log;
         }
-        let url = &urls[rng.random_range(0..urls.len())];
-        let Ok(mut client) = WsClient::try_connect(url).await else {
+        let instance = stay_on.unwrap_or_else(|| rng.random_range(0..urls.len()));
+        let Ok(mut client) = WsClient::try_connect(&urls[instance]).await else {
             log.failed_starts += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         log.connections += 1;
-        if let Start::Retry = start_stream(&mut client, &products, &mut position, &mut log).await {
+        let opened = started.elapsed();
+        if let Start::Retry = start_stream(
+            &mut client,
+            instance,
+            &products,
+            &mut position,
+            &mut log,
+            opened,
+        )
+        .await
+        {
             log.failed_starts += 1;
             tokio::time::sleep(Duration::from_millis(rng.random_range(20..150))).await;
             continue;
         }
-        let stay = Duration::from_millis(rng.random_range(20..250));
+        let stay = if stay_on.is_some() {
+            CLIENT_HARD_LIMIT
+        } else {
+            Duration::from_millis(rng.random_range(20..250))
+        };
         let until = Instant::now() + stay;
         loop {
             let finished = *done.borrow();
@@ -693,7 +846,7 @@ async fn roaming_client(
                 return log;
             }
             match client
-                .next_or_closed(left.max(Duration::from_millis(100)))
+                .next_or_closed(left.clamp(Duration::from_millis(100), Duration::from_millis(500)))
                 .await
             {
                 Ok(Some(message)) => {
@@ -708,6 +861,7 @@ async fn roaming_client(
                         seq,
                         action: message["action"].as_str().unwrap_or("").to_owned(),
                         body: message["product"].clone(),
+                        stream: log.streams.len() - 1,
                     });
                     position = Some(seq);
                 }
