@@ -42,10 +42,16 @@ struct Rig {
 
 impl Rig {
     async fn start(direct_url: &str) -> Self {
+        Self::start_with(direct_url, &[]).await
+    }
+
+    /// With flags added to [`FLAGS`].
+    async fn start_with(direct_url: &str, extra: &[&str]) -> Self {
         let proxy = FaultProxy::start(direct_url).await;
         let via_proxy = proxy.url_for(direct_url);
-        let one = spawn_instance(&via_proxy, &FLAGS).await;
-        let two = spawn_instance(&via_proxy, &FLAGS).await;
+        let flags: Vec<&str> = FLAGS.iter().chain(extra).copied().collect();
+        let one = spawn_instance(&via_proxy, &flags).await;
+        let two = spawn_instance(&via_proxy, &flags).await;
         let direct = PgPoolOptions::new()
             .max_connections(12)
             .acquire_timeout(Duration::from_secs(3))
@@ -81,14 +87,17 @@ impl Rig {
     }
 }
 
+/// Six clients: one staying on each instance, four roaming.
 fn scenario() -> Scenario {
-    Scenario::new(
+    let mut scenario = Scenario::new(
         scenario::seed(),
         Writes::Mixed {
             warmup: WARMUP,
             settle: SETTLE,
         },
-    )
+    );
+    scenario.stayers = 2;
+    scenario
 }
 
 /// Checks the outcome, and that the fault made at least one LISTEN connection reconnect (a
@@ -184,4 +193,31 @@ async fn faults_an_immediate_postgres_restart_loses_and_doubles_nothing() {
     conclude(&rig, &outcome, true).await;
     drop(rig);
     drop(cluster);
+}
+
+/// A LISTEN connection stalls while retention keeps only the newest 300 changes: by the time
+/// the listener notices and catches up, what it missed is partly pruned. Roaming clients then
+/// get resets and snapshots (legitimate); what must not happen is a gap without a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_a_stalled_listener_behind_a_short_retention_loses_nothing_without_a_reset() {
+    const STALL: Duration = Duration::from_secs(10);
+    let database = TestDatabase::create().await;
+    let rig = Rig::start_with(
+        &database.url,
+        &[
+            "--changelog-max-rows",
+            "300",
+            "--changelog-prune-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    let scenario = scenario();
+    let outcome = scenario::run(&rig.one, &rig.urls(), &rig.direct, &scenario, async {
+        let stalled = rig.proxy.stall_one(STALL);
+        tokio::time::sleep(STALL).await;
+        format!("stalled {stalled:?} for {STALL:?}, changelog max rows 300")
+    })
+    .await;
+    conclude(&rig, &outcome, true).await;
 }
