@@ -221,3 +221,27 @@ async fn faults_a_stalled_listener_behind_a_short_retention_loses_nothing_withou
     .await;
     conclude(&rig, &outcome, true).await;
 }
+
+/// The control for the test above: the same short retention without a fault. Roaming clients
+/// get resets and snapshots; every stream must still be exact after its last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_control_a_short_retention_without_a_fault_loses_nothing_without_a_reset() {
+    let database = TestDatabase::create().await;
+    let rig = Rig::start_with(
+        &database.url,
+        &[
+            "--changelog-max-rows",
+            "300",
+            "--changelog-prune-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    let scenario = scenario();
+    let outcome = scenario::run(&rig.one, &rig.urls(), &rig.direct, &scenario, async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        "none for 10 s, changelog max rows 300".to_owned()
+    })
+    .await;
+    conclude(&rig, &outcome, false).await;
+}
