@@ -719,42 +719,62 @@ async fn start_stream(
     if client.try_send_json(&command).await.is_err() {
         return Start::Retry;
     }
-    let mut after_reset = false;
+    let Ok(Some(message)) = client.next_or_closed(Duration::from_secs(10)).await else {
+        return Start::Retry;
+    };
+    match message["type"].as_str() {
+        Some("subscribed") => {
+            let Some(seq) = message["seq"].as_u64() else {
+                log.anomalies.push(format!("ack without a seq: {message}"));
+                return Start::Retry;
+            };
+            if let Some(since) = since {
+                if seq != since {
+                    log.anomalies
+                        .push(format!("resume from {since} acked with seq {seq}"));
+                }
+            }
+            log.first_ack.get_or_insert(seq);
+            position.get_or_insert(seq);
+            log.streams.push(Stream {
+                instance,
+                since,
+                began_at: seq,
+                reset: false,
+                opened,
+            });
+            Start::Streaming
+        }
+        Some("reset") => {
+            log.resets += 1;
+            take_snapshot(client, instance, since, position, log, opened).await
+        }
+        _ => {
+            log.anomalies.push(format!(
+                "unexpected message before the stream began: {message}"
+            ));
+            Start::Retry
+        }
+    }
+}
+
+/// After a `reset` (when subscribing, or in the middle of a stream): reads the `subscribed`
+/// and the `snapshot` that follow, and makes the snapshot the client's new state.
+async fn take_snapshot(
+    client: &mut WsClient,
+    instance: usize,
+    since: Option<u64>,
+    position: &mut Option<u64>,
+    log: &mut ClientLog,
+    opened: Duration,
+) -> Start {
     loop {
         let Ok(Some(message)) = client.next_or_closed(Duration::from_secs(10)).await else {
             return Start::Retry;
         };
         match message["type"].as_str() {
-            Some("subscribed") => {
-                let Some(seq) = message["seq"].as_u64() else {
-                    log.anomalies.push(format!("ack without a seq: {message}"));
-                    return Start::Retry;
-                };
-                if after_reset {
-                    continue; // the snapshot follows, with this seq
-                }
-                if let Some(since) = since {
-                    if seq != since {
-                        log.anomalies
-                            .push(format!("resume from {since} acked with seq {seq}"));
-                    }
-                }
-                log.first_ack.get_or_insert(seq);
-                position.get_or_insert(seq);
-                log.streams.push(Stream {
-                    instance,
-                    since,
-                    began_at: seq,
-                    reset: false,
-                    opened,
-                });
-                return Start::Streaming;
-            }
-            Some("reset") => {
-                log.resets += 1;
-                after_reset = true;
-            }
-            Some("snapshot") if after_reset => {
+            Some("subscribed") => {} // the snapshot follows, with this seq
+            Some("snapshot") => {
                 let seq = message["seq"].as_u64().unwrap();
                 let state = message["products"]
                     .as_array()
@@ -778,9 +798,8 @@ async fn start_stream(
                 return Start::Streaming;
             }
             _ => {
-                log.anomalies.push(format!(
-                    "unexpected message before the stream began: {message}"
-                ));
+                log.anomalies
+                    .push(format!("unexpected message after a reset: {message}"));
                 return Start::Retry;
             }
         }
@@ -850,12 +869,36 @@ async fn roaming_client(
                 .await
             {
                 Ok(Some(message)) => {
+                    if message["type"] == "reset" {
+                        // Retention overtook this stream: a snapshot replaces the state.
+                        log.resets += 1;
+                        let since = message["since"].as_u64().or(position);
+                        let opened = started.elapsed();
+                        match take_snapshot(
+                            &mut client,
+                            instance,
+                            since,
+                            &mut position,
+                            &mut log,
+                            opened,
+                        )
+                        .await
+                        {
+                            Start::Streaming => continue,
+                            Start::Retry => break,
+                        }
+                    }
                     if message["type"] != "change" {
                         log.anomalies
                             .push(format!("unexpected message in the stream: {message}"));
                         continue;
                     }
                     let seq = message["seq"].as_u64().unwrap();
+                    if message["conflated"] == json!(true) {
+                        log.anomalies.push(format!(
+                            "seq {seq} is marked conflated: versions before it were skipped"
+                        ));
+                    }
                     log.received.push(Received {
                         product: message["product"]["productId"].as_i64().unwrap(),
                         seq,
