@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::support::scenario::{self, Scenario, Writes, create_ids};
 use crate::support::{
-    SseClient, TestApp, WsClient, add_one_unit, get_json, product, products_in_table, spawn_app,
+    SseClient, WsClient, add_one_unit, get_json, product, products_in_table, spawn_app,
     spawn_app_with, spawn_instance, terminate_listener, wait_until,
 };
 
@@ -34,15 +34,6 @@ fn key(change: &Value) -> (i64, u64) {
         change["product"]["productId"].as_i64().unwrap(),
         change["seq"].as_u64().unwrap(),
     )
-}
-
-async fn create_ids(app: &TestApp, count: usize) -> Vec<i64> {
-    let mut ids = Vec::new();
-    for n in 0..count {
-        let created = app.create_product(product(&format!("p{n}"))).await;
-        ids.push(created["productId"].as_i64().unwrap());
-    }
-    ids
 }
 
 #[tokio::test]
@@ -132,59 +123,6 @@ async fn a_change_committed_while_the_client_was_away_arrives_on_resume_websocke
     }
 }
 
-/// One client that reads for a while, disconnects, and resumes (on either instance) until
-/// it has everything; returns what it received after its first ack, and that ack's seq.
-async fn roaming_client(
-    urls: Vec<String>,
-    products: Vec<i64>,
-    seed: u64,
-    done: tokio::sync::watch::Receiver<Option<u64>>,
-) -> (u64, Vec<(i64, u64)>) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut first_ack = None;
-    let mut received: Vec<(i64, u64)> = Vec::new();
-    let mut last_seen: Option<u64> = None;
-    loop {
-        let url = &urls[rng.random_range(0..urls.len())];
-        let mut client = WsClient::connect(url).await;
-        let command = match last_seen.or(first_ack) {
-            Some(since) => json!({"command": "subscribe", "productIDs": products, "since": since}),
-            None => json!({"command": "subscribe", "productIDs": products}),
-        };
-        client.send_json(&command).await;
-        let ack = client.expect_ack(&products).await;
-        first_ack.get_or_insert(ack);
-        let stay = Duration::from_millis(rng.random_range(20..250));
-        let until = tokio::time::Instant::now() + stay;
-        loop {
-            let finished = *done.borrow();
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            if finished.is_none() && left.is_zero() {
-                break; // roam: disconnect and resume elsewhere
-            }
-            match client
-                .next_or_closed(left.max(Duration::from_millis(100)))
-                .await
-            {
-                Ok(Some(change)) => {
-                    assert_eq!(change["type"], "change", "{change}");
-                    let (product, seq) = key(&change);
-                    received.push((product, seq));
-                    last_seen = Some(seq);
-                }
-                Ok(None) => {
-                    if let Some(final_seq) = finished {
-                        if last_seen.unwrap_or(0) >= final_seq {
-                            return (first_ack.unwrap(), received);
-                        }
-                    }
-                }
-                Err(_) => break, // evicted or dropped: resume
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn randomized_writers_and_roaming_clients_on_two_instances_lose_and_double_nothing() {
     let flags = [
@@ -195,85 +133,11 @@ async fn randomized_writers_and_roaming_clients_on_two_instances_lose_and_double
     ];
     let one = spawn_app_with(&flags).await;
     let two = spawn_instance(&one.database_url, &flags).await;
-    let ids = create_ids(&one, 24).await;
-    let seed: u64 = rand::random();
-    eprintln!("seed {seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
-
-    let mut clients = Vec::new();
-    let mut subsets = Vec::new();
-    let mut done_senders = Vec::new();
-    for n in 0..6 {
-        // Each client learns, once the writers are done, the last seq among its products.
-        let (done_tx, done) = tokio::sync::watch::channel(None);
-        done_senders.push(done_tx);
-        let subset: Vec<i64> = ids
-            .iter()
-            .copied()
-            .filter(|_| rng.random_bool(0.4))
-            .collect();
-        let subset = if subset.is_empty() {
-            vec![ids[n]]
-        } else {
-            subset
-        };
-        subsets.push(subset.clone());
-        clients.push(tokio::spawn(roaming_client(
-            vec![one.ws_url.clone(), two.ws_url.clone()],
-            subset,
-            seed.wrapping_add(n as u64),
-            done,
-        )));
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let writers: Vec<_> = (0..8)
-        .map(|w| {
-            let pool = one.pool.clone();
-            let ids = ids.clone();
-            tokio::spawn(async move {
-                let mut rng = StdRng::seed_from_u64(seed ^ (w + 100));
-                for _ in 0..300 {
-                    add_one_unit(&pool, ids[rng.random_range(0..ids.len())]).await;
-                }
-            })
-        })
-        .collect();
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let last: i64 = sqlx::query_scalar("SELECT max(seq) FROM product_changes")
-        .fetch_one(&one.pool)
+    let scenario = Scenario::new(scenario::seed(), Writes::SingleRows(300));
+    let urls = [one.ws_url.clone(), two.ws_url.clone()];
+    scenario::run(&one, &urls, &one.pool, &scenario, async { String::new() })
         .await
-        .unwrap();
-    for (done_tx, subset) in done_senders.iter().zip(&subsets) {
-        let target: Option<i64> =
-            sqlx::query_scalar("SELECT max(seq) FROM product_changes WHERE product_id = ANY($1)")
-                .bind(subset)
-                .fetch_one(&one.pool)
-                .await
-                .unwrap();
-        done_tx
-            .send(Some(u64::try_from(target.unwrap_or(0)).unwrap()))
-            .unwrap();
-    }
-
-    for (client, subset) in clients.into_iter().zip(subsets) {
-        let (first_ack, mut received) = tokio::time::timeout(Duration::from_secs(60), client)
-            .await
-            .expect("client finishes")
-            .unwrap();
-        let expected = committed(&one.pool, &subset, first_ack).await;
-        received.retain(|(_, seq)| *seq <= u64::try_from(last).unwrap());
-        assert_eq!(
-            received.len(),
-            expected.len(),
-            "seed {seed}: every committed change exactly once"
-        );
-        assert_eq!(
-            received, expected,
-            "seed {seed}: in commit order, none missing or doubled"
-        );
-    }
+        .assert_exact();
 }
 
 #[tokio::test]

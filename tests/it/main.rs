@@ -10,6 +10,7 @@ mod access;
 mod bad_input;
 mod browser;
 mod delivery;
+mod faults;
 mod integrity;
 mod listener_recovery;
 mod observability;

@@ -2,7 +2,9 @@
 //! `DATABASE_URL`), a fresh database per test, and rowcast running in-process on 127.0.0.1:0.
 //! Logs are silent unless `TEST_LOG` is set.
 
+pub mod faults;
 pub mod process;
+pub mod scenario;
 pub mod secure;
 pub mod sse;
 pub mod webdriver;
@@ -84,6 +86,28 @@ pub async fn fresh_database() -> (String, String) {
     admin.close().await;
     let url = url_for_database(admin_url(), &name);
     (name, url)
+}
+
+/// A fresh database (migrations not applied) that is dropped with this guard, for tests that
+/// start their rowcast instances on it themselves (e.g. through a fault proxy).
+#[derive(Debug)]
+pub struct TestDatabase {
+    pub name: String,
+    /// The direct URL (no proxy).
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let (name, url) = fresh_database().await;
+        Self { name, url }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        drop_database(std::mem::take(&mut self.name));
+    }
 }
 
 /// Drops a test database, disconnecting whoever still uses it.

@@ -25,6 +25,12 @@ impl WsClient {
         Self { socket }
     }
 
+    /// Connects, or says why not (for clients that retry).
+    pub async fn try_connect(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let (socket, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Self { socket })
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.socket
             .send(Message::text(text))
@@ -71,6 +77,14 @@ impl WsClient {
         assert_eq!(ack["type"], "subscribed", "{ack}");
         assert_eq!(ack["productIDs"], json!(dedup(ids)), "{ack}");
         ack["seq"].as_u64().expect("the ack carries a seq")
+    }
+
+    /// Sends any JSON command, or says why it could not be sent.
+    pub async fn try_send_json(
+        &mut self,
+        command: &Value,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.socket.send(Message::text(command.to_string())).await
     }
 
     /// Sends any JSON command.
