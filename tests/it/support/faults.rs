@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use rowcast::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use rowcast_embedded_postgres::{EmbeddedOptions, EmbeddedPostgres};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::time::Instant;
