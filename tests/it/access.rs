@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::support::process::{free_port, rowcast, terminate_and_wait, wait_until_serving};
 use crate::support::secure::{TestCa, h2_connection, wss_http1, wss_http2, wss_http2_on};
-use crate::support::{TestApp, WsClient, fresh_database, product, spawn_app_with, wait_until};
+use crate::support::{TestApp, TestDatabase, WsClient, product, spawn_app_with, wait_until};
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -249,7 +249,8 @@ async fn tickets_never_appear_in_the_logs() {
     // The binary as operators run it, logging everything (RUST_LOG=trace) to a file.
     let ca = TestCa::new();
     let cert = ca.issue("server");
-    let (_name, url) = fresh_database().await;
+    let database = TestDatabase::create().await;
+    let url = database.url.clone();
     let (plain_port, tls_port) = (free_port(), free_port());
     let log_path = ca.dir.join("rowcast.log");
     let mut child = rowcast(plain_port)

@@ -19,7 +19,7 @@ use tokio::process::Child;
 
 use crate::support::process::{free_port, rowcast, wait_until_serving};
 use crate::support::webdriver::{Browser, skip_without_chromedriver};
-use crate::support::{fresh_database, get_json, product};
+use crate::support::{TestDatabase, get_json, product};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -27,6 +27,8 @@ struct Server {
     child: Child,
     port: u16,
     database_url: String,
+    /// Set when the server made its own database: dropped with the last holder.
+    database: Option<TestDatabase>,
 }
 
 impl Server {
@@ -39,6 +41,7 @@ impl Server {
             child,
             port,
             database_url: database_url.to_owned(),
+            database: None,
         };
         let ready = format!("{}/readyz", server.base());
         wait_until_serving(&mut server.child, &reqwest::Client::new(), &ready).await;
@@ -47,8 +50,10 @@ impl Server {
 
     /// A rowcast on a fresh database and a free port.
     async fn start_fresh() -> Self {
-        let (_name, database_url) = fresh_database().await;
-        Self::start(&database_url, free_port()).await
+        let database = TestDatabase::create().await;
+        let mut server = Self::start(&database.url, free_port()).await;
+        server.database = Some(database);
+        server
     }
 
     fn base(&self) -> String {
@@ -56,9 +61,10 @@ impl Server {
     }
 
     /// Kills the process outright (no close frames): what a crash looks like to the page.
-    async fn kill(mut self) -> (String, u16) {
+    /// Returns what a restart needs, and the database guard to keep until the test ends.
+    async fn kill(mut self) -> (String, u16, Option<TestDatabase>) {
         self.child.kill().await.unwrap();
-        (self.database_url, self.port)
+        (self.database_url, self.port, self.database)
     }
 }
 
@@ -140,7 +146,7 @@ async fn rowcast_js_sees_every_change_once_in_order_across_a_server_restart() {
 
     // Crash the server, write while it is down (behind its back, as any writer could), and
     // restart it on the same port while another burst is underway.
-    let (database_url, port) = server.kill().await;
+    let (database_url, port, _database) = server.kill().await;
     let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
     for units in 16..=25 {
         let id = if units % 2 == 0 { a } else { b };
@@ -234,7 +240,7 @@ async fn dashboard_shows_edits_from_another_tab_and_resumes_after_a_restart() {
         .await;
 
     // Restart the server while a product changes.
-    let (database_url, port) = server.kill().await;
+    let (database_url, port, _database) = server.kill().await;
     watcher
         .wait_for(
             "return document.getElementById('connection').dataset.state === 'reconnecting';",
@@ -283,6 +289,7 @@ window.received = []; ws.addEventListener("message", m => window.received.push(J
 /// the certificate's SPKI pin.
 struct SelfSigned {
     _child: Child,
+    _database: TestDatabase,
     plain: String,
     https_port: u16,
     spki_pin: String,
@@ -290,7 +297,8 @@ struct SelfSigned {
 
 impl SelfSigned {
     async fn start() -> Self {
-        let (_name, url) = fresh_database().await;
+        let database = TestDatabase::create().await;
+        let url = database.url.clone();
         let (plain_port, https_port) = (free_port(), free_port());
         let mut child = rowcast(plain_port)
             .args(["--tls-listen", &format!("127.0.0.1:{https_port}")])
@@ -330,6 +338,7 @@ impl SelfSigned {
         wait_until_serving(&mut child, &reqwest::Client::new(), &ready).await;
         Self {
             _child: child,
+            _database: database,
             plain,
             https_port,
             spki_pin,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Executor, PgPool};
+use sqlx::PgPool;
 
 use crate::support::{
     TestApp, WsClient, product, products_in_table, spawn_app, spawn_app_with, terminate_listener,
@@ -661,7 +661,8 @@ async fn a_backlog_of_large_rows_is_caught_up_in_order_in_bounded_memory_and_lin
     use crate::support::process::{free_port, rowcast, wait_until_serving};
     const ROWS: i64 = 300;
     const NAME_BYTES: usize = 400_000;
-    let (database, url) = crate::support::fresh_database().await;
+    let test_database = crate::support::TestDatabase::create().await;
+    let (database, url) = (test_database.name.clone(), test_database.url.clone());
     let port = free_port();
     let mut child = rowcast(port).env("DATABASE_URL", &url).spawn().unwrap();
     let base = format!("http://127.0.0.1:{port}");
@@ -744,8 +745,5 @@ async fn a_backlog_of_large_rows_is_caught_up_in_order_in_bounded_memory_and_lin
     assert!(growth_mib <= 60, "peak RSS grew by {growth_mib} MiB");
     child.kill().await.unwrap();
     pool.close().await;
-    admin
-        .execute(format!("DROP DATABASE {database} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
+    admin.close().await;
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::process::{free_port, rowcast, terminate_and_wait, wait_until_serving};
-use crate::support::{WsClient, fresh_database, get_json, product};
+use crate::support::{TestDatabase, WsClient, get_json, product};
 
 /// How long rowcast may take to exit after SIGTERM.
 const STOP_LIMIT: Duration = Duration::from_secs(5);
@@ -17,7 +17,8 @@ async fn wait_healthy(port: u16, child: &mut tokio::process::Child) {
 
 #[tokio::test]
 async fn sigterm_closes_every_websocket_with_1001_and_exits() {
-    let (_name, url) = fresh_database().await;
+    let database = TestDatabase::create().await;
+    let url = database.url.clone();
     let port = free_port();
     let mut child = rowcast(port).env("DATABASE_URL", &url).spawn().unwrap();
     wait_healthy(port, &mut child).await;

@@ -15,7 +15,7 @@ use crate::support::process::{
 use crate::support::secure::{
     ServerCert, TestCa, h2_connection, served_leaf, tls_connect, wss_http1, wss_http2, wss_http2_on,
 };
-use crate::support::{TestApp, fresh_database, product, spawn_app_with, wait_until};
+use crate::support::{TestApp, TestDatabase, product, spawn_app_with, wait_until};
 
 async fn spawn_tls_app(cert: &ServerCert, extra: &[&str]) -> TestApp {
     let flags = cert.flags();
@@ -32,10 +32,12 @@ struct Running {
     fingerprint: String,
     shutdown: rowcast::shutdown::Shutdown,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _database: TestDatabase,
 }
 
 async fn run_with(flags: &[&str]) -> Running {
-    let (_name, url) = fresh_database().await;
+    let database = TestDatabase::create().await;
+    let url = database.url.clone();
     let mut args = vec![
         "rowcast",
         "--listen",
@@ -57,6 +59,7 @@ async fn run_with(flags: &[&str]) -> Running {
         fingerprint: app.tls_fingerprint().unwrap(),
         shutdown,
         server: tokio::spawn(app.run()),
+        _database: database,
     }
 }
 
@@ -432,7 +435,8 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_open_websockets_ke
     std::fs::copy(&first.cert, &live.cert).unwrap();
     std::fs::copy(&first.key, &live.key).unwrap();
 
-    let (_name, url) = fresh_database().await;
+    let database = TestDatabase::create().await;
+    let url = database.url.clone();
     let (plain_port, tls_port) = (free_port(), free_port());
     let mut child = rowcast(plain_port)
         .args(["--tls-listen", &format!("127.0.0.1:{tls_port}")])

@@ -73,8 +73,9 @@ pub fn url_for_database(url: &str, database: &str) -> String {
     out
 }
 
-/// A fresh, empty, randomly named database (migrations not applied).
-pub async fn fresh_database() -> (String, String) {
+/// A fresh, empty, randomly named database (migrations not applied); see [`TestDatabase`],
+/// which drops it again.
+async fn fresh_database() -> (String, String) {
     let name = format!("rowcast_test_{:016x}", rand::random::<u64>());
     let admin = PgPool::connect(admin_url())
         .await
@@ -88,8 +89,25 @@ pub async fn fresh_database() -> (String, String) {
     (name, url)
 }
 
-/// A fresh database (migrations not applied) that is dropped with this guard, for tests that
-/// start their rowcast instances on it themselves (e.g. through a fault proxy).
+#[tokio::test]
+async fn a_test_database_is_dropped_with_its_guard() {
+    let database = TestDatabase::create().await;
+    let name = database.name.clone();
+    let admin = PgPool::connect(admin_url()).await.unwrap();
+    let exists = || async {
+        sqlx::query_scalar::<_, bool>("SELECT exists(SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+    assert!(exists().await);
+    drop(database);
+    assert!(!exists().await, "dropped with its guard");
+}
+
+/// A fresh database (migrations not applied) that is dropped with this guard: the one way tests
+/// get a database, so none is left behind on a shared `DATABASE_URL` server.
 #[derive(Debug)]
 pub struct TestDatabase {
     pub name: String,
@@ -146,7 +164,7 @@ pub struct TestApp {
     pub tls_addr: Option<std::net::SocketAddr>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// Dropped with this app; None for a second instance sharing another's database.
-    database: Option<String>,
+    database: Option<TestDatabase>,
 }
 
 /// Starts rowcast with default settings.
@@ -156,8 +174,8 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts rowcast with extra command-line flags (e.g. `["--outbox-capacity", "8"]`).
 pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
-    let (database, database_url) = fresh_database().await;
-    let mut app = spawn_instance(&database_url, flags).await;
+    let database = TestDatabase::create().await;
+    let mut app = spawn_instance(&database.url, flags).await;
     app.database = Some(database);
     app
 }
@@ -288,9 +306,8 @@ impl Drop for TestApp {
         if let Some(server) = self.server.take() {
             server.abort();
         }
-        if let Some(database) = self.database.take() {
-            drop_database(database);
-        }
+        // The database goes after the server: dropping the guard drops it.
+        self.database.take();
     }
 }
 
