@@ -306,14 +306,27 @@ impl App {
             let ((), secure) = tokio::join!(plain, secure);
             secure
         };
+        // One grace period from the moment shutdown begins, shared by open HTTP requests and
+        // sessions (each used to get its own, so shutdown could take twice the grace).
         let grace = config.shutdown_grace;
-        tokio::select! {
-            result = serve => result.context("HTTP server failed")?,
-            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+        let mut serve = std::pin::pin!(serve);
+        let served = tokio::select! {
+            result = &mut serve => Some(result),
+            () = shutdown.cancelled() => None,
+        };
+        let deadline = tokio::time::Instant::now() + grace;
+        let served = match served {
+            Some(result) => Some(result),
+            None => tokio::time::timeout_at(deadline, &mut serve).await.ok(),
+        };
+        match served {
+            Some(result) => result.context("HTTP server failed")?,
+            None => {
                 tracing::warn!("HTTP requests still open after the grace period; closing them");
             }
         }
-        if !shutdown.wait(grace).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !shutdown.wait(left).await {
             tracing::warn!("some sessions did not finish within the grace period");
         }
         pool.close().await;

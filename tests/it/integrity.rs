@@ -8,8 +8,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 
 use crate::support::{
     TestApp, WsClient, product, products_in_table, spawn_app, spawn_app_with, terminate_listener,

@@ -80,3 +80,46 @@ async fn without_database_url_it_runs_on_a_private_cluster_and_stops_it() {
     assert!(terminate_and_wait(&mut again, STOP_LIMIT).await.success());
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+#[tokio::test]
+async fn shutdown_waits_one_grace_period_for_requests_and_sessions_together() {
+    use tokio::io::AsyncWriteExt;
+    let mut app = crate::support::spawn_app_with(&[
+        "--shutdown-grace",
+        "500ms",
+        "--heartbeat-interval",
+        "120s",
+    ])
+    .await;
+    let mut body = product("Heavy");
+    body["productName"] = serde_json::json!("h".repeat(64_000));
+    let id = app.create_product(body).await["productId"]
+        .as_i64()
+        .unwrap();
+    // A session that cannot take its close frame (it reads nothing, its buffers are full)...
+    let mut stuck = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
+    stuck.subscribe(&[id]).await;
+    for _ in 0..200 {
+        crate::support::add_one_unit(&app.pool, id).await;
+    }
+    // ...and an HTTP request whose body never finishes.
+    let addr = app.base_url.trim_start_matches("http://").to_owned();
+    let mut hung = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    hung.write_all(
+        b"POST /products HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let took = app.stop().await;
+    // Both outlive the 500 ms grace (the session tries its close frame for 1 s): one period
+    // for both, not one each (which took 1 s).
+    assert!(
+        took >= Duration::from_millis(450),
+        "waited the grace: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(850),
+        "one grace period, not two: {took:?}"
+    );
+}

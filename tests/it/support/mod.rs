@@ -189,12 +189,13 @@ pub async fn spawn_instance(database_url: &str, flags: &[&str]) -> TestApp {
         "127.0.0.1:0",
         "--database-url",
         &database_url,
-        "--shutdown-grace",
-        "2s",
         // Used only when a test turns TLS on; a fixed port would collide between tests.
         "--tls-listen",
         "127.0.0.1:0",
     ];
+    if !flags.contains(&"--shutdown-grace") {
+        args.extend_from_slice(&["--shutdown-grace", "2s"]);
+    }
     args.extend_from_slice(flags);
     let cli = <Cli as clap::Parser>::try_parse_from(args).expect("test flags parse");
     let shutdown = Shutdown::new();
@@ -243,6 +244,16 @@ fn authorized_client(flags: &[&str]) -> reqwest::Client {
 }
 
 impl TestApp {
+    /// Triggers shutdown and waits for the server to stop; returns how long that took.
+    pub async fn stop(&mut self) -> Duration {
+        let started = std::time::Instant::now();
+        self.shutdown.trigger();
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+        started.elapsed()
+    }
+
     /// GET /stats as JSON.
     pub async fn stats(&self) -> Value {
         get_json(&self.http, &format!("{}/stats", self.base_url)).await
