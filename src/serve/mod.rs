@@ -5,9 +5,9 @@
 //! complete request and hyper's header-read timeout for the next ones (slow-loris clients), and
 //! connection-level graceful shutdown.
 //!
-//! A connection's admission ticket ([`ConnectionGuard`]) lives inside its byte stream, so it
-//! travels with the stream into an upgraded WebSocket: a WebSocket counts against the limits as
-//! long as it is open, not just until its upgrade request was answered.
+//! Admission (`admission`): a connection's ticket lives inside its byte stream, so it travels
+//! with the stream into an upgraded WebSocket: a WebSocket counts against the limits as long as
+//! it is open, not just until its upgrade request was answered.
 //!
 //! Each request gets two extensions the router may read: `ConnectInfo<SocketAddr>` (the peer)
 //! and the `Scheme` the connection really used (not what the client claims). Counters for
@@ -16,14 +16,11 @@
 //!
 //! Imports `config` and `shutdown`; the TLS acceptor comes from `tls` through `app`.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -33,17 +30,20 @@ use axum::http::{Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use tracing::Instrument;
 
-use crate::config::{Hardening, IpPrefix, split_host_port};
+use crate::config::split_host_port;
+
+mod admission;
+
 use crate::shutdown::Shutdown;
+use admission::Guarded;
+pub use admission::{Connections, TransportSnapshot, TransportStats};
 
 /// HTTP/2 connections are pinged this often, so a peer that vanished (no FIN, no RST) is found
 /// and its connection slot freed; WebSockets have their own heartbeat on top.
@@ -57,198 +57,6 @@ const H2_MAX_CONCURRENT_STREAMS: u32 = 200;
 /// Wait after a failed `accept` (out of descriptors, out of memory) before the next one, so the
 /// loop does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(200);
-
-/// Connection-level counters for `/stats`, shared by every listener. Cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct TransportStats(Arc<Counters>);
-
-#[derive(Debug, Default)]
-struct Counters {
-    open: AtomicU64,
-    refused: AtomicU64,
-    tls_failures: AtomicU64,
-    tls_timeouts: AtomicU64,
-    header_timeouts: AtomicU64,
-    ws_http1: AtomicU64,
-    ws_http2: AtomicU64,
-}
-
-/// What `/stats` shows under `transport`.
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TransportSnapshot {
-    /// Connections open now (WebSockets included), on all listeners.
-    pub connections_open: u64,
-    /// Connections closed at once because a connection limit was reached.
-    pub connections_refused: u64,
-    /// TLS handshakes that failed (bad client hello, no common version or suite, …).
-    pub tls_handshake_failures: u64,
-    /// TLS handshakes that did not finish within `--tls-handshake-timeout`.
-    pub tls_handshake_timeouts: u64,
-    /// Connections closed because no complete request arrived within `--header-read-timeout`.
-    pub header_read_timeouts: u64,
-    /// WebSockets accepted over HTTP/1.1 (Upgrade).
-    pub websocket_upgrades_http1: u64,
-    /// WebSockets accepted over HTTP/2 (extended CONNECT).
-    pub websocket_upgrades_http2: u64,
-}
-
-impl TransportStats {
-    /// The counters now.
-    pub fn snapshot(&self) -> TransportSnapshot {
-        let c = &self.0;
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        TransportSnapshot {
-            connections_open: get(&c.open),
-            connections_refused: get(&c.refused),
-            tls_handshake_failures: get(&c.tls_failures),
-            tls_handshake_timeouts: get(&c.tls_timeouts),
-            header_read_timeouts: get(&c.header_timeouts),
-            websocket_upgrades_http1: get(&c.ws_http1),
-            websocket_upgrades_http2: get(&c.ws_http2),
-        }
-    }
-
-    fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Admission and timeouts shared by every listener: one client address has one budget whether
-/// it comes over HTTP or HTTPS.
-#[derive(Debug, Clone)]
-pub struct Connections(Arc<ConnectionsInner>);
-
-#[derive(Debug)]
-struct ConnectionsInner {
-    global: Arc<Semaphore>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    max_per_ip: usize,
-    exempt: Vec<IpPrefix>,
-    header_read_timeout: Duration,
-    stats: TransportStats,
-}
-
-impl Connections {
-    /// Limits and timeouts from the configuration.
-    pub fn new(hardening: &Hardening) -> Self {
-        Self(Arc::new(ConnectionsInner {
-            global: Arc::new(Semaphore::new(hardening.max_connections)),
-            per_ip: Mutex::new(HashMap::new()),
-            max_per_ip: hardening.max_connections_per_ip,
-            exempt: hardening.per_ip_limit_exempt.clone(),
-            header_read_timeout: hardening.header_read_timeout,
-            stats: TransportStats::default(),
-        }))
-    }
-
-    /// The counters, for `/stats`.
-    pub fn stats(&self) -> TransportStats {
-        self.0.stats.clone()
-    }
-
-    /// Admits a connection from `ip`, or None if a limit is reached.
-    fn admit(&self, ip: IpAddr) -> Option<ConnectionGuard> {
-        let inner = &self.0;
-        let permit = inner.global.clone().try_acquire_owned().ok()?;
-        let ip = ip.to_canonical();
-        let counted = inner.max_per_ip > 0 && !inner.exempt.iter().any(|net| net.contains(ip));
-        if counted {
-            let mut per_ip = lock(&inner.per_ip);
-            let open = per_ip.entry(ip).or_insert(0);
-            if *open >= inner.max_per_ip {
-                return None;
-            }
-            *open += 1;
-        }
-        TransportStats::bump(&inner.stats.0.open);
-        Some(ConnectionGuard {
-            connections: self.clone(),
-            ip: counted.then_some(ip),
-            _permit: permit,
-        })
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The map is only ever changed by one-line updates that cannot panic halfway; a poisoned
-    // lock still holds consistent counts.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// One admitted connection; gives its slots back when dropped (when the connection, or the
-/// WebSocket it became, is closed).
-#[derive(Debug)]
-struct ConnectionGuard {
-    connections: Connections,
-    ip: Option<IpAddr>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        let inner = &self.connections.0;
-        inner.stats.0.open.fetch_sub(1, Ordering::Relaxed);
-        if let Some(ip) = self.ip {
-            let mut per_ip = lock(&inner.per_ip);
-            if let Some(open) = per_ip.get_mut(&ip) {
-                *open -= 1;
-                if *open == 0 {
-                    per_ip.remove(&ip);
-                }
-            }
-        }
-    }
-}
-
-/// A byte stream that carries its connection's admission ticket.
-#[derive(Debug)]
-struct Guarded<T> {
-    io: T,
-    _guard: ConnectionGuard,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
 
 /// TLS for a listener: the acceptor and how long a handshake may take.
 #[derive(Clone)]
@@ -534,46 +342,4 @@ async fn redirect(State(https_port): State<u16>, request: Request) -> Response {
         [(header::LOCATION, location)],
     )
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn connections(args: &[&str]) -> Connections {
-        let cli = <crate::config::Cli as clap::Parser>::try_parse_from(
-            std::iter::once("rowcast").chain(args.iter().copied()),
-        )
-        .unwrap();
-        Connections::new(&cli.config.hardening)
-    }
-
-    #[test]
-    fn per_address_limit_counts_until_guards_drop_and_spares_exempt_addresses() {
-        let limits = connections(&["--max-connections-per-ip", "2"]);
-        let remote: IpAddr = "192.0.2.7".parse().unwrap();
-        let first = limits.admit(remote).unwrap();
-        let _second = limits.admit(remote).unwrap();
-        assert!(limits.admit(remote).is_none());
-        assert!(limits.admit("192.0.2.8".parse().unwrap()).is_some());
-        // The same address as IPv4-mapped IPv6 is the same client.
-        assert!(limits.admit("::ffff:192.0.2.7".parse().unwrap()).is_none());
-        drop(first);
-        assert!(limits.admit(remote).is_some());
-        // Loopback is exempt by default.
-        let local: Vec<_> = (0..5)
-            .map(|_| limits.admit("127.0.0.1".parse().unwrap()).unwrap())
-            .collect();
-        assert_eq!(local.len(), 5);
-        assert_eq!(limits.stats().snapshot().connections_open, 6);
-    }
-
-    #[test]
-    fn global_limit_applies_to_everyone() {
-        let limits = connections(&["--max-connections", "1", "--per-ip-limit-exempt"]);
-        let held = limits.admit("127.0.0.1".parse().unwrap()).unwrap();
-        assert!(limits.admit("192.0.2.1".parse().unwrap()).is_none());
-        drop(held);
-        assert!(limits.admit("192.0.2.1".parse().unwrap()).is_some());
-    }
 }
