@@ -1,39 +1,51 @@
-//! rowcast pushes committed Postgres row changes to browsers over WebSockets.
+//! rowcast pushes committed Postgres row changes to browsers over WebSockets and SSE.
 //!
-//! Data flows one way, and the modules are listed in that order:
+//! Data flows one way, and the modules below are declared in that order:
 //!
 //! ```text
-//! REST client ─▶ api ─▶ db ─▶ Postgres ─▶ trigger (pg_notify 'product_change')
+//! REST client ─▶ api ─▶ db ─▶ Postgres ─▶ trigger (changelog row + pg_notify hint)
 //!                                             │
-//!           browser ◀─ session ◀─ distributor ◀─ listener
+//!                                          listener   reads the changelog when woken
+//!                                             │
+//!                                        distributor  who wants which product; outboxes
+//!                                             │
+//!                                   feed ─▶ session (WebSocket) / sse ─▶ browser
 //! ```
 //!
 //! Commands flow the other way only from sessions to the distributor (subscribe, unsubscribe,
-//! disconnect). `app` wires the pieces; `main` parses the command line and runs it.
+//! disconnect). Around that path: `config` (flags), `http_error` (the one error shape),
+//! `access` and `hardening` (who may do what, and how much), `serve` and `tls` (connections),
+//! `health` and `metrics` (what operators see), `openapi` and `web` (documents and pages),
+//! `memory`, `shutdown` and `telemetry`. `app` wires them; `main` runs it.
 
-pub mod access;
+// The path of a change, in order.
+pub mod product;
 pub mod api;
-pub mod app;
-pub mod config;
 pub mod db;
-pub mod distributor;
-pub mod feed;
-pub mod hardening;
-pub mod health;
-pub mod http_error;
 pub mod listener;
-pub mod memory;
+pub mod distributor;
+pub mod protocol;
+pub mod feed;
+pub mod session;
+pub mod sse;
+
+// Around the path.
+pub mod config;
+pub mod http_error;
+pub mod access;
+pub mod hardening;
+pub mod serve;
+pub mod tls;
+pub mod health;
 pub mod metrics;
 pub mod openapi;
-pub mod product;
-pub mod protocol;
-pub mod serve;
-pub mod session;
-pub mod shutdown;
-pub mod sse;
-pub mod telemetry;
-pub mod tls;
 pub mod web;
+pub mod memory;
+pub mod shutdown;
+pub mod telemetry;
+
+// Wiring.
+pub mod app;
 
 pub use app::App;
 pub use config::Config;
