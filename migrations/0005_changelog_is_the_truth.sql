@@ -101,7 +101,7 @@ $$;
 CREATE FUNCTION record_products_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
-    last_seq bigint;
+    deleted bigint;
 BEGIN
     -- No earlier change of this transaction is still unrecorded: PostgreSQL refuses TRUNCATE
     -- while the table has pending (deferred) trigger events.
@@ -117,9 +117,12 @@ BEGIN
                      'productName',    product_name) AS body
           FROM products
           ORDER BY product_id) AS gone;
-    SELECT max(seq) INTO last_seq FROM product_changes;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
     -- One hint for the whole statement: the listener reads every change after its position.
-    PERFORM pg_notify('product_change', json_build_object('seq', last_seq, 'action', 'TRUNCATE')::text);
+    IF deleted > 0 THEN
+        PERFORM pg_notify('product_change', json_build_object(
+            'seq', currval('product_change_seq'), 'action', 'TRUNCATE')::text);
+    END IF;
     RETURN NULL;
 END
 $$;

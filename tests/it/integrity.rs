@@ -204,6 +204,8 @@ async fn key_changes_and_truncate_are_announced_to_subscribers_of_every_id_invol
         [("DELETE".to_owned(), b), ("DELETE".to_owned(), 1000)]
     );
     old_id.expect_silence(Duration::from_millis(300)).await;
+    // rowcast's own hints always name a seq.
+    assert_eq!(app.stats().await["listener"]["payloadsSkipped"], 0);
 }
 
 #[tokio::test]
