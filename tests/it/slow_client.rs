@@ -147,3 +147,67 @@ async fn a_reading_client_keeps_its_session_and_its_changes_across_many_heartbea
         "the session was never dropped"
     );
 }
+
+#[tokio::test]
+async fn a_batch_cut_short_by_eviction_is_not_counted_as_delivered() {
+    let app = spawn_app_with(&[
+        "--outbox-capacity",
+        "64",
+        "--slow-client-policy",
+        "disconnect",
+        "--heartbeat-interval",
+        "120s",
+    ])
+    .await;
+    let mut body = product("Heavy");
+    // 64 KB per change: one batch is far more than the stuck client's socket buffers hold.
+    body["productName"] = json!("x".repeat(64_000));
+    let id = app.create_product(body).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut stuck = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
+    stuck.subscribe(&[id]).await;
+    sqlx::raw_sql(
+        "DO $$ BEGIN FOR i IN 1..400 LOOP
+             UPDATE products SET units_available = i WHERE product_id = (SELECT min(product_id) FROM products);
+             COMMIT;
+         END LOOP; END $$",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the stuck client's eviction",
+        || async { app.stats().await["slowSessionsEvicted"] == json!(1) },
+    )
+    .await;
+    app.wait_for_sessions(0).await;
+    // Everything the server wrote reaches the client once it reads: what it counted as
+    // delivered must be no more than that (the ack was read above).
+    let mut received = 1;
+    while let Ok(Some(_)) = stuck.next_or_closed(Duration::from_secs(2)).await {
+        received += 1;
+    }
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let delivered: f64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("rowcast_messages_delivered_total{transport=\"websocket\"} ")
+        })
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        delivered <= f64::from(received),
+        "counted {delivered} delivered, the client received {received}"
+    );
+}
