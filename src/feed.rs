@@ -12,7 +12,7 @@
 //! The same replay serves a [`Delivery::Gap`]: changes the distributor did not queue because the
 //! queue was full are read from the changelog when the feed reaches the marker, so a client that
 //! reads promptly loses no version however large a burst. A marker reached more than
-//! [`CONFLATE_AFTER`] after it opened means the client had stopped reading: then only the newest
+//! `--conflate-after` after it opened means the client had stopped reading: then only the newest
 //! version of each product is sent, marked `"conflated":true`.
 //!
 //! Every replay page carries the retention horizon read in the same database snapshot; if
@@ -25,7 +25,7 @@
 //! `metrics` (how each stream began: live, resume, snapshot, reset).
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Duration;
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use sqlx::PgPool;
@@ -38,11 +38,6 @@ use crate::protocol::{self, ErrorCode};
 
 /// Outbox messages taken at once; also about how many messages are written per flush.
 pub const BATCH: usize = 64;
-
-/// A gap marker reached later than this after it opened means the client had stopped reading
-/// (a prompt reader drains a full queue in milliseconds, even over a slow link): it then gets
-/// the newest version of each product instead of every version.
-pub const CONFLATE_AFTER: Duration = Duration::from_secs(1);
 
 /// One message for the client. `seq` is set for changes (SSE uses it as the event id).
 #[derive(Debug, Clone)]
@@ -252,9 +247,9 @@ impl Feed {
                 products,
                 after,
                 upto,
-                opened,
+                stale_at,
             } => {
-                let stopped_reading = !self.every_version && opened.elapsed() >= CONFLATE_AFTER;
+                let stopped_reading = !self.every_version && Instant::now() >= stale_at;
                 self.replay = Some(Replay {
                     products,
                     after,

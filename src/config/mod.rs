@@ -27,6 +27,10 @@ pub const DEFAULT_OUTBOX_CAPACITY: usize = 4096;
 /// thousands of typical changes; what does not fit is read from the changelog when the client
 /// gets there (see `distributor::outbox`).
 pub const DEFAULT_OUTBOX_BYTES: usize = 8 << 20;
+/// A client that has not reached changes left to the changelog within this long after its
+/// queue overflowed had stopped reading (a prompt reader drains a full queue in milliseconds,
+/// even over a slow link): it gets the newest version of each product instead of every one.
+pub const DEFAULT_CONFLATE_AFTER: &str = "1s";
 /// Per-connection subscription cap: the dashboard-sized use (a few thousand ids) fits many times,
 /// while one connection cannot grow the maps without bound.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100_000;
@@ -175,6 +179,12 @@ pub struct Limits {
     #[arg(long, env = "ROWCAST_OUTBOX_BYTES", default_value_t = DEFAULT_OUTBOX_BYTES,
           value_parser = parse_positive)]
     pub outbox_bytes: usize,
+
+    /// How long after its queue overflowed a client counts as having stopped reading (conflate
+    /// policy): it then gets the newest version of each product, marked `"conflated":true`.
+    #[arg(long, env = "ROWCAST_CONFLATE_AFTER", default_value = DEFAULT_CONFLATE_AFTER,
+          value_parser = parse_duration)]
+    pub conflate_after: Duration,
 
     /// What to do when a client's queue is full: conflate (changes that do not fit are read
     /// from the changelog when the client catches up; a client that stopped reading gets the

@@ -110,6 +110,7 @@ impl<F: Frame> Distributor<F> {
                     self.limits.outbox_capacity,
                     self.limits.outbox_bytes,
                     self.limits.slow_client_policy,
+                    self.limits.conflate_after,
                 );
                 let evicted = CancellationToken::new();
                 self.subscriptions.add_session(

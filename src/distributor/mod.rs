@@ -101,8 +101,9 @@ pub enum Delivery<F> {
         after: Seq,
         /// ...up to and including this one.
         upto: Seq,
-        /// When the gap opened: a session that reaches it late has stopped reading.
-        opened: std::time::Instant,
+        /// A session that reaches the gap after this instant had stopped reading
+        /// (`--conflate-after` past the moment it opened).
+        stale_at: std::time::Instant,
     },
     /// The stream cannot continue from the changelog (history pruned during an outage, or the
     /// database rewound): the session must start its subscriptions again from a snapshot.
@@ -394,6 +395,7 @@ mod tests {
         Limits {
             outbox_capacity,
             outbox_bytes: 1 << 20,
+            conflate_after: std::time::Duration::from_secs(1),
             slow_client_policy: policy,
             max_subscriptions,
             max_frame_bytes: 1024,

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -41,6 +41,7 @@ struct Shared<F> {
     capacity: usize,
     max_bytes: usize,
     policy: SlowClientPolicy,
+    conflate_after: Duration,
 }
 
 impl<F> Shared<F> {
@@ -85,6 +86,7 @@ pub(crate) fn outbox<F>(
     capacity: usize,
     max_bytes: usize,
     policy: SlowClientPolicy,
+    conflate_after: Duration,
 ) -> (OutboxSender<F>, OutboxReceiver<F>) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue {
@@ -96,6 +98,7 @@ pub(crate) fn outbox<F>(
         capacity,
         max_bytes,
         policy,
+        conflate_after,
     });
     (OutboxSender(Arc::clone(&shared)), OutboxReceiver(shared))
 }
@@ -140,7 +143,7 @@ impl<F: Frame> OutboxSender<F> {
                     products: products(),
                     after: seq.saturating_sub(1),
                     upto: seq,
-                    opened: Instant::now(),
+                    stale_at: Instant::now() + shared.conflate_after,
                 });
                 drop(queue);
                 shared.ready.notify_one();
@@ -240,7 +243,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_opens_one_gap_that_grows_until_the_reader_takes_it() {
-        let (tx, mut rx) = outbox(2, 1 << 20, SlowClientPolicy::Conflate);
+        let (tx, mut rx) = outbox(
+            2,
+            1 << 20,
+            SlowClientPolicy::Conflate,
+            Duration::from_secs(1),
+        );
         assert_eq!(push(&tx, 1, 1), Pushed::Queued);
         assert_eq!(push(&tx, 2, 2), Pushed::Queued);
         for seq in 3..=50 {
@@ -261,7 +269,8 @@ mod tests {
 
     #[tokio::test]
     async fn queues_are_bounded_by_bytes_as_well_as_count() {
-        let (tx, mut rx) = outbox::<u64>(100, 20, SlowClientPolicy::Conflate);
+        let (tx, mut rx) =
+            outbox::<u64>(100, 20, SlowClientPolicy::Conflate, Duration::from_secs(1));
         assert_eq!(push(&tx, 1, 1), Pushed::Queued);
         assert_eq!(push(&tx, 1, 2), Pushed::Queued);
         assert_eq!(
@@ -281,7 +290,12 @@ mod tests {
 
     #[tokio::test]
     async fn disconnect_policy_refuses_when_full_and_close_ends_the_stream() {
-        let (tx, mut rx) = outbox(2, 1 << 20, SlowClientPolicy::Disconnect);
+        let (tx, mut rx) = outbox(
+            2,
+            1 << 20,
+            SlowClientPolicy::Disconnect,
+            Duration::from_secs(1),
+        );
         assert_eq!(push(&tx, 1, 1), Pushed::Queued);
         assert_eq!(push(&tx, 1, 2), Pushed::Queued);
         assert_eq!(push(&tx, 1, 3), Pushed::Full);
@@ -291,7 +305,12 @@ mod tests {
         assert_eq!(batch.len(), 2);
         assert!(!rx.recv_batch(&mut batch, 10).await);
         drop(rx);
-        let (tx, rx) = outbox::<u64>(2, 1 << 20, SlowClientPolicy::Disconnect);
+        let (tx, rx) = outbox::<u64>(
+            2,
+            1 << 20,
+            SlowClientPolicy::Disconnect,
+            Duration::from_secs(1),
+        );
         drop(rx);
         assert_eq!(push(&tx, 1, 1), Pushed::Closed);
     }

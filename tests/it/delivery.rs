@@ -5,29 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sqlx::PgPool;
 
 use crate::support::scenario::{self, Scenario, Writes, create_ids};
 use crate::support::{
-    SseClient, WsClient, add_one_unit, get_json, product, products_in_table, spawn_app,
-    spawn_app_with, spawn_instance, terminate_listener, wait_until,
+    SseClient, WsClient, add_one_unit, committed_changes, get_json, product, products_in_table,
+    spawn_app, spawn_app_with, spawn_instance, terminate_listener, wait_until,
 };
-
-/// The committed changes to `products` after `after`, as (product, seq), in seq order.
-async fn committed(pool: &PgPool, products: &[i64], after: u64) -> Vec<(i64, u64)> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT product_id, seq FROM product_changes
-         WHERE product_id = ANY($1) AND seq > $2 ORDER BY seq",
-    )
-    .bind(products)
-    .bind(i64::try_from(after).unwrap())
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(p, s)| (p, u64::try_from(s).unwrap()))
-        .collect()
-}
 
 fn key(change: &Value) -> (i64, u64) {
     (
@@ -164,7 +147,10 @@ async fn changes_written_while_the_listener_is_down_all_arrive_in_order() {
         }
     }
     writer.await.unwrap();
-    assert_eq!(received, committed(&app.pool, &ids, first_ack).await);
+    assert_eq!(
+        received,
+        committed_changes(&app.pool, &ids, first_ack).await
+    );
     let stats = app.stats().await;
     assert!(
         stats["listener"]["reconnects"].as_u64() >= Some(1),

@@ -167,15 +167,7 @@ async fn a_batch_cut_short_by_eviction_is_not_counted_as_delivered() {
         .unwrap();
     let mut stuck = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
     stuck.subscribe(&[id]).await;
-    sqlx::raw_sql(
-        "DO $$ BEGIN FOR i IN 1..400 LOOP
-             UPDATE products SET units_available = i WHERE product_id = (SELECT min(product_id) FROM products);
-             COMMIT;
-         END LOOP; END $$",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    crate::support::commit_updates_one_by_one(&app.pool, 400).await;
     wait_until(
         Duration::from_secs(10),
         "the stuck client's eviction",

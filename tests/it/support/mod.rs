@@ -353,6 +353,37 @@ pub async fn terminate_listener(db: impl sqlx::PgExecutor<'_>) -> i64 {
     .unwrap()
 }
 
+/// The committed changes to `products` after `after`, as (product, seq), in seq order.
+pub async fn committed_changes(pool: &PgPool, products: &[i64], after: u64) -> Vec<(i64, u64)> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT product_id, seq FROM product_changes
+         WHERE product_id = ANY($1) AND seq > $2 ORDER BY seq",
+    )
+    .bind(products)
+    .bind(i64::try_from(after).unwrap())
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(p, s)| (p, u64::try_from(s).unwrap()))
+        .collect()
+}
+
+/// Commits `count` updates of the lowest product id, one transaction each (a DO block that
+/// COMMITs, sent over the simple query protocol, where that is allowed).
+pub async fn commit_updates_one_by_one(pool: &PgPool, count: u32) {
+    sqlx::raw_sql(&format!(
+        "DO $$ BEGIN FOR i IN 1..{count} LOOP
+             UPDATE products SET units_available = i
+             WHERE product_id = (SELECT min(product_id) FROM products);
+             COMMIT;
+         END LOOP; END $$"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// The products with these ids, read from the table in the REST representation, by id.
 pub async fn products_in_table(
     pool: &PgPool,
