@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use axum::Router;
+use axum::extract::FromRef;
 use axum::extract::ws::Utf8Bytes;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{any, get};
@@ -15,16 +16,16 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::access::{self, Access};
-use crate::api::{self, ApiState};
-use crate::config::Config;
+use crate::api;
+use crate::config::{Config, Heartbeat, Limits};
 use crate::db::{self, changelog};
 use crate::distributor::DistributorHandle;
 use crate::hardening;
-use crate::health::{self, HealthState};
-use crate::listener::Listener;
+use crate::health;
+use crate::listener::{Listener, ListenerWatch};
 use crate::memory;
 use crate::metrics::Metrics;
-use crate::serve::{self, Connections, Handshake};
+use crate::serve::{self, Connections, Handshake, TransportStats};
 use crate::session::{self, SessionState};
 use crate::shutdown::Shutdown;
 use crate::sse::{self, SseState};
@@ -32,6 +33,92 @@ use crate::tls::ServerTls;
 
 /// Database the embedded cluster serves rowcast from.
 const EMBEDDED_DATABASE: &str = "rowcast";
+
+/// What the handlers share: handles and pools, each cheap to clone (reference counts). One
+/// value for the whole router; each handler extracts only the part it uses (`State<PgPool>`,
+/// `State<SessionState>`, …) through the `FromRef` impls below, so no module below `app` needs
+/// to know this type.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The REST pool; also where replays and snapshots are read.
+    pool: PgPool,
+    /// Where subscriptions live.
+    distributor: DistributorHandle<Utf8Bytes>,
+    /// The LISTEN task's latest status.
+    listener: ListenerWatch,
+    /// Connection counters (open, refused, timeouts, WebSockets by HTTP version).
+    transport: TransportStats,
+    /// This App's metrics registry.
+    metrics: Metrics,
+    /// Process shutdown; sessions and event streams end on it.
+    shutdown: Shutdown,
+    /// Per-session limits.
+    limits: Limits,
+    /// Ping cadence and patience.
+    heartbeat: Heartbeat,
+}
+
+/// The REST handlers and `/readyz`.
+impl FromRef<AppState> for PgPool {
+    fn from_ref(state: &AppState) -> Self {
+        state.pool.clone()
+    }
+}
+
+/// `/stats` and `/metrics`.
+impl FromRef<AppState> for DistributorHandle<Utf8Bytes> {
+    fn from_ref(state: &AppState) -> Self {
+        state.distributor.clone()
+    }
+}
+
+/// `/stats`, `/readyz` and `/metrics`.
+impl FromRef<AppState> for ListenerWatch {
+    fn from_ref(state: &AppState) -> Self {
+        state.listener.clone()
+    }
+}
+
+/// `/stats`.
+impl FromRef<AppState> for TransportStats {
+    fn from_ref(state: &AppState) -> Self {
+        state.transport.clone()
+    }
+}
+
+/// `/stats` and `/metrics`.
+impl FromRef<AppState> for Metrics {
+    fn from_ref(state: &AppState) -> Self {
+        state.metrics.clone()
+    }
+}
+
+/// The WebSocket upgrade handler's view.
+impl FromRef<AppState> for SessionState {
+    fn from_ref(state: &AppState) -> Self {
+        Self {
+            distributor: state.distributor.clone(),
+            limits: state.limits,
+            heartbeat: state.heartbeat,
+            shutdown: state.shutdown.clone(),
+            pool: state.pool.clone(),
+            metrics: state.metrics.clone(),
+        }
+    }
+}
+
+/// The event-stream handler's view.
+impl FromRef<AppState> for SseState {
+    fn from_ref(state: &AppState) -> Self {
+        Self {
+            distributor: state.distributor.clone(),
+            pool: state.pool.clone(),
+            shutdown: state.shutdown.clone(),
+            max_subscriptions: state.limits.max_subscriptions,
+            metrics: state.metrics.clone(),
+        }
+    }
+}
 
 /// A built, not yet running, rowcast.
 #[derive(Debug)]
@@ -148,51 +235,35 @@ impl App {
             changelog::run_retention(pool.clone(), config.changelog, shutdown.clone())
                 .instrument(tracing::info_span!("changelog_retention")),
         );
-        let events = SseState {
-            distributor: distributor.clone(),
+        let state = AppState {
             pool: pool.clone(),
-            shutdown: shutdown.clone(),
-            max_subscriptions: config.limits.max_subscriptions,
-            metrics: metrics.clone(),
-        };
-
-        let sessions = SessionState {
-            distributor: distributor.clone(),
-            limits: config.limits,
-            heartbeat: config.heartbeat,
-            shutdown: shutdown.clone(),
-            pool: pool.clone(),
-            metrics: metrics.clone(),
-        };
-        let health = HealthState {
-            pool: pool.clone(),
-            distributor: distributor.clone(),
+            distributor,
             listener: listener_status,
             transport: connections.stats(),
             metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            limits: config.limits,
+            heartbeat: config.heartbeat,
         };
         let hardening = &config.hardening;
         // Layers added later run first: the access guards refuse before a concurrency slot is
         // taken.
         let rest = hardening::limit_concurrency(
-            api::router(
-                ApiState { pool: pool.clone() },
-                config.limits.max_body_bytes,
-            ),
+            api::router(config.limits.max_body_bytes),
             hardening.max_concurrent_requests,
         )
-        .merge(health::stats_router(health.clone()))
+        .merge(health::stats_router())
         // Guarded like any read: with `--auth-reads`, the scraper sends the token.
-        .merge(health::metrics_router(health.clone()))
+        .merge(health::metrics_router())
         .route_layer(from_fn_with_state(access.clone(), access::guard_requests));
         let websocket = hardening::limit_concurrency(
             // `any`: HTTP/2 WebSockets arrive as CONNECT (RFC 8441), HTTP/1.1 ones as GET.
-            Router::new().route("/websocket", any(session::upgrade).with_state(sessions)),
+            Router::new().route("/websocket", any(session::upgrade)),
             hardening.max_concurrent_upgrades,
         )
         .route_layer(from_fn_with_state(access.clone(), access::guard_websocket));
         let events = Router::new()
-            .route("/products/events", get(sse::events).with_state(events))
+            .route("/products/events", get(sse::events))
             .route_layer(from_fn_with_state(
                 access.clone(),
                 access::guard_subscription,
@@ -201,9 +272,10 @@ impl App {
             .merge(rest)
             .merge(websocket)
             .merge(events)
-            .merge(access.routes())
             // Probes never carry credentials, like `/healthz`.
-            .merge(health::readiness_router(health))
+            .merge(health::readiness_router())
+            .with_state(state)
+            .merge(access.routes())
             // Static pages and the API description: no data, so never guarded.
             .merge(crate::web::router())
             .fallback(api::not_found)

@@ -57,6 +57,9 @@ use crate::shutdown::Shutdown;
 /// The channel the trigger in `migrations/0002_product_change_trigger.sql` notifies.
 pub const CHANNEL: &str = "product_change";
 
+/// The receiving end of the listener's status: what `/stats`, `/readyz` and `/metrics` read.
+pub type ListenerWatch = watch::Receiver<ListenerStatus>;
+
 /// First reconnect delay; doubles up to `--listener-max-backoff`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Notifications buffered between the connection driver and the forwarding loop.
@@ -147,7 +150,7 @@ impl Listener {
         pool: sqlx::PgPool,
         last_seq: Seq,
         metrics: Metrics,
-    ) -> Result<(Self, watch::Receiver<ListenerStatus>), InvalidUrl> {
+    ) -> Result<(Self, ListenerWatch), InvalidUrl> {
         let mut config = tokio_postgres::Config::from_str(database_url).map_err(InvalidUrl)?;
         config
             .application_name("rowcast-listener")
