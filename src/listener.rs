@@ -140,17 +140,15 @@ pub struct Listener {
 #[error("invalid database URL for the LISTEN connection: {0}")]
 pub struct InvalidUrl(#[source] tokio_postgres::Error);
 
-impl Listener {
-    /// Prepares the task; nothing connects until [`Self::run`]. `last_seq` is the position the
-    /// distributor starts from: every change after it will be published.
-    pub fn new(
-        database_url: &str,
-        settings: ListenerSettings,
-        distributor: DistributorHandle<Utf8Bytes>,
-        pool: sqlx::PgPool,
-        last_seq: Seq,
-        metrics: Metrics,
-    ) -> Result<(Self, ListenerWatch), InvalidUrl> {
+/// How the LISTEN connection connects: the database URL, parsed, with the listener's name,
+/// timeouts and keepalives. Parsing is the one step of building the listener that can fail,
+/// so `app` does it before it starts anything.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions(tokio_postgres::Config);
+
+impl ConnectOptions {
+    /// Reads `database_url` as tokio-postgres does.
+    pub fn parse(database_url: &str, settings: &ListenerSettings) -> Result<Self, InvalidUrl> {
         let mut config = tokio_postgres::Config::from_str(database_url).map_err(InvalidUrl)?;
         config
             .application_name("rowcast-listener")
@@ -159,13 +157,28 @@ impl Listener {
             .keepalives_idle(settings.health_interval)
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(3);
+        Ok(Self(config))
+    }
+}
+
+impl Listener {
+    /// Prepares the task; nothing connects until [`Self::run`]. `last_seq` is the position the
+    /// distributor starts from: every change after it will be published.
+    pub fn new(
+        connect: ConnectOptions,
+        settings: ListenerSettings,
+        distributor: DistributorHandle<Utf8Bytes>,
+        pool: sqlx::PgPool,
+        last_seq: Seq,
+        metrics: Metrics,
+    ) -> (Self, ListenerWatch) {
         let (status, receiver) = watch::channel(ListenerStatus {
             last_seq,
             ..ListenerStatus::default()
         });
-        Ok((
+        (
             Self {
-                config,
+                config: connect.0,
                 settings,
                 distributor,
                 pool,
@@ -175,7 +188,7 @@ impl Listener {
                 metrics,
             },
             receiver,
-        ))
+        )
     }
 
     /// Runs until shutdown: connect, LISTEN, forward; on failure back off and reconnect.
