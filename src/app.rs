@@ -26,6 +26,7 @@ use crate::listener::{ConnectOptions, Listener, ListenerWatch};
 use crate::memory;
 use crate::metrics::Metrics;
 use crate::product::Seq;
+use crate::retention;
 use crate::serve::{self, Connections, Handshake, TransportStats};
 use crate::session::{self, SessionState};
 use crate::shutdown::Shutdown;
@@ -251,7 +252,7 @@ impl Start {
                 .instrument(tracing::info_span!("memory_trimmer")),
         );
         shutdown.spawn(
-            changelog::run_retention(pool.clone(), config.changelog, shutdown.clone())
+            retention::run(pool.clone(), config.changelog, shutdown.clone())
                 .instrument(tracing::info_span!("changelog_retention")),
         );
         if let Some(reload) = reload {

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod product;
 pub mod protocol;
+pub mod retention;
 pub mod serve;
 pub mod session;
 pub mod shutdown;
