@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::FromRef;
-use axum::extract::ws::Utf8Bytes;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{any, get};
 use rowcast_embedded_postgres::EmbeddedPostgres;
@@ -26,6 +25,7 @@ use crate::listener::{ConnectOptions, Listener, ListenerWatch};
 use crate::memory;
 use crate::metrics::Metrics;
 use crate::product::Seq;
+use crate::protocol::Frame;
 use crate::retention;
 use crate::serve::{self, Connections, Handshake, TransportStats};
 use crate::session::{self, SessionState};
@@ -45,7 +45,7 @@ pub struct AppState {
     /// The REST pool; also where replays and snapshots are read.
     pool: PgPool,
     /// Where subscriptions live.
-    distributor: DistributorHandle<Utf8Bytes>,
+    distributor: DistributorHandle<Frame>,
     /// The LISTEN task's latest status.
     listener: ListenerWatch,
     /// Connection counters (open, refused, timeouts, WebSockets by HTTP version).
@@ -68,7 +68,7 @@ impl FromRef<AppState> for PgPool {
 }
 
 /// `/stats` and `/metrics`.
-impl FromRef<AppState> for DistributorHandle<Utf8Bytes> {
+impl FromRef<AppState> for DistributorHandle<Frame> {
     fn from_ref(state: &AppState) -> Self {
         state.distributor.clone()
     }
@@ -227,7 +227,7 @@ impl Start {
             reload,
             transport,
         } = self;
-        let distributor = DistributorHandle::<Utf8Bytes>::spawn(config.limits, position);
+        let distributor = DistributorHandle::<Frame>::spawn(config.limits, position);
         // This App's own registry: nothing global, so in-process instances never mix numbers.
         let metrics = Metrics::new();
         let (listener, listener_status) = Listener::new(

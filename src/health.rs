@@ -15,7 +15,6 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use axum::extract::{FromRef, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -33,6 +32,7 @@ use crate::distributor::{DistributorHandle, Stats};
 use crate::listener::{ListenerStatus, ListenerWatch};
 use crate::metrics::Metrics;
 use crate::product::ProductId;
+use crate::protocol::Frame;
 use crate::serve::{TransportSnapshot, TransportStats};
 
 /// Products listed in `topProducts`: what fits a dashboard panel.
@@ -82,7 +82,7 @@ struct TopProduct {
 pub fn stats_router<S>() -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
-    DistributorHandle<Utf8Bytes>: FromRef<S>,
+    DistributorHandle<Frame>: FromRef<S>,
     ListenerWatch: FromRef<S>,
     TransportStats: FromRef<S>,
     Metrics: FromRef<S>,
@@ -106,7 +106,7 @@ pub(crate) async fn healthz() -> Json<Health> {
         (status = 503, description = "The server is stopping", body = crate::http_error::ErrorBody),
     ))]
 pub(crate) async fn stats(
-    State(distributor): State<DistributorHandle<Utf8Bytes>>,
+    State(distributor): State<DistributorHandle<Frame>>,
     State(listener): State<ListenerWatch>,
     State(transport): State<TransportStats>,
     State(metrics): State<Metrics>,
@@ -153,7 +153,7 @@ where
 pub fn metrics_router<S>() -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
-    DistributorHandle<Utf8Bytes>: FromRef<S>,
+    DistributorHandle<Frame>: FromRef<S>,
     ListenerWatch: FromRef<S>,
     Metrics: FromRef<S>,
 {
@@ -229,7 +229,7 @@ async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
     responses((status = 200, description = "Prometheus text exposition format 0.0.4",
                content_type = "text/plain; version=0.0.4", body = String)))]
 pub(crate) async fn metrics(
-    State(distributor): State<DistributorHandle<Utf8Bytes>>,
+    State(distributor): State<DistributorHandle<Frame>>,
     State(listener): State<ListenerWatch>,
     State(metrics): State<Metrics>,
 ) -> Response {

@@ -40,7 +40,6 @@ use std::pin::pin;
 use std::str::FromStr;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
@@ -51,7 +50,7 @@ use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::DistributorHandle;
 use crate::metrics::Metrics;
 use crate::product::{Change, ResetCause, Seq, notification_hint};
-use crate::protocol;
+use crate::protocol::{self, Frame};
 use crate::shutdown::Shutdown;
 
 /// The channel the trigger in `migrations/0002_product_change_trigger.sql` notifies.
@@ -125,7 +124,7 @@ impl From<crate::distributor::DistributorGone> for ConnectionEnded {
 pub struct Listener {
     config: tokio_postgres::Config,
     settings: ListenerSettings,
-    distributor: DistributorHandle<Utf8Bytes>,
+    distributor: DistributorHandle<Frame>,
     pool: sqlx::PgPool,
     status: watch::Sender<ListenerStatus>,
     last_seq: Seq,
@@ -167,7 +166,7 @@ impl Listener {
     pub fn new(
         connect: ConnectOptions,
         settings: ListenerSettings,
-        distributor: DistributorHandle<Utf8Bytes>,
+        distributor: DistributorHandle<Frame>,
         pool: sqlx::PgPool,
         last_seq: Seq,
         metrics: Metrics,
@@ -452,7 +451,7 @@ impl Listener {
     }
 
     async fn publish(&mut self, change: &Change) -> Result<(), ConnectionEnded> {
-        let frame = Utf8Bytes::from(protocol::encode_change(change));
+        let frame = Frame::from(protocol::encode_change(change));
         self.distributor
             .publish(change.product.product_id, change.seq, frame)
             .await?;

@@ -8,7 +8,6 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
-use axum::extract::ws::Utf8Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -21,13 +20,14 @@ use crate::distributor::{DistributorHandle, SessionGuard};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
 use crate::product::{ProductId, Seq, SubscriptionStart};
+use crate::protocol::Frame;
 use crate::shutdown::Shutdown;
 
 /// What the SSE handler needs.
 #[derive(Debug, Clone)]
 pub struct SseState {
     /// Where subscriptions live.
-    pub distributor: DistributorHandle<Utf8Bytes>,
+    pub distributor: DistributorHandle<Frame>,
     /// Where replays are read from.
     pub pool: sqlx::PgPool,
     /// Ends streams on shutdown.
@@ -164,7 +164,7 @@ struct EventStream {
     queue: VecDeque<Outgoing>,
     metrics: Metrics,
     /// Disconnects from the distributor when the client goes away and the stream is dropped.
-    _guard: SessionGuard<Utf8Bytes>,
+    _guard: SessionGuard<Frame>,
 }
 
 impl EventStream {

@@ -30,26 +30,26 @@ use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
 pub use outbox::OutboxReceiver;
 pub use subscriptions::{OverLimit, SessionId};
 
-/// An encoded message as the distributor carries it: opaque, cheap to clone (shared), and of a
-/// known size, so that queues are bounded by bytes as well as by count.
-pub trait Frame: Clone + Send + 'static {
+/// What the distributor needs of an encoded message (in the app, `protocol::Frame`): opaque,
+/// cheap to clone (shared), and of a known size, so queues are bounded by bytes and by count.
+pub trait FrameBytes: Clone + Send + 'static {
     /// Bytes the message holds.
     fn byte_len(&self) -> usize;
 }
 
-impl Frame for axum::extract::ws::Utf8Bytes {
+impl FrameBytes for axum::extract::ws::Utf8Bytes {
     fn byte_len(&self) -> usize {
         self.len()
     }
 }
 
-impl Frame for &'static str {
+impl FrameBytes for &'static str {
     fn byte_len(&self) -> usize {
         self.len()
     }
 }
 
-impl Frame for u64 {
+impl FrameBytes for u64 {
     fn byte_len(&self) -> usize {
         8
     }
@@ -203,12 +203,12 @@ enum Command<F> {
 /// when the session ends normally, or from `Drop` when it panics or is cancelled (a dropped SSE
 /// stream, an aborted task).
 #[derive(Debug)]
-pub struct SessionGuard<F: Frame> {
+pub struct SessionGuard<F: FrameBytes> {
     distributor: DistributorHandle<F>,
     id: Option<SessionId>,
 }
 
-impl<F: Frame> SessionGuard<F> {
+impl<F: FrameBytes> SessionGuard<F> {
     /// Guards session `id`.
     pub fn new(distributor: DistributorHandle<F>, id: SessionId) -> Self {
         Self {
@@ -225,7 +225,7 @@ impl<F: Frame> SessionGuard<F> {
     }
 }
 
-impl<F: Frame> Drop for SessionGuard<F> {
+impl<F: FrameBytes> Drop for SessionGuard<F> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
             self.distributor.disconnect_soon(id);
@@ -263,7 +263,7 @@ impl<F> std::fmt::Debug for Command<F> {
     }
 }
 
-impl<F: Frame> DistributorHandle<F> {
+impl<F: FrameBytes> DistributorHandle<F> {
     /// Starts the actor on the current tokio runtime; `position` is the last seq already
     /// committed, from which the listener continues.
     pub fn spawn(limits: Limits, position: Seq) -> Self {
@@ -407,7 +407,7 @@ mod tests {
         raw.iter().map(|&id| ProductId::new(id).unwrap()).collect()
     }
 
-    async fn next<F: Frame>(registration: &mut Registration<F>) -> Option<Delivery<F>> {
+    async fn next<F: FrameBytes>(registration: &mut Registration<F>) -> Option<Delivery<F>> {
         let mut batch = Vec::new();
         registration
             .outbox

@@ -16,6 +16,12 @@ use serde_json::Value;
 
 use crate::product::{Change, Product, ProductId, ResetCause, Seq, SubscriptionStart};
 
+/// The encoded message, shared by all subscribers: a change is encoded once into a `Frame`, and
+/// the distributor clones it (a reference count, not a copy) into every subscriber's outbox.
+/// axum's `Utf8Bytes` because a WebSocket text message holds exactly that, so a session sends it
+/// without copying; SSE reads it as a `&str`.
+pub type Frame = axum::extract::ws::Utf8Bytes;
+
 /// The WebSocket close codes rowcast sends: one closed table. `docs/protocol.md` lists the same
 /// codes (a test compares them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
