@@ -5,7 +5,8 @@
 //! has rowcast's `{"error","message"}` shape.
 //!
 //! Connection-level protection (connection limits, TLS handshake and header-read timeouts)
-//! lives in `serve`. Imports nothing of ours: `app` passes the configured numbers.
+//! lives in `serve`. Imports only `http_error` (the one error body); `app` passes the configured
+//! numbers.
 
 use std::time::Duration;
 

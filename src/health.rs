@@ -11,7 +11,8 @@
 //! 503 with every failing check named.
 //!
 //! Imports `metrics`, `distributor`, `listener` and `serve` (state copied into bodies and gauges
-//! at request time), `db` (the readiness queries) and `http_error`.
+//! at request time), `protocol` (the distributor's `Frame`), `product` (ids in `topProducts`),
+//! `db` (the readiness queries), `http_error`, and `shutdown` (the metrics upkeep task).
 
 use std::time::Duration;
 

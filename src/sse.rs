@@ -3,7 +3,9 @@
 //! each change with `id: <seq>`. A reconnecting `EventSource` sends `Last-Event-ID`, and the
 //! stream resumes after it with no gap and no duplicate (the same `Feed` as WebSockets).
 //!
-//! Imports `distributor`, `feed`, `product`, `protocol`, `shutdown`.
+//! Imports `distributor` (subscriptions), `feed` (what to send, in order), `protocol` (`Frame`),
+//! `product` (ids and seqs), `metrics` (events and bytes sent), `http_error` (400 bodies) and
+//! `shutdown`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

@@ -1,6 +1,7 @@
 //! The REST API for products: routes, handlers, the JSON extractor and the error type. Imports
-//! `db`, `product` and `config`; it never talks to the distributor: changes reach subscribers
-//! only through the database trigger, so REST and any other writer behave the same.
+//! `db`, `product` and `http_error` (the error body); it never talks to the distributor: changes
+//! reach subscribers only through the database trigger, so REST and any other writer behave the
+//! same.
 
 mod error;
 mod json;

@@ -10,6 +10,8 @@
 //! `{"type":"reset",…}` when a resume position is older than the changelog keeps,
 //! `{"type":"change","seq":N,"action":…,"product":{…}}` per committed change, and
 //! `{"type":"error","error":<code>,"message":…}` for input the server could not use.
+//!
+//! Also names [`Frame`], the encoded message every transport sends. Imports `product`.
 
 use serde::Serialize;
 use serde_json::Value;
