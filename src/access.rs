@@ -17,7 +17,7 @@
 //!
 //! Health checks (`/healthz`, `/readyz`) are never guarded: load balancers probe them without
 //! credentials.
-//! Imports `config`.
+//! Imports `config` and `http_error`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

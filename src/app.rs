@@ -1,12 +1,18 @@
-//! `App`: wiring. Builds everything that can fail (database, migrations, listening socket)
-//! before anything is spawned, then runs the server until shutdown. The only module that
-//! imports all the others.
+//! `App`: wiring. [`App::build`] does everything that can fail (database, migrations, both
+//! listening sockets, the certificate and its SIGHUP handler, access settings, the LISTEN URL)
+//! before anything is spawned, then starts the tasks and builds the router around one
+//! [`AppState`]; [`App::run`] serves until shutdown.
+//!
+//! Imports every module that has a part to build, start or route: `access`, `api`, `config`,
+//! `db`, `distributor`, `hardening`, `health`, `listener`, `memory`, `metrics`, `product`,
+//! `protocol`, `retention`, `serve`, `session`, `shutdown`, `sse`, `tls` and `web`. Nothing
+//! imports `app`; the routers below it are generic over the state (`FromRef`), so they need not.
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::ws::Utf8Bytes;
+use axum::extract::FromRef;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{any, get};
 use rowcast_embedded_postgres::EmbeddedPostgres;
@@ -15,23 +21,112 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::access::{self, Access};
-use crate::api::{self, ApiState};
-use crate::config::Config;
+use crate::api;
+use crate::config::{Config, Heartbeat, Limits, TlsSettings};
 use crate::db::{self, changelog};
 use crate::distributor::DistributorHandle;
 use crate::hardening;
-use crate::health::{self, HealthState};
-use crate::listener::Listener;
+use crate::health;
+use crate::listener::{ConnectOptions, Listener, ListenerWatch};
 use crate::memory;
 use crate::metrics::Metrics;
-use crate::serve::{self, Connections, Handshake};
+use crate::product::Seq;
+use crate::protocol::Frame;
+use crate::retention;
+use crate::serve::{self, Connections, Handshake, TransportStats};
 use crate::session::{self, SessionState};
 use crate::shutdown::Shutdown;
 use crate::sse::{self, SseState};
-use crate::tls::ServerTls;
+use crate::tls::{ServerTls, SighupReload};
 
 /// Database the embedded cluster serves rowcast from.
 const EMBEDDED_DATABASE: &str = "rowcast";
+
+/// What the handlers share: handles and pools, each cheap to clone (reference counts). One
+/// value for the whole router; each handler extracts only the part it uses (`State<PgPool>`,
+/// `State<SessionState>`, …) through the `FromRef` impls below, so no module below `app` needs
+/// to know this type.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The REST pool; also where replays and snapshots are read.
+    pool: PgPool,
+    /// Where subscriptions live.
+    distributor: DistributorHandle<Frame>,
+    /// The LISTEN task's latest status.
+    listener: ListenerWatch,
+    /// Connection counters (open, refused, timeouts, WebSockets by HTTP version).
+    transport: TransportStats,
+    /// This App's metrics registry.
+    metrics: Metrics,
+    /// Process shutdown; sessions and event streams end on it.
+    shutdown: Shutdown,
+    /// Per-session limits.
+    limits: Limits,
+    /// Ping cadence and patience.
+    heartbeat: Heartbeat,
+}
+
+/// The REST handlers and `/readyz`.
+impl FromRef<AppState> for PgPool {
+    fn from_ref(state: &AppState) -> Self {
+        state.pool.clone()
+    }
+}
+
+/// `/stats` and `/metrics`.
+impl FromRef<AppState> for DistributorHandle<Frame> {
+    fn from_ref(state: &AppState) -> Self {
+        state.distributor.clone()
+    }
+}
+
+/// `/stats`, `/readyz` and `/metrics`.
+impl FromRef<AppState> for ListenerWatch {
+    fn from_ref(state: &AppState) -> Self {
+        state.listener.clone()
+    }
+}
+
+/// `/stats`.
+impl FromRef<AppState> for TransportStats {
+    fn from_ref(state: &AppState) -> Self {
+        state.transport.clone()
+    }
+}
+
+/// `/stats` and `/metrics`.
+impl FromRef<AppState> for Metrics {
+    fn from_ref(state: &AppState) -> Self {
+        state.metrics.clone()
+    }
+}
+
+/// The WebSocket upgrade handler's view.
+impl FromRef<AppState> for SessionState {
+    fn from_ref(state: &AppState) -> Self {
+        Self {
+            distributor: state.distributor.clone(),
+            limits: state.limits,
+            heartbeat: state.heartbeat,
+            shutdown: state.shutdown.clone(),
+            pool: state.pool.clone(),
+            metrics: state.metrics.clone(),
+        }
+    }
+}
+
+/// The event-stream handler's view.
+impl FromRef<AppState> for SseState {
+    fn from_ref(state: &AppState) -> Self {
+        Self {
+            distributor: state.distributor.clone(),
+            pool: state.pool.clone(),
+            shutdown: state.shutdown.clone(),
+            max_subscriptions: state.limits.max_subscriptions,
+            metrics: state.metrics.clone(),
+        }
+    }
+}
 
 /// A built, not yet running, rowcast.
 #[derive(Debug)]
@@ -92,45 +187,63 @@ pub async fn migrate_only(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl App {
-    /// Connects, migrates, binds, and spawns the distributor and the LISTEN task.
-    pub async fn build(config: Config, shutdown: Shutdown) -> anyhow::Result<Self> {
-        let (url, embedded) = database(&config).await?;
-        let pool = db::connect(&url, config.db_max_connections).await?;
-        db::migrate(&pool).await?;
-        let tcp = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        // The certificate is loaded (or generated) before its port is bound, so a bad file stops
-        // the start with the file named, and SIGHUP is handled from here on.
-        let https = match ServerTls::from_settings(&config.tls)? {
-            Some(tls) => {
-                let tcp = TcpListener::bind(config.tls.listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {}", config.tls.listen))?;
-                tls.reload_on_sighup(&shutdown)
-                    .context("cannot watch SIGHUP for certificate reloads")?;
-                Some(Https { tcp, tls })
-            }
-            None => None,
-        };
-        let access = Access::from_settings(&config.access)?;
-        let connections = Connections::new(&config.hardening);
+/// Binds `address`, naming it when that fails.
+async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))
+}
 
-        // Everything committed after this position is published, by notification or by the
-        // listener's catch-up from the changelog.
-        let position = changelog::latest_seq(&pool).await?;
-        let distributor = DistributorHandle::<Utf8Bytes>::spawn(config.limits, position);
+impl Https {
+    /// Loads (or generates) the certificate, binds the HTTPS port and registers for SIGHUP, in
+    /// that order: a bad file stops the start with the file named, before its port is taken.
+    /// None when TLS is not configured.
+    async fn bind(settings: &TlsSettings) -> anyhow::Result<Option<(Self, Option<SighupReload>)>> {
+        let Some(tls) = ServerTls::from_settings(settings)? else {
+            return Ok(None);
+        };
+        let tcp = bind(settings.listen).await?;
+        let reload = tls
+            .watch_sighup()
+            .context("cannot watch SIGHUP for certificate reloads")?;
+        Ok(Some((Self { tcp, tls }, reload)))
+    }
+}
+
+/// What `App::build` starts once nothing can fail any more.
+struct Start {
+    pool: PgPool,
+    /// How the LISTEN task connects (parsed from the database URL).
+    connect: ConnectOptions,
+    /// The last seq committed before the start: the distributor publishes everything after it.
+    position: Seq,
+    /// The certificate reloads, when TLS is served from files.
+    reload: Option<SighupReload>,
+    transport: TransportStats,
+}
+
+impl Start {
+    /// Spawns the distributor and every background task (each under a named span), and returns
+    /// the state the handlers share.
+    fn spawn(self, config: &Config, shutdown: &Shutdown) -> AppState {
+        let Self {
+            pool,
+            connect,
+            position,
+            reload,
+            transport,
+        } = self;
+        let distributor = DistributorHandle::<Frame>::spawn(config.limits, position);
         // This App's own registry: nothing global, so in-process instances never mix numbers.
         let metrics = Metrics::new();
         let (listener, listener_status) = Listener::new(
-            &url,
+            connect,
             config.listener,
             distributor.clone(),
             pool.clone(),
             position,
             metrics.clone(),
-        )?;
+        );
         shutdown.spawn(
             health::run_upkeep(metrics.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("metrics_upkeep")),
@@ -145,95 +258,129 @@ impl App {
                 .instrument(tracing::info_span!("memory_trimmer")),
         );
         shutdown.spawn(
-            changelog::run_retention(pool.clone(), config.changelog, shutdown.clone())
+            retention::run(pool.clone(), config.changelog, shutdown.clone())
                 .instrument(tracing::info_span!("changelog_retention")),
         );
-        let events = SseState {
-            distributor: distributor.clone(),
-            pool: pool.clone(),
+        if let Some(reload) = reload {
+            shutdown.spawn(
+                reload
+                    .run(shutdown.clone())
+                    .instrument(tracing::info_span!("tls_reload")),
+            );
+        }
+        AppState {
+            pool,
+            distributor,
+            listener: listener_status,
+            transport,
+            metrics,
             shutdown: shutdown.clone(),
-            max_subscriptions: config.limits.max_subscriptions,
-            metrics: metrics.clone(),
-        };
-
-        let sessions = SessionState {
-            distributor: distributor.clone(),
             limits: config.limits,
             heartbeat: config.heartbeat,
-            shutdown: shutdown.clone(),
-            pool: pool.clone(),
-            metrics: metrics.clone(),
-        };
-        let health = HealthState {
-            pool: pool.clone(),
-            distributor: distributor.clone(),
-            listener: listener_status,
-            transport: connections.stats(),
-            metrics: metrics.clone(),
-        };
-        let hardening = &config.hardening;
-        // Layers added later run first: the access guards refuse before a concurrency slot is
-        // taken.
-        let rest = hardening::limit_concurrency(
-            api::router(
-                ApiState { pool: pool.clone() },
-                config.limits.max_body_bytes,
-            ),
-            hardening.max_concurrent_requests,
-        )
-        .merge(health::stats_router(health.clone()))
-        // Guarded like any read: with `--auth-reads`, the scraper sends the token.
-        .merge(health::metrics_router(health.clone()))
-        .route_layer(from_fn_with_state(access.clone(), access::guard_requests));
-        let websocket = hardening::limit_concurrency(
-            // `any`: HTTP/2 WebSockets arrive as CONNECT (RFC 8441), HTTP/1.1 ones as GET.
-            Router::new().route("/websocket", any(session::upgrade).with_state(sessions)),
-            hardening.max_concurrent_upgrades,
-        )
-        .route_layer(from_fn_with_state(access.clone(), access::guard_websocket));
-        let events = Router::new()
-            .route("/products/events", get(sse::events).with_state(events))
-            .route_layer(from_fn_with_state(
-                access.clone(),
-                access::guard_subscription,
-            ));
-        let router = Router::new()
-            .merge(rest)
-            .merge(websocket)
-            .merge(events)
-            .merge(access.routes())
-            // Probes never carry credentials, like `/healthz`.
-            .merge(health::readiness_router(health))
-            // Static pages and the API description: no data, so never guarded.
-            .merge(crate::web::router())
-            .fallback(api::not_found)
-            .method_not_allowed_fallback(api::method_not_allowed);
-        let router = hardening::outer_layers(
-            router,
-            config.limits.max_body_bytes,
-            hardening.request_timeout,
-            config.tls.http_redirect,
-        )
-        // Inside routing (`Router::layer` wraps each route), so the matched route is known.
-        .layer(from_fn_with_state(metrics, health::time_requests))
-        // Spans name the path only: WebSocket tickets travel in the query.
-        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(access::request_span))
-        .layer(
-            tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([
-                axum::http::header::AUTHORIZATION,
-                axum::http::header::COOKIE,
-            ]),
-        );
-        let plain_router = match &https {
-            Some(https) if config.tls.http_redirect => {
-                serve::redirect_to_https(https.tcp.local_addr()?.port())
-                    // Load balancers probe health over plain HTTP and do not follow redirects.
-                    .route_service("/healthz", router.clone().into_service())
-                    .route_service("/readyz", router.clone().into_service())
-            }
-            _ => router.clone(),
-        };
+        }
+    }
+}
 
+/// Every route, its guards and limits, and the layers around them all.
+fn router(state: AppState, access: &Access, config: &Config) -> Router {
+    let hardening = &config.hardening;
+    let metrics = state.metrics.clone();
+    // Layers added later run first: the access guards refuse before a concurrency slot is
+    // taken.
+    let rest = hardening::limit_concurrency(
+        api::router(config.limits.max_body_bytes),
+        hardening.max_concurrent_requests,
+    )
+    .merge(health::stats_router())
+    // Guarded like any read: with `--auth-reads`, the scraper sends the token.
+    .merge(health::metrics_router())
+    .route_layer(from_fn_with_state(access.clone(), access::guard_requests));
+    let websocket = hardening::limit_concurrency(
+        // `any`: HTTP/2 WebSockets arrive as CONNECT (RFC 8441), HTTP/1.1 ones as GET.
+        Router::new().route("/websocket", any(session::upgrade)),
+        hardening.max_concurrent_upgrades,
+    )
+    .route_layer(from_fn_with_state(access.clone(), access::guard_websocket));
+    let events = Router::new()
+        .route("/products/events", get(sse::events))
+        .route_layer(from_fn_with_state(
+            access.clone(),
+            access::guard_subscription,
+        ));
+    let router = Router::new()
+        .merge(rest)
+        .merge(websocket)
+        .merge(events)
+        // Probes never carry credentials, like `/healthz`.
+        .merge(health::readiness_router())
+        .with_state(state)
+        .merge(access.routes())
+        // Static pages and the API description: no data, so never guarded.
+        .merge(crate::web::router())
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed);
+    hardening::outer_layers(
+        router,
+        config.limits.max_body_bytes,
+        hardening.request_timeout,
+        config.tls.http_redirect,
+    )
+    // Inside routing (`Router::layer` wraps each route), so the matched route is known.
+    .layer(from_fn_with_state(metrics, health::time_requests))
+    // Spans name the path only: WebSocket tickets travel in the query.
+    .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(access::request_span))
+    .layer(
+        tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::COOKIE,
+        ]),
+    )
+}
+
+/// What the plain HTTP listener serves: redirects to the HTTPS port `redirect_to`, when set,
+/// else the router itself.
+fn plain_router(router: &Router, redirect_to: Option<u16>) -> Router {
+    match redirect_to {
+        Some(port) => serve::redirect_to_https(port)
+            // Load balancers probe health over plain HTTP and do not follow redirects.
+            .route_service("/healthz", router.clone().into_service())
+            .route_service("/readyz", router.clone().into_service()),
+        None => router.clone(),
+    }
+}
+
+impl App {
+    /// Does everything that can fail — database, migrations, sockets, certificate, settings —
+    /// and only then spawns the distributor and the background tasks, so a failed build leaves
+    /// nothing running.
+    pub async fn build(config: Config, shutdown: Shutdown) -> anyhow::Result<Self> {
+        let (url, embedded) = database(&config).await?;
+        let pool = db::connect(&url, config.db_max_connections).await?;
+        db::migrate(&pool).await?;
+        let tcp = bind(config.listen).await?;
+        let (https, reload) = Https::bind(&config.tls).await?.unzip();
+        let redirect_to = match &https {
+            Some(https) if config.tls.http_redirect => Some(https.tcp.local_addr()?.port()),
+            _ => None,
+        };
+        let access = Access::from_settings(&config.access)?;
+        let connect = ConnectOptions::parse(&url, &config.listener)?;
+        // Everything committed after this position is published, by notification or by the
+        // listener's catch-up from the changelog.
+        let position = changelog::latest_seq(&pool).await?;
+
+        // Nothing below fails.
+        let connections = Connections::new(&config.hardening);
+        let start = Start {
+            pool: pool.clone(),
+            connect,
+            position,
+            reload: reload.flatten(),
+            transport: connections.stats(),
+        };
+        let state = start.spawn(&config, &shutdown);
+        let router = router(state, &access, &config);
+        let plain_router = plain_router(&router, redirect_to);
         Ok(Self {
             tcp,
             https,

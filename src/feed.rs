@@ -27,14 +27,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use sqlx::PgPool;
 
 use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::{Delivery, OutboxReceiver};
 use crate::metrics::{Metrics, StartKind};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
-use crate::protocol::{self, ErrorCode};
+use crate::protocol::{self, ErrorCode, Frame};
 
 /// Outbox messages taken at once; also about how many messages are written per flush.
 pub const BATCH: usize = 64;
@@ -43,7 +42,7 @@ pub const BATCH: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// The encoded JSON message.
-    pub text: Utf8Bytes,
+    pub text: Frame,
     /// The change's seq, if it is a change.
     pub seq: Option<Seq>,
 }
@@ -63,9 +62,9 @@ struct Replay {
 /// One subscriber's ordered message source.
 #[derive(Debug)]
 pub struct Feed {
-    outbox: OutboxReceiver<Utf8Bytes>,
+    outbox: OutboxReceiver<Frame>,
     pool: PgPool,
-    pending: VecDeque<Delivery<Utf8Bytes>>,
+    pending: VecDeque<Delivery<Frame>>,
     replay: Option<Replay>,
     /// Per product: live changes at or below this seq were already covered for the client.
     floors: HashMap<ProductId, Seq>,
@@ -76,7 +75,7 @@ pub struct Feed {
 
 impl Feed {
     /// A feed over a registered session's outbox, reading history from `pool`.
-    pub fn new(outbox: OutboxReceiver<Utf8Bytes>, pool: PgPool, metrics: Metrics) -> Self {
+    pub fn new(outbox: OutboxReceiver<Frame>, pool: PgPool, metrics: Metrics) -> Self {
         Self {
             outbox,
             pool,
@@ -198,7 +197,7 @@ impl Feed {
 
     async fn expand(
         &mut self,
-        delivery: Delivery<Utf8Bytes>,
+        delivery: Delivery<Frame>,
         out: &mut Vec<Outgoing>,
     ) -> Result<(), ChangelogError> {
         match delivery {

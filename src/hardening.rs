@@ -5,7 +5,8 @@
 //! has rowcast's `{"error","message"}` shape.
 //!
 //! Connection-level protection (connection limits, TLS handshake and header-read timeouts)
-//! lives in `serve`. Imports nothing of ours: `app` passes the configured numbers.
+//! lives in `serve`. Imports only `http_error` (the one error body); `app` passes the configured
+//! numbers.
 
 use std::time::Duration;
 
@@ -62,7 +63,10 @@ impl IntoResponse for Refusal {
 /// At most `max` requests of `router`'s routes in flight at once (one budget for all of them);
 /// the next one is answered 503 at once rather than queued, so a burst cannot pile up waiting
 /// requests and their memory behind a slow database.
-pub fn limit_concurrency(router: Router, max: usize) -> Router {
+pub fn limit_concurrency<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    max: usize,
+) -> Router<S> {
     router.route_layer(
         ServiceBuilder::new()
             .layer(HandleErrorLayer::new(|_: BoxError| async {

@@ -11,12 +11,12 @@
 //! 503 with every failing check named.
 //!
 //! Imports `metrics`, `distributor`, `listener` and `serve` (state copied into bodies and gauges
-//! at request time), `db` (the readiness queries) and `http_error`.
+//! at request time), `protocol` (the distributor's `Frame`), `product` (ids in `topProducts`),
+//! `db` (the readiness queries), `http_error`, and `shutdown` (the metrics upkeep task).
 
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRef, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -24,16 +24,16 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use sqlx::PgPool;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use utoipa::ToSchema;
 
 use crate::db;
 use crate::distributor::{DistributorHandle, Stats};
-use crate::listener::ListenerStatus;
+use crate::listener::{ListenerStatus, ListenerWatch};
 use crate::metrics::Metrics;
 use crate::product::ProductId;
+use crate::protocol::Frame;
 use crate::serve::{TransportSnapshot, TransportStats};
 
 /// Products listed in `topProducts`: what fits a dashboard panel.
@@ -45,21 +45,6 @@ const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// Content type of the Prometheus text exposition format.
 const PROMETHEUS_TEXT: HeaderValue = HeaderValue::from_static("text/plain; version=0.0.4");
-
-/// What the endpoints read.
-#[derive(Debug, Clone)]
-pub struct HealthState {
-    /// The REST pool (readiness: reachable, migrated).
-    pub pool: PgPool,
-    /// Distributor counts for the gauges.
-    pub distributor: DistributorHandle<Utf8Bytes>,
-    /// The LISTEN task's latest status.
-    pub listener: watch::Receiver<ListenerStatus>,
-    /// Connection counters (open, refused, timeouts, WebSockets by HTTP version).
-    pub transport: TransportStats,
-    /// This App's registry.
-    pub metrics: Metrics,
-}
 
 /// The body of `/healthz`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -95,11 +80,17 @@ struct TopProduct {
 }
 
 /// `/healthz` and `/stats`.
-pub fn stats_router(state: HealthState) -> Router {
+pub fn stats_router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    DistributorHandle<Frame>: FromRef<S>,
+    ListenerWatch: FromRef<S>,
+    TransportStats: FromRef<S>,
+    Metrics: FromRef<S>,
+{
     Router::new()
         .route("/healthz", get(healthz))
         .route("/stats", get(stats))
-        .with_state(state)
 }
 
 /// `GET /healthz`.
@@ -115,18 +106,23 @@ pub(crate) async fn healthz() -> Json<Health> {
         (status = 200, description = "Counts, rates and the LISTEN state", body = StatsBody),
         (status = 503, description = "The server is stopping", body = crate::http_error::ErrorBody),
     ))]
-pub(crate) async fn stats(State(state): State<HealthState>) -> Response {
+pub(crate) async fn stats(
+    State(distributor): State<DistributorHandle<Frame>>,
+    State(listener): State<ListenerWatch>,
+    State(transport): State<TransportStats>,
+    State(metrics): State<Metrics>,
+) -> Response {
     let counts = async {
-        let distributor = state.distributor.stats().await?;
-        let top = state.distributor.top_products(TOP_PRODUCTS).await?;
-        Ok::<_, crate::distributor::DistributorGone>((distributor, top))
+        let stats = distributor.stats().await?;
+        let top = distributor.top_products(TOP_PRODUCTS).await?;
+        Ok::<_, crate::distributor::DistributorGone>((stats, top))
     };
     match counts.await {
         Ok((distributor, top)) => Json(StatsBody {
             distributor,
-            listener: *state.listener.borrow(),
-            transport: state.transport.snapshot(),
-            changes_per_second: state.metrics.changes_per_second(),
+            listener: *listener.borrow(),
+            transport: transport.snapshot(),
+            changes_per_second: metrics.changes_per_second(),
             top_products: top
                 .into_iter()
                 .map(|(product_id, subscribers)| TopProduct {
@@ -145,17 +141,24 @@ pub(crate) async fn stats(State(state): State<HealthState>) -> Response {
 }
 
 /// `/readyz`.
-pub fn readiness_router(state: HealthState) -> Router {
-    Router::new()
-        .route("/readyz", get(readyz))
-        .with_state(state)
+pub fn readiness_router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    PgPool: FromRef<S>,
+    ListenerWatch: FromRef<S>,
+{
+    Router::new().route("/readyz", get(readyz))
 }
 
 /// `/metrics`.
-pub fn metrics_router(state: HealthState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(state)
+pub fn metrics_router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    DistributorHandle<Frame>: FromRef<S>,
+    ListenerWatch: FromRef<S>,
+    Metrics: FromRef<S>,
+{
+    Router::new().route("/metrics", get(metrics))
 }
 
 /// The body of `/readyz`.
@@ -175,9 +178,12 @@ pub(crate) struct Readiness {
         (status = 200, description = "Ready: database reachable, migrated, LISTEN connected", body = Readiness),
         (status = 503, description = "Not ready; `reasons` names each failed check", body = Readiness),
     ))]
-pub(crate) async fn readyz(State(state): State<HealthState>) -> Response {
+pub(crate) async fn readyz(
+    State(pool): State<PgPool>,
+    State(listener): State<ListenerWatch>,
+) -> Response {
     let mut reasons = Vec::new();
-    match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, applied_migrations(&state.pool)).await {
+    match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, applied_migrations(&pool)).await {
         Err(_) => reasons.push(format!(
             "database did not answer within {DATABASE_PROBE_TIMEOUT:?}"
         )),
@@ -193,7 +199,7 @@ pub(crate) async fn readyz(State(state): State<HealthState>) -> Response {
             }
         }
     }
-    if !state.listener.borrow().connected {
+    if !listener.borrow().connected {
         reasons.push("LISTEN connection is down (reconnecting)".to_owned());
     }
     let status = if reasons.is_empty() {
@@ -223,9 +229,12 @@ async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition format 0.0.4",
                content_type = "text/plain; version=0.0.4", body = String)))]
-pub(crate) async fn metrics(State(state): State<HealthState>) -> Response {
-    let metrics = &state.metrics;
-    if let Ok(stats) = state.distributor.stats().await {
+pub(crate) async fn metrics(
+    State(distributor): State<DistributorHandle<Frame>>,
+    State(listener): State<ListenerWatch>,
+    State(metrics): State<Metrics>,
+) -> Response {
+    if let Ok(stats) = distributor.stats().await {
         let gauge = |name, value: usize| metrics.gauge(name, &[]).set(value as f64);
         gauge("rowcast_sessions", stats.sessions);
         gauge("rowcast_subscriptions", stats.subscriptions);
@@ -250,7 +259,7 @@ pub(crate) async fn metrics(State(state): State<HealthState>) -> Response {
             .counter("rowcast_stream_resets_total", &[])
             .absolute(stats.resets);
     }
-    let listener = *state.listener.borrow();
+    let listener = *listener.borrow();
     metrics
         .gauge("rowcast_listener_connected", &[])
         .set(if listener.connected { 1.0 } else { 0.0 });

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Commands flow the other way only from sessions to the distributor (subscribe, unsubscribe,
-//! disconnect). Around that path: `config` (flags), `http_error` (the one error shape),
+//! disconnect). `retention` prunes the changelog on a schedule. Around that path: `config` (flags), `http_error` (the one error shape),
 //! `access` and `hardening` (who may do what, and how much), `serve` and `tls` (connections),
 //! `health` and `metrics` (what operators see), `openapi` and `web` (documents and pages),
 //! `memory`, `shutdown` and `telemetry`. `app` wires them; `main` runs it.
@@ -22,6 +22,7 @@
 pub mod product;
 pub mod api;
 pub mod db;
+pub mod retention;
 pub mod listener;
 pub mod distributor;
 pub mod protocol;

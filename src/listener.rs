@@ -40,7 +40,6 @@ use std::pin::pin;
 use std::str::FromStr;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
@@ -51,11 +50,14 @@ use crate::db::changelog::{self, ChangelogError};
 use crate::distributor::DistributorHandle;
 use crate::metrics::Metrics;
 use crate::product::{Change, ResetCause, Seq, notification_hint};
-use crate::protocol;
+use crate::protocol::{self, Frame};
 use crate::shutdown::Shutdown;
 
 /// The channel the trigger in `migrations/0002_product_change_trigger.sql` notifies.
 pub const CHANNEL: &str = "product_change";
+
+/// The receiving end of the listener's status: what `/stats`, `/readyz` and `/metrics` read.
+pub type ListenerWatch = watch::Receiver<ListenerStatus>;
 
 /// First reconnect delay; doubles up to `--listener-max-backoff`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -122,7 +124,7 @@ impl From<crate::distributor::DistributorGone> for ConnectionEnded {
 pub struct Listener {
     config: tokio_postgres::Config,
     settings: ListenerSettings,
-    distributor: DistributorHandle<Utf8Bytes>,
+    distributor: DistributorHandle<Frame>,
     pool: sqlx::PgPool,
     status: watch::Sender<ListenerStatus>,
     last_seq: Seq,
@@ -137,17 +139,15 @@ pub struct Listener {
 #[error("invalid database URL for the LISTEN connection: {0}")]
 pub struct InvalidUrl(#[source] tokio_postgres::Error);
 
-impl Listener {
-    /// Prepares the task; nothing connects until [`Self::run`]. `last_seq` is the position the
-    /// distributor starts from: every change after it will be published.
-    pub fn new(
-        database_url: &str,
-        settings: ListenerSettings,
-        distributor: DistributorHandle<Utf8Bytes>,
-        pool: sqlx::PgPool,
-        last_seq: Seq,
-        metrics: Metrics,
-    ) -> Result<(Self, watch::Receiver<ListenerStatus>), InvalidUrl> {
+/// How the LISTEN connection connects: the database URL, parsed, with the listener's name,
+/// timeouts and keepalives. Parsing is the one step of building the listener that can fail,
+/// so `app` does it before it starts anything.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions(tokio_postgres::Config);
+
+impl ConnectOptions {
+    /// Reads `database_url` as tokio-postgres does.
+    pub fn parse(database_url: &str, settings: &ListenerSettings) -> Result<Self, InvalidUrl> {
         let mut config = tokio_postgres::Config::from_str(database_url).map_err(InvalidUrl)?;
         config
             .application_name("rowcast-listener")
@@ -156,13 +156,28 @@ impl Listener {
             .keepalives_idle(settings.health_interval)
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(3);
+        Ok(Self(config))
+    }
+}
+
+impl Listener {
+    /// Prepares the task; nothing connects until [`Self::run`]. `last_seq` is the position the
+    /// distributor starts from: every change after it will be published.
+    pub fn new(
+        connect: ConnectOptions,
+        settings: ListenerSettings,
+        distributor: DistributorHandle<Frame>,
+        pool: sqlx::PgPool,
+        last_seq: Seq,
+        metrics: Metrics,
+    ) -> (Self, ListenerWatch) {
         let (status, receiver) = watch::channel(ListenerStatus {
             last_seq,
             ..ListenerStatus::default()
         });
-        Ok((
+        (
             Self {
-                config,
+                config: connect.0,
                 settings,
                 distributor,
                 pool,
@@ -172,7 +187,7 @@ impl Listener {
                 metrics,
             },
             receiver,
-        ))
+        )
     }
 
     /// Runs until shutdown: connect, LISTEN, forward; on failure back off and reconnect.
@@ -436,7 +451,7 @@ impl Listener {
     }
 
     async fn publish(&mut self, change: &Change) -> Result<(), ConnectionEnded> {
-        let frame = Utf8Bytes::from(protocol::encode_change(change));
+        let frame = Frame::from(protocol::encode_change(change));
         self.distributor
             .publish(change.product.product_id, change.seq, frame)
             .await?;

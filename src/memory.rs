@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use crate::distributor::DistributorHandle;
-use crate::distributor::Frame;
+use crate::distributor::FrameBytes;
 use crate::shutdown::Shutdown;
 
 /// How often the session count is read (one message to the distributor).
@@ -24,7 +24,7 @@ fn worth_trimming(peak: usize, now: usize) -> bool {
 }
 
 /// Runs until shutdown (or until the distributor is gone).
-pub async fn run_trimmer<F: Frame>(distributor: DistributorHandle<F>, shutdown: Shutdown) {
+pub async fn run_trimmer<F: FrameBytes>(distributor: DistributorHandle<F>, shutdown: Shutdown) {
     let mut ticks = tokio::time::interval(CHECK_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut peak = 0;

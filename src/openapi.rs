@@ -1,10 +1,13 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`, assembled by utoipa from the
-//! `#[utoipa::path]` annotations on the handlers themselves (`api::products`, `ops`, `health`,
-//! `sse`), plus the schemas of the operator endpoints' bodies. The WebSocket protocol is not
+//! `#[utoipa::path]` annotations on the handlers themselves (`api::products`, `health`, `sse`),
+//! plus the schemas of the operator endpoints' bodies. The WebSocket protocol is not
 //! HTTP request/response and lives in `docs/protocol.md`.
 //!
-//! It names the handlers; the schemas are derived next to the types the handlers return, so
-//! nothing imports this module and the document cannot drift from the real bodies.
+//! It names the handlers; the schemas are derived next to the types the handlers return, so the
+//! document cannot drift from the real bodies, and none of the modules it documents imports it.
+//!
+//! Imports `api`, `health` and `sse` (the annotated handlers and their bodies); only `web`,
+//! which serves the document, imports this module.
 
 use utoipa::OpenApi;
 

@@ -34,7 +34,7 @@ use crate::config::{Heartbeat, Limits};
 use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
-use crate::protocol::{self, ClientCommand, CloseCode, ErrorCode, Versions};
+use crate::protocol::{self, ClientCommand, CloseCode, ErrorCode, Frame, Versions};
 use crate::shutdown::Shutdown;
 
 /// How long the session tries to deliver a close frame to a peer that may not be reading.
@@ -44,7 +44,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct SessionState {
     /// Where subscriptions live.
-    pub distributor: DistributorHandle<Utf8Bytes>,
+    pub distributor: DistributorHandle<Frame>,
     /// Per-session limits.
     pub limits: Limits,
     /// Ping cadence and patience.
@@ -213,7 +213,7 @@ fn close(code: CloseCode, reason: &'static str) -> Message {
 
 struct Session {
     socket: WebSocket,
-    distributor: DistributorHandle<Utf8Bytes>,
+    distributor: DistributorHandle<Frame>,
     heartbeat: Heartbeat,
     shutdown: Shutdown,
     metrics: Metrics,

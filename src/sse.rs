@@ -3,12 +3,13 @@
 //! each change with `id: <seq>`. A reconnecting `EventSource` sends `Last-Event-ID`, and the
 //! stream resumes after it with no gap and no duplicate (the same `Feed` as WebSockets).
 //!
-//! Imports `distributor`, `feed`, `product`, `protocol`, `shutdown`.
+//! Imports `distributor` (subscriptions), `feed` (what to send, in order), `protocol` (`Frame`),
+//! `product` (ids and seqs), `metrics` (events and bytes sent), `http_error` (400 bodies) and
+//! `shutdown`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
-use axum::extract::ws::Utf8Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -21,13 +22,14 @@ use crate::distributor::{DistributorHandle, SessionGuard};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
 use crate::product::{ProductId, Seq, SubscriptionStart};
+use crate::protocol::Frame;
 use crate::shutdown::Shutdown;
 
 /// What the SSE handler needs.
 #[derive(Debug, Clone)]
 pub struct SseState {
     /// Where subscriptions live.
-    pub distributor: DistributorHandle<Utf8Bytes>,
+    pub distributor: DistributorHandle<Frame>,
     /// Where replays are read from.
     pub pool: sqlx::PgPool,
     /// Ends streams on shutdown.
@@ -164,7 +166,7 @@ struct EventStream {
     queue: VecDeque<Outgoing>,
     metrics: Metrics,
     /// Disconnects from the distributor when the client goes away and the stream is dropped.
-    _guard: SessionGuard<Utf8Bytes>,
+    _guard: SessionGuard<Frame>,
 }
 
 impl EventStream {

@@ -183,44 +183,63 @@ impl ServerTls {
             .unwrap_or_default()
     }
 
-    /// Reloads on every SIGHUP until shutdown (files only; a self-signed certificate has no
-    /// file to re-read). Registers the handler now, so a SIGHUP sent once `App::build` returned
-    /// reloads instead of killing the process.
-    pub fn reload_on_sighup(&self, shutdown: &Shutdown) -> std::io::Result<()> {
+    /// Registers the SIGHUP handler now — the step that can fail — so a SIGHUP sent once
+    /// `App::build` returned reloads instead of killing the process; the returned task does
+    /// the reloads once spawned. None for a self-signed certificate: it has no file to re-read.
+    pub fn watch_sighup(&self) -> std::io::Result<Option<SighupReload>> {
         #[cfg(unix)]
         if let Source::Files { cert, .. } = &self.source {
             use tokio::signal::unix::{SignalKind, signal};
-            let mut hangup = signal(SignalKind::hangup())?;
-            let tls = self.clone();
-            let cert = cert.clone();
-            let stop = shutdown.clone();
-            let task = async move {
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        received = hangup.recv() => if received.is_none() { return },
-                    }
-                    match tls.reload() {
-                        Ok(()) => tracing::info!(
-                            cert = %cert.display(),
-                            sha256_fingerprint = %tls.fingerprint(),
-                            "TLS certificate reloaded; new connections use it"
-                        ),
-                        Err(err) => tracing::error!(
-                            cause = %err,
-                            "TLS certificate reload failed; still serving the previous one"
-                        ),
-                    }
+            return Ok(Some(SighupReload {
+                tls: self.clone(),
+                cert: cert.clone(),
+                hangup: signal(SignalKind::hangup())?,
+            }));
+        }
+        Ok(None)
+    }
+}
+
+/// The certificate reload task: re-reads the files on every SIGHUP until shutdown. Built by
+/// [`ServerTls::watch_sighup`], run by `app` once everything that can fail has been built.
+#[derive(Debug)]
+pub struct SighupReload {
+    tls: ServerTls,
+    cert: PathBuf,
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl SighupReload {
+    /// Reloads on every SIGHUP until shutdown.
+    pub async fn run(self, shutdown: Shutdown) {
+        #[cfg(unix)]
+        {
+            let Self {
+                tls,
+                cert,
+                mut hangup,
+            } = self;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    received = hangup.recv() => if received.is_none() { return },
                 }
-            };
-            shutdown.spawn(tracing::Instrument::instrument(
-                task,
-                tracing::info_span!("tls_reload"),
-            ));
+                match tls.reload() {
+                    Ok(()) => tracing::info!(
+                        cert = %cert.display(),
+                        sha256_fingerprint = %tls.fingerprint(),
+                        "TLS certificate reloaded; new connections use it"
+                    ),
+                    Err(err) => tracing::error!(
+                        cause = %err,
+                        "TLS certificate reload failed; still serving the previous one"
+                    ),
+                }
+            }
         }
         #[cfg(not(unix))]
-        let _ = shutdown;
-        Ok(())
+        let _ = (self, shutdown);
     }
 }
 

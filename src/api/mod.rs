@@ -1,6 +1,7 @@
 //! The REST API for products: routes, handlers, the JSON extractor and the error type. Imports
-//! `db`, `product` and `config`; it never talks to the distributor: changes reach subscribers
-//! only through the database trigger, so REST and any other writer behave the same.
+//! `db`, `product` and `http_error` (the error body); it never talks to the distributor: changes
+//! reach subscribers only through the database trigger, so REST and any other writer behave the
+//! same.
 
 mod error;
 mod json;
@@ -8,22 +9,20 @@ pub(crate) mod products;
 pub mod schema;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::get;
 use sqlx::PgPool;
 
 pub use error::ApiError;
 pub use json::ApiJson;
 
-/// What the handlers share.
-#[derive(Debug, Clone)]
-pub struct ApiState {
-    /// The REST connection pool.
-    pub pool: PgPool,
-}
-
-/// The `/products` routes, with JSON errors for 404 and 405 and the body size limit.
-pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+/// The `/products` routes, with JSON errors for 404 and 405 and the body size limit. The
+/// handlers take only the pool (`State<PgPool>`), from whatever state the app holds.
+pub fn router<S>(max_body_bytes: usize) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    PgPool: FromRef<S>,
+{
     Router::new()
         .route("/products", get(products::list).post(products::create))
         .route(
@@ -34,7 +33,6 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
                 .delete(products::delete),
         )
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(state)
 }
 
 /// Answer for paths no route serves.

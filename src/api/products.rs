@@ -8,8 +8,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
+use sqlx::PgPool;
 
-use super::ApiState;
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::schema::{IdParam, ProductInputSchema, ProductPatchSchema, ProductSchema};
@@ -57,7 +57,7 @@ fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
         (status = 400, description = "Bad query parameter (`invalid_query`)", body = ErrorBody),
     ))]
 pub(crate) async fn list(
-    State(state): State<ApiState>,
+    State(pool): State<PgPool>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest {
@@ -79,7 +79,7 @@ pub(crate) async fn list(
         });
     }
     // One row more than asked tells whether another page exists.
-    let mut products = store::list(&state.pool, after, limit + 1).await?;
+    let mut products = store::list(&pool, after, limit + 1).await?;
     let next = if products.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
         products.pop();
         products.last().map(|last| last.product_id)
@@ -104,11 +104,11 @@ pub(crate) async fn list(
         (status = 404, description = "No such product", body = ErrorBody),
     ))]
 pub(crate) async fn get(
-    State(state): State<ApiState>,
+    State(pool): State<PgPool>,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    Ok(ApiJson(store::get(&state.pool, id).await?).into_response())
+    Ok(ApiJson(store::get(&pool, id).await?).into_response())
 }
 
 /// `POST /products`: 201 with `Location`; the id is assigned unless the body chose one.
@@ -123,11 +123,11 @@ pub(crate) async fn get(
         (status = 422, description = "A field breaks a rule; the message names it", body = ErrorBody),
     ))]
 pub(crate) async fn create(
-    State(state): State<ApiState>,
+    State(pool): State<PgPool>,
     ApiJson(input): ApiJson<ProductInput>,
 ) -> Result<Response, ApiError> {
     let new = NewProduct::parse(input)?;
-    let product = store::insert(&state.pool, &new).await?;
+    let product = store::insert(&pool, &new).await?;
     let location = format!("/products/{}", product.product_id);
     let mut response = (StatusCode::CREATED, ApiJson(product)).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
@@ -148,7 +148,7 @@ pub(crate) async fn create(
         (status = 422, description = "A field breaks a rule, or `productId` differs from the path", body = ErrorBody),
     ))]
 pub(crate) async fn replace(
-    State(state): State<ApiState>,
+    State(pool): State<PgPool>,
     Path(raw): Path<String>,
     ApiJson(input): ApiJson<ProductInput>,
 ) -> Result<Response, ApiError> {
@@ -157,7 +157,7 @@ pub(crate) async fn replace(
     if new.product_id.is_some_and(|body_id| body_id != id) {
         return Err(id_mismatch(id).into());
     }
-    Ok(ApiJson(store::replace(&state.pool, id, &new).await?).into_response())
+    Ok(ApiJson(store::replace(&pool, id, &new).await?).into_response())
 }
 
 /// `PATCH /products/{id}`: JSON merge patch (`application/merge-patch+json` or
@@ -176,16 +176,16 @@ pub(crate) async fn replace(
         (status = 422, description = "A field breaks a rule (`null` is refused)", body = ErrorBody),
     ))]
 pub(crate) async fn patch(
-    State(state): State<ApiState>,
+    State(pool): State<PgPool>,
     Path(raw): Path<String>,
     ApiJson(document): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
     let patch = ProductPatch::parse(id, document)?;
     let product = if patch.is_empty() {
-        store::get(&state.pool, id).await?
+        store::get(&pool, id).await?
     } else {
-        store::patch(&state.pool, id, &patch).await?
+        store::patch(&pool, id, &patch).await?
     };
     Ok(ApiJson(product).into_response())
 }
@@ -198,10 +198,10 @@ pub(crate) async fn patch(
         (status = 404, description = "No such product", body = ErrorBody),
     ))]
 pub(crate) async fn delete(
-    State(state): State<ApiState>,
+    State(pool): State<PgPool>,
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
-    store::delete(&state.pool, id).await?;
+    store::delete(&pool, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

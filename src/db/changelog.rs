@@ -1,12 +1,12 @@
 //! Reads and retention of the changelog (`product_changes`, filled by the trigger of migration
-//! 0003 in commit order): the listener's catch-up, clients' resumes and snapshots, and pruning.
+//! 0003 in commit order): the listener's catch-up, clients' resumes and snapshots, and pruning
+//! (the query; `retention` owns its schedule).
 
 use std::time::Duration;
 
 use sqlx::{PgPool, Row};
 
 use crate::product::{Action, Change, Product, ProductId, Seq};
-use crate::shutdown::Shutdown;
 
 /// Rows fetched per changelog query at most, so a long catch-up or replay streams in bounded
 /// memory.
@@ -284,27 +284,6 @@ pub async fn prune(
         deleted += batch;
         if batch < PRUNE_BATCH as u64 {
             return Ok(deleted);
-        }
-    }
-}
-
-/// Runs retention every `interval` until shutdown.
-pub async fn run_retention(
-    pool: PgPool,
-    settings: crate::config::ChangelogSettings,
-    shutdown: Shutdown,
-) {
-    let mut tick = tokio::time::interval(settings.prune_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match prune(&pool, settings.retention, settings.max_rows).await {
-            Ok(0) => {}
-            Ok(deleted) => tracing::debug!(deleted, "changelog retention"),
-            Err(err) => tracing::warn!(cause = %err, "changelog retention failed; will retry"),
         }
     }
 }

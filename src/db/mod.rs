@@ -1,7 +1,8 @@
 //! Database access for the REST side: the connection pool, migrations, and the product queries
 //! (`products`). The private cluster used when no `DATABASE_URL` is given is the
 //! `rowcast-embedded-postgres` crate (`crates/embedded-postgres`), started by `app`. Imports
-//! `product` and `config`; knows nothing of sessions or the distributor.
+//! `product` only (callers pass plain values, not `config`); knows nothing of sessions, the
+//! distributor, schedules or shutdown (`retention` runs the prune query).
 
 pub mod changelog;
 pub mod products;

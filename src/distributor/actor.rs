@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use super::outbox::{OutboxSender, Pushed, outbox};
 use super::subscriptions::{SessionId, Subscriptions};
-use super::{Command, Delivery, Frame, Registration, Stats};
+use super::{Command, Delivery, FrameBytes, Registration, Stats};
 use crate::config::Limits;
 use crate::product::Seq;
 
@@ -26,7 +26,11 @@ struct Distributor<F> {
     stats: Stats,
 }
 
-pub(super) fn spawn<F: Frame>(inbox: mpsc::Receiver<Command<F>>, limits: Limits, position: Seq) {
+pub(super) fn spawn<F: FrameBytes>(
+    inbox: mpsc::Receiver<Command<F>>,
+    limits: Limits,
+    position: Seq,
+) {
     let actor = Distributor {
         subscriptions: Subscriptions::default(),
         limits,
@@ -43,7 +47,7 @@ pub(super) fn spawn<F: Frame>(inbox: mpsc::Receiver<Command<F>>, limits: Limits,
     );
 }
 
-impl<F: Frame> Distributor<F> {
+impl<F: FrameBytes> Distributor<F> {
     async fn run(mut self, mut inbox: mpsc::Receiver<Command<F>>) {
         while let Some(command) = inbox.recv().await {
             self.handle(command);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::{Delivery, Frame};
+use super::{Delivery, FrameBytes};
 use crate::config::SlowClientPolicy;
 use crate::product::{ProductId, Seq};
 
@@ -103,7 +103,7 @@ pub(crate) fn outbox<F>(
     (OutboxSender(Arc::clone(&shared)), OutboxReceiver(shared))
 }
 
-impl<F: Frame> OutboxSender<F> {
+impl<F: FrameBytes> OutboxSender<F> {
     /// Queues a change, applying the slow-client policy. `products` names the session's
     /// subscriptions; it is called only when a gap opens. Never waits.
     pub(crate) fn push_change(
@@ -181,7 +181,7 @@ impl<F: Frame> OutboxSender<F> {
     }
 }
 
-impl<F: Frame> OutboxReceiver<F> {
+impl<F: FrameBytes> OutboxReceiver<F> {
     /// Moves up to `max` queued messages into `batch`, waiting for at least one. Returns false
     /// once the outbox is closed and drained. Cancel-safe: nothing is taken until it returns.
     pub async fn recv_batch(&mut self, batch: &mut impl Extend<Delivery<F>>, max: usize) -> bool {

@@ -10,11 +10,19 @@
 //! `{"type":"reset",…}` when a resume position is older than the changelog keeps,
 //! `{"type":"change","seq":N,"action":…,"product":{…}}` per committed change, and
 //! `{"type":"error","error":<code>,"message":…}` for input the server could not use.
+//!
+//! Also names [`Frame`], the encoded message every transport sends. Imports `product`.
 
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::product::{Change, Product, ProductId, ResetCause, Seq, SubscriptionStart};
+
+/// The encoded message, shared by all subscribers: a change is encoded once into a `Frame`, and
+/// the distributor clones it (a reference count, not a copy) into every subscriber's outbox.
+/// axum's `Utf8Bytes` because a WebSocket text message holds exactly that, so a session sends it
+/// without copying; SSE reads it as a `&str`.
+pub type Frame = axum::extract::ws::Utf8Bytes;
 
 /// The WebSocket close codes rowcast sends: one closed table. `docs/protocol.md` lists the same
 /// codes (a test compares them).

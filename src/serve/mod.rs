@@ -14,7 +14,7 @@
 //! operators are in [`TransportStats`]. This follows axum's `low-level-rustls` example: the TLS
 //! handshake happens inside the connection's task, so a slow one blocks nobody else.
 //!
-//! Imports `config` and `shutdown`; the TLS acceptor comes from `tls` through `app`.
+//! Imports `config`, `shutdown` and `http_error`; the TLS acceptor comes from `tls` through `app`.
 
 use std::convert::Infallible;
 use std::io;

@@ -1,0 +1,208 @@
+//! The actor through its handle: fan-out order, positions, overflow, resets and cleanup.
+
+use super::*;
+use crate::config::SlowClientPolicy;
+
+fn limits(outbox_capacity: usize, max_subscriptions: usize, policy: SlowClientPolicy) -> Limits {
+    Limits {
+        outbox_capacity,
+        outbox_bytes: 1 << 20,
+        conflate_after: std::time::Duration::from_secs(1),
+        slow_client_policy: policy,
+        max_subscriptions,
+        max_frame_bytes: 1024,
+        ws_read_buffer_bytes: 1024,
+        ws_write_buffer_bytes: 1024,
+        max_body_bytes: 1024,
+    }
+}
+
+fn ids(raw: &[i64]) -> Vec<ProductId> {
+    raw.iter().map(|&id| ProductId::new(id).unwrap()).collect()
+}
+
+async fn next<F: FrameBytes>(registration: &mut Registration<F>) -> Option<Delivery<F>> {
+    let mut batch = Vec::new();
+    registration
+        .outbox
+        .recv_batch(&mut batch, 1)
+        .await
+        .then(|| batch.remove(0))
+}
+
+fn change<F>(product: i64, seq: Seq, frame: F) -> Delivery<F> {
+    Delivery::Change {
+        product: ProductId::new(product).unwrap(),
+        seq,
+        frame,
+    }
+}
+
+#[tokio::test]
+async fn fans_out_in_order_and_acks_carry_the_position() {
+    let distributor =
+        DistributorHandle::<&'static str>::spawn(limits(16, 10, SlowClientPolicy::Conflate), 40);
+    let mut a = distributor.register().await.unwrap();
+    let mut b = distributor.register().await.unwrap();
+    distributor
+        .subscribe(a.id, ids(&[1]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    distributor.publish(ids(&[1])[0], 41, "one").await.unwrap();
+    distributor
+        .subscribe(b.id, ids(&[1, 2]), SubscriptionStart::Since(3))
+        .await
+        .unwrap();
+    distributor.publish(ids(&[2])[0], 42, "two").await.unwrap();
+
+    assert_eq!(
+        next(&mut a).await,
+        Some(Delivery::Subscribed {
+            products: ids(&[1]),
+            position: 40,
+            start: SubscriptionStart::Live,
+            total: 1
+        })
+    );
+    assert_eq!(next(&mut a).await, Some(change(1, 41, "one")));
+    assert_eq!(
+        next(&mut b).await,
+        Some(Delivery::Subscribed {
+            products: ids(&[1, 2]),
+            position: 41,
+            start: SubscriptionStart::Since(3),
+            total: 2
+        })
+    );
+    assert_eq!(next(&mut b).await, Some(change(2, 42, "two")));
+    assert_eq!(distributor.stats().await.unwrap().last_seq, 42);
+}
+
+#[tokio::test]
+async fn full_outbox_evicts_only_that_session_under_the_disconnect_policy() {
+    let distributor =
+        DistributorHandle::<u64>::spawn(limits(2, 10, SlowClientPolicy::Disconnect), 0);
+    let slow = distributor.register().await.unwrap();
+    let mut fast = distributor.register().await.unwrap();
+    let product = ids(&[1])[0];
+    distributor
+        .subscribe(slow.id, vec![product], SubscriptionStart::Live)
+        .await
+        .unwrap();
+    distributor
+        .subscribe(fast.id, vec![product], SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert!(next(&mut fast).await.is_some());
+    for n in 1..=5 {
+        distributor.publish(product, n, n).await.unwrap();
+        assert_eq!(next(&mut fast).await, Some(change(1, n, n)));
+    }
+    slow.evicted.cancelled().await;
+    let stats = distributor.stats().await.unwrap();
+    assert_eq!(stats.sessions, 1);
+    assert_eq!(stats.slow_sessions_evicted, 1);
+    assert_eq!(stats.subscriptions, 1);
+}
+
+#[tokio::test]
+async fn a_full_queue_defers_changes_to_one_gap_and_resets_reach_every_session() {
+    let distributor = DistributorHandle::<u64>::spawn(limits(4, 10, SlowClientPolicy::Conflate), 0);
+    let mut slow = distributor.register().await.unwrap();
+    distributor
+        .subscribe(slow.id, ids(&[2, 1]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    for seq in 1..=100 {
+        let product = if seq % 2 == 0 { 2 } else { 1 };
+        distributor
+            .publish(ids(&[product])[0], seq, seq)
+            .await
+            .unwrap();
+    }
+    let stats = distributor.stats().await.unwrap();
+    assert_eq!(stats.sessions, 1);
+    assert_eq!(
+        stats.messages_waiting, 5,
+        "ack, 3 changes, one gap: {stats:?}"
+    );
+    assert_eq!(stats.changes_deferred, 97);
+    let mut batch = Vec::new();
+    slow.outbox.recv_batch(&mut batch, 100).await;
+    assert!(matches!(batch[0], Delivery::Subscribed { .. }));
+    assert_eq!(
+        &batch[1..4],
+        &[change(1, 1, 1), change(2, 2, 2), change(1, 3, 3)]
+    );
+    assert!(
+        matches!(&batch[4], Delivery::Gap { products, after: 3, upto: 100, .. } if *products == ids(&[1, 2])),
+        "{:?}",
+        batch[4]
+    );
+    // The reader took the gap: the queue is in order again.
+    distributor.publish(ids(&[1])[0], 101, 101).await.unwrap();
+    distributor
+        .reset(101, 150, ResetCause::Rewound { latest: 150 })
+        .await
+        .unwrap();
+    distributor.publish(ids(&[2])[0], 151, 151).await.unwrap();
+    assert_eq!(next(&mut slow).await, Some(change(1, 101, 101)));
+    assert_eq!(
+        next(&mut slow).await,
+        Some(Delivery::Reset {
+            products: ids(&[1, 2]),
+            since: 101,
+            position: 150,
+            cause: ResetCause::Rewound { latest: 150 }
+        })
+    );
+    assert_eq!(next(&mut slow).await, Some(change(2, 151, 151)));
+    let stats = distributor.stats().await.unwrap();
+    assert_eq!((stats.resets, stats.last_seq), (1, 151));
+}
+
+#[tokio::test]
+async fn refused_subscribe_is_reported_and_maps_empty_after_disconnects() {
+    let distributor = DistributorHandle::<u64>::spawn(limits(16, 2, SlowClientPolicy::Conflate), 0);
+    let mut a = distributor.register().await.unwrap();
+    distributor
+        .subscribe(a.id, ids(&[1, 2, 3]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut a).await, Some(Delivery::Refused(_))));
+    distributor
+        .subscribe(a.id, ids(&[1, 2]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    let b = distributor.register().await.unwrap();
+    distributor
+        .subscribe(b.id, ids(&[2]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert_eq!(distributor.stats().await.unwrap().subscriptions, 3);
+    assert_eq!(
+        distributor.top_products(1).await.unwrap(),
+        vec![(ids(&[2])[0], 2)],
+        "product 2 has two subscribers"
+    );
+    distributor.disconnect(a.id).await;
+    distributor.disconnect_soon(b.id);
+    let stats = distributor.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.sessions,
+            stats.subscriptions,
+            stats.products_with_subscribers
+        ),
+        (0, 0, 0)
+    );
+    assert!(matches!(
+        next(&mut a).await,
+        Some(Delivery::Subscribed { .. })
+    ));
+    assert_eq!(
+        next(&mut a).await,
+        None,
+        "outbox closes when the session is dropped"
+    );
+}
