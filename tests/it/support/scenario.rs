@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{TestApp, WsClient, add_one_unit, product};
+use super::{TestApp, WsClient, add_one_unit, product, products_in_table};
 
 /// Names written only by transactions that roll back: no client may ever see one.
 pub const PHANTOM: &str = "PHANTOM";
@@ -500,26 +500,6 @@ async fn committed(
         .collect()
 }
 
-/// The rows of `products` as the REST API shows them.
-async fn table(pool: &PgPool, products: &[i64]) -> BTreeMap<i64, Value> {
-    let rows: Vec<(i64, String, String, i32, String)> = sqlx::query_as(
-        "SELECT product_id, manufacturer, price_per_unit, units_available, product_name
-         FROM products WHERE product_id = ANY($1) ORDER BY product_id",
-    )
-    .bind(products)
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(id, m, p, u, n)| {
-            (
-                id,
-                json!({"productId": id, "manufacturer": m, "pricePerUnit": p, "unitsAvailable": u, "productName": n}),
-            )
-        })
-        .collect()
-}
-
 async fn verdict(pool: &PgPool, subset: &[i64], log: ClientLog, last: u64) -> ClientReport {
     let mut anomalies = log.anomalies;
     // Order and doubles over everything received (a reset does not excuse either).
@@ -626,7 +606,7 @@ async fn verdict(pool: &PgPool, subset: &[i64], log: ClientLog, last: u64) -> Cl
                     state.insert(change.product, change.body.clone());
                 }
             }
-            Some(state == table(pool, subset).await)
+            Some(state == products_in_table(pool, subset).await)
         }
     };
     ClientReport {
