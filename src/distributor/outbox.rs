@@ -31,6 +31,8 @@ struct Queue<F> {
     items: VecDeque<Delivery<F>>,
     /// Bytes of the change frames in `items`.
     bytes: usize,
+    /// Entries in `items` that are not changes (acks, refusals, resets, gap markers).
+    replies: usize,
     closed: bool,
 }
 
@@ -92,6 +94,7 @@ pub(crate) fn outbox<F>(
         queue: Mutex::new(Queue {
             items: VecDeque::new(),
             bytes: 0,
+            replies: 0,
             closed: false,
         }),
         ready: Notify::new(),
@@ -139,6 +142,7 @@ impl<F: FrameBytes> OutboxSender<F> {
         match shared.policy {
             SlowClientPolicy::Disconnect => Pushed::Full,
             SlowClientPolicy::Conflate => {
+                queue.replies += 1;
                 queue.items.push_back(Delivery::Gap {
                     products: products(),
                     after: seq.saturating_sub(1),
@@ -160,9 +164,17 @@ impl<F: FrameBytes> OutboxSender<F> {
         if queue.closed {
             return Pushed::Closed;
         }
-        if queue.items.len() >= shared.capacity && shared.policy == SlowClientPolicy::Disconnect {
+        // Replies are bounded under either policy: a client that sends commands without
+        // reading the answers (an ack flood) fills its queue with them, and nothing can be
+        // conflated or left to the changelog for them, so such a client is evicted.
+        let full = match shared.policy {
+            SlowClientPolicy::Disconnect => queue.items.len() >= shared.capacity,
+            SlowClientPolicy::Conflate => queue.replies >= shared.capacity,
+        };
+        if full {
             return Pushed::Full;
         }
+        queue.replies += 1;
         queue.items.push_back(delivery);
         drop(queue);
         shared.ready.notify_one();
@@ -190,16 +202,19 @@ impl<F: FrameBytes> OutboxReceiver<F> {
                 let mut queue = self.0.lock();
                 if !queue.items.is_empty() {
                     let take = queue.items.len().min(max);
-                    let taken: usize = queue
-                        .items
-                        .iter()
-                        .take(take)
-                        .map(|item| match item {
-                            Delivery::Change { frame, .. } => frame.byte_len(),
-                            _ => 0,
-                        })
-                        .sum();
-                    queue.bytes -= taken;
+                    let (bytes, replies) =
+                        queue
+                            .items
+                            .iter()
+                            .take(take)
+                            .fold((0, 0), |(bytes, replies), item| match item {
+                                Delivery::Change { frame, .. } => {
+                                    (bytes + frame.byte_len(), replies)
+                                }
+                                _ => (bytes, replies + 1),
+                            });
+                    queue.bytes -= bytes;
+                    queue.replies -= replies;
                     batch.extend(queue.items.drain(..take));
                     return true;
                 }
@@ -265,6 +280,36 @@ mod tests {
             Delivery::Gap { after: 2, upto: 51, products, .. } if *products == vec![id(1), id(2)]
         ));
         assert_eq!(push(&tx, 1, 52), Pushed::Queued, "in order again");
+    }
+
+    #[tokio::test]
+    async fn unread_replies_are_bounded_under_the_conflate_policy_too() {
+        let (tx, mut rx) = outbox::<u64>(
+            3,
+            1 << 20,
+            SlowClientPolicy::Conflate,
+            Duration::from_secs(1),
+        );
+        let ack = || Delivery::Unsubscribed {
+            products: Vec::new(),
+            total: 0,
+        };
+        for _ in 0..3 {
+            assert_eq!(tx.push(ack()), Pushed::Queued);
+        }
+        assert_eq!(tx.push(ack()), Pushed::Full, "the fourth unread reply");
+        assert_eq!(
+            push(&tx, 1, 1),
+            Pushed::Deferred,
+            "a change still goes to a gap"
+        );
+        let mut batch = Vec::new();
+        assert!(rx.recv_batch(&mut batch, 2).await);
+        assert_eq!(
+            tx.push(ack()),
+            Pushed::Queued,
+            "taken replies free their room"
+        );
     }
 
     #[tokio::test]
