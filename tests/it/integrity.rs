@@ -291,7 +291,9 @@ async fn pruning_that_overtakes_a_clients_replay_ends_in_reset_and_a_snapshot() 
     ])
     .await;
     let mut body = product("Raced");
-    body["productName"] = json!("r".repeat(8000));
+    // 64 KB per change (25 MB in all): more than the kernel buffers of a client that does not
+    // read can hold, so its queue overflows into a gap that retention then overtakes.
+    body["productName"] = json!("r".repeat(64_000));
     let id = app.create_product(body).await["productId"]
         .as_i64()
         .unwrap();
@@ -309,6 +311,11 @@ async fn pruning_that_overtakes_a_clients_replay_ends_in_reset_and_a_snapshot() 
         stats["lastSeq"] == json!(last) && pruned > last - 60
     })
     .await;
+    let stats = app.stats().await;
+    assert!(
+        stats["changesDeferred"].as_u64() > Some(0),
+        "the queue overflowed: {stats}"
+    );
 
     let mut state = BTreeMap::new();
     let mut kinds = Vec::new();
