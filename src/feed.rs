@@ -299,9 +299,8 @@ impl Feed {
                     None
                 };
                 if let Some(cause) = cause {
-                    self.metrics.subscription_started(StartKind::Reset);
-                    out.push(message(protocol::encode_reset(&products, since, cause)));
-                    self.snapshot(&products, out).await?
+                    // The snapshot is newer than the position, so no replay follows.
+                    return self.reset(&products, since, cause, out).await;
                 } else {
                     self.metrics.subscription_started(StartKind::Resume);
                     out.push(message(protocol::encode_ack(&products, Some(since))));
