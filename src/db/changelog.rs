@@ -1,10 +1,14 @@
 //! Reads and retention of the changelog (`product_changes`, filled by the trigger of migration
 //! 0003 in commit order): the listener's catch-up, clients' resumes and snapshots, and pruning
 //! (the query; `retention` owns its schedule).
+//!
+//! The reads take any executor — a pool, or one connection that the caller already holds — so
+//! that each caller chooses the pool its reads come from (`db::Pools`): the listener reads on the
+//! background pool, clients' replays and snapshots through `db::HistoryReader`.
 
 use std::time::Duration;
 
-use sqlx::{PgPool, Row};
+use sqlx::{PgExecutor, PgPool, Postgres, Row};
 
 use crate::product::{Action, Change, Product, ProductId, Seq};
 
@@ -136,18 +140,18 @@ fn decode_page(rows: &[sqlx::postgres::PgRow]) -> Result<Page, ChangelogError> {
 }
 
 /// The last seq of a committed change (0 if none yet).
-pub async fn latest_seq(pool: &PgPool) -> Result<Seq, ChangelogError> {
+pub async fn latest_seq(db: impl PgExecutor<'_>) -> Result<Seq, ChangelogError> {
     let seq: i64 = sqlx::query_scalar(include_str!("../../sql/changelog_latest_seq.sql"))
-        .fetch_one(pool)
+        .fetch_one(db)
         .await?;
     Ok(to_seq(seq))
 }
 
 /// Where the changelog stands, and the commit time of the change at `seq` (if it exists).
-pub async fn position(pool: &PgPool, seq: Seq) -> Result<Position, ChangelogError> {
+pub async fn position(db: impl PgExecutor<'_>, seq: Seq) -> Result<Position, ChangelogError> {
     let row = sqlx::query(include_str!("../../sql/changelog_position.sql"))
         .bind(to_param(seq))
-        .fetch_one(pool)
+        .fetch_one(db)
         .await?;
     Ok(Position {
         latest: to_seq(row.try_get("latest")?),
@@ -158,19 +162,19 @@ pub async fn position(pool: &PgPool, seq: Seq) -> Result<Position, ChangelogErro
 }
 
 /// One page of changes to any product after `after`, in seq order.
-pub async fn after(pool: &PgPool, after: Seq) -> Result<Page, ChangelogError> {
+pub async fn after(db: impl PgExecutor<'_>, after: Seq) -> Result<Page, ChangelogError> {
     let rows = sqlx::query(include_str!("../../sql/changelog_after.sql"))
         .bind(to_param(after))
         .bind(PAGE_ROWS)
         .bind(PAGE_BYTES)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     decode_page(&rows)
 }
 
 /// One page of changes to `products` with `after < seq <= upto`, in seq order.
 pub async fn for_products(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     products: &[ProductId],
     after: Seq,
     upto: Seq,
@@ -182,7 +186,7 @@ pub async fn for_products(
         .bind(to_param(upto))
         .bind(PAGE_ROWS)
         .bind(PAGE_BYTES)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     decode_page(&rows)
 }
@@ -190,7 +194,7 @@ pub async fn for_products(
 /// One page of the newest change of each of `products` in `range` (exclusive start, inclusive
 /// end) that comes after `cursor`, in seq order: a conflated replay.
 pub async fn latest_per_product(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     products: &[ProductId],
     range: (Seq, Seq),
     cursor: Seq,
@@ -203,23 +207,26 @@ pub async fn latest_per_product(
         .bind(to_param(cursor))
         .bind(PAGE_ROWS)
         .bind(PAGE_BYTES)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     decode_page(&rows)
 }
 
 /// Changes with seq at or below this may have been pruned.
-pub async fn pruned_through(pool: &PgPool) -> Result<Seq, ChangelogError> {
+pub async fn pruned_through(db: impl PgExecutor<'_>) -> Result<Seq, ChangelogError> {
     let seq: i64 = sqlx::query_scalar(include_str!("../../sql/changelog_horizon.sql"))
-        .fetch_one(pool)
+        .fetch_one(db)
         .await?;
     Ok(to_seq(seq))
 }
 
 /// The current rows of `products` and the seq they reflect, read in one snapshot: because seq
 /// order is commit order, the rows reflect exactly the changes with seq <= the returned seq.
-pub async fn snapshot(pool: &PgPool, products: &[ProductId]) -> Result<Snapshot, ChangelogError> {
-    let mut tx = pool.begin().await?;
+pub async fn snapshot(
+    db: impl sqlx::Acquire<'_, Database = Postgres>,
+    products: &[ProductId],
+) -> Result<Snapshot, ChangelogError> {
+    let mut tx = db.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
