@@ -1,4 +1,4 @@
-//! `App`: wiring. [`App::build`] does everything that can fail (database, migrations, both
+//! `App`: wiring. [`App::build`] does everything that can fail (database pools, migrations, both
 //! listening sockets, the certificate and its SIGHUP handler, access settings, the LISTEN URL)
 //! before anything is spawned, then starts the tasks and builds the router around one
 //! [`AppState`]; [`App::run`] serves until shutdown.
@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::access::{self, Access};
 use crate::api;
 use crate::config::{Config, Heartbeat, Limits, TlsSettings};
-use crate::db::{self, changelog};
+use crate::db::{self, HistoryReader, PoolSizes, Pools, changelog};
 use crate::distributor::DistributorHandle;
 use crate::hardening;
 use crate::health;
@@ -48,8 +48,10 @@ const EMBEDDED_DATABASE: &str = "rowcast";
 /// to know this type.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The REST pool; also where replays and snapshots are read.
+    /// The REST pool (REST handlers and `/readyz`).
     pool: PgPool,
+    /// Where replays and snapshots are read: the history pool behind its queue.
+    history: HistoryReader,
     /// Where subscriptions live.
     distributor: DistributorHandle<Frame>,
     /// The LISTEN task's latest status.
@@ -70,6 +72,13 @@ pub struct AppState {
 impl FromRef<AppState> for PgPool {
     fn from_ref(state: &AppState) -> Self {
         state.pool.clone()
+    }
+}
+
+/// `/stats` and `/metrics`.
+impl FromRef<AppState> for HistoryReader {
+    fn from_ref(state: &AppState) -> Self {
+        state.history.clone()
     }
 }
 
@@ -109,7 +118,7 @@ impl FromRef<AppState> for SessionState {
             limits: state.limits,
             heartbeat: state.heartbeat,
             shutdown: state.shutdown.clone(),
-            pool: state.pool.clone(),
+            history: state.history.clone(),
             metrics: state.metrics.clone(),
         }
     }
@@ -120,7 +129,7 @@ impl FromRef<AppState> for SseState {
     fn from_ref(state: &AppState) -> Self {
         Self {
             distributor: state.distributor.clone(),
-            pool: state.pool.clone(),
+            history: state.history.clone(),
             shutdown: state.shutdown.clone(),
             max_subscriptions: state.limits.max_subscriptions,
             metrics: state.metrics.clone(),
@@ -138,7 +147,7 @@ pub struct App {
     /// What the plain listener serves: the router, or redirects to HTTPS.
     plain_router: Router,
     connections: Connections,
-    pool: PgPool,
+    pools: Pools,
     config: Config,
     shutdown: Shutdown,
     embedded: Option<EmbeddedPostgres>,
@@ -212,7 +221,7 @@ impl Https {
 
 /// What `App::build` starts once nothing can fail any more.
 struct Start {
-    pool: PgPool,
+    pools: Pools,
     /// How the LISTEN task connects (parsed from the database URL).
     connect: ConnectOptions,
     /// The last seq committed before the start: the distributor publishes everything after it.
@@ -227,7 +236,7 @@ impl Start {
     /// the state the handlers share.
     fn spawn(self, config: &Config, shutdown: &Shutdown) -> AppState {
         let Self {
-            pool,
+            pools,
             connect,
             position,
             reload,
@@ -240,7 +249,7 @@ impl Start {
             connect,
             config.listener,
             distributor.clone(),
-            pool.clone(),
+            pools.background.clone(),
             position,
             metrics.clone(),
         );
@@ -258,7 +267,7 @@ impl Start {
                 .instrument(tracing::info_span!("memory_trimmer")),
         );
         shutdown.spawn(
-            retention::run(pool.clone(), config.changelog, shutdown.clone())
+            retention::run(pools.background.clone(), config.changelog, shutdown.clone())
                 .instrument(tracing::info_span!("changelog_retention")),
         );
         if let Some(reload) = reload {
@@ -269,7 +278,8 @@ impl Start {
             );
         }
         AppState {
-            pool,
+            pool: pools.rest,
+            history: pools.history,
             distributor,
             listener: listener_status,
             transport,
@@ -355,8 +365,17 @@ impl App {
     /// nothing running.
     pub async fn build(config: Config, shutdown: Shutdown) -> anyhow::Result<Self> {
         let (url, embedded) = database(&config).await?;
-        let pool = db::connect(&url, config.db_max_connections).await?;
-        db::migrate(&pool).await?;
+        let pools = Pools::connect(
+            &url,
+            PoolSizes {
+                rest: config.db_max_connections,
+                history: config.history.connections,
+                history_queue: config.history.queue,
+                history_acquire_timeout: config.history.acquire_timeout,
+            },
+        )
+        .await?;
+        db::migrate(&pools.rest).await?;
         let tcp = bind(config.listen).await?;
         let (https, reload) = Https::bind(&config.tls).await?.unzip();
         let redirect_to = match &https {
@@ -367,12 +386,12 @@ impl App {
         let connect = ConnectOptions::parse(&url, &config.listener)?;
         // Everything committed after this position is published, by notification or by the
         // listener's catch-up from the changelog.
-        let position = changelog::latest_seq(&pool).await?;
+        let position = changelog::latest_seq(&pools.background).await?;
 
         // Nothing below fails.
         let connections = Connections::new(&config.hardening);
         let start = Start {
-            pool: pool.clone(),
+            pools: pools.clone(),
             connect,
             position,
             reload: reload.flatten(),
@@ -387,7 +406,7 @@ impl App {
             router,
             plain_router,
             connections,
-            pool,
+            pools,
             config,
             shutdown,
             embedded,
@@ -413,7 +432,7 @@ impl App {
 
     /// The REST pool (tests use it to write behind the API's back, like any other writer).
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        &self.pools.rest
     }
 
     /// Serves until the shutdown is triggered, then closes sessions (1001), waits up to the
@@ -425,7 +444,7 @@ impl App {
             router,
             plain_router,
             connections,
-            pool,
+            pools,
             config,
             shutdown,
             embedded,
@@ -476,7 +495,7 @@ impl App {
         if !shutdown.wait(left).await {
             tracing::warn!("some sessions did not finish within the grace period");
         }
-        pool.close().await;
+        pools.close().await;
         if let Some(cluster) = embedded {
             cluster.stop().await?;
         }

@@ -21,15 +21,17 @@
 //! [`Delivery::Reset`] from the distributor, and when a client resumes from a seq the database
 //! has never reached (its history was rewound).
 //!
-//! Imports `distributor` (outbox), `protocol` (encoding), `product`, `db::changelog`, and
-//! `metrics` (how each stream began: live, resume, snapshot, reset).
+//! Every history read goes through `db::HistoryReader` (the history pool behind a bounded
+//! queue); one it refuses ([`HistoryError::Busy`]) ends the stream like a failed read, and the
+//! transport tells the client to come back and resume.
+//!
+//! Imports `distributor` (outbox), `protocol` (encoding), `product`, `db` (the history reader),
+//! and `metrics` (how each stream began: live, resume, snapshot, reset).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use sqlx::PgPool;
-
-use crate::db::changelog::{self, ChangelogError};
+use crate::db::{HistoryError, HistoryReader};
 use crate::distributor::{Delivery, OutboxReceiver};
 use crate::metrics::{Metrics, StartKind};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
@@ -63,7 +65,7 @@ struct Replay {
 #[derive(Debug)]
 pub struct Feed {
     outbox: OutboxReceiver<Frame>,
-    pool: PgPool,
+    history: HistoryReader,
     pending: VecDeque<Delivery<Frame>>,
     replay: Option<Replay>,
     /// Per product: live changes at or below this seq were already covered for the client.
@@ -74,11 +76,11 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// A feed over a registered session's outbox, reading history from `pool`.
-    pub fn new(outbox: OutboxReceiver<Frame>, pool: PgPool, metrics: Metrics) -> Self {
+    /// A feed over a registered session's outbox, reading history through `history`.
+    pub fn new(outbox: OutboxReceiver<Frame>, history: HistoryReader, metrics: Metrics) -> Self {
         Self {
             outbox,
-            pool,
+            history,
             pending: VecDeque::new(),
             replay: None,
             floors: HashMap::new(),
@@ -119,7 +121,7 @@ impl Feed {
 
     /// Appends the next messages to `out`: one replay page, or what the pending outbox
     /// messages expand to (up to a batch, stopping where a replay begins).
-    pub async fn fill(&mut self, out: &mut Vec<Outgoing>) -> Result<(), ChangelogError> {
+    pub async fn fill(&mut self, out: &mut Vec<Outgoing>) -> Result<(), HistoryError> {
         if self.replay.is_some() {
             // Boxed, like `begin`: a database query's future is large, and held inline it would
             // sit in every idle session's task.
@@ -135,23 +137,20 @@ impl Feed {
     }
 
     /// Sends one page of the replay in progress, or a reset if retention got there first.
-    async fn replay_page(&mut self, out: &mut Vec<Outgoing>) -> Result<(), ChangelogError> {
+    async fn replay_page(&mut self, out: &mut Vec<Outgoing>) -> Result<(), HistoryError> {
         let Some(replay) = &mut self.replay else {
             return Ok(());
         };
         let page = match replay.conflated_from {
             None => {
-                changelog::for_products(&self.pool, &replay.products, replay.after, replay.upto)
+                self.history
+                    .for_products(&replay.products, replay.after, replay.upto)
                     .await?
             }
             Some(start) => {
-                changelog::latest_per_product(
-                    &self.pool,
-                    &replay.products,
-                    (start, replay.upto),
-                    replay.after,
-                )
-                .await?
+                self.history
+                    .latest_per_product(&replay.products, (start, replay.upto), replay.after)
+                    .await?
             }
         };
         if page.pruned_through > replay.after {
@@ -199,7 +198,7 @@ impl Feed {
         &mut self,
         delivery: Delivery<Frame>,
         out: &mut Vec<Outgoing>,
-    ) -> Result<(), ChangelogError> {
+    ) -> Result<(), HistoryError> {
         match delivery {
             Delivery::Change {
                 product,
@@ -281,11 +280,11 @@ impl Feed {
         position: Seq,
         start: SubscriptionStart,
         out: &mut Vec<Outgoing>,
-    ) -> Result<(), ChangelogError> {
+    ) -> Result<(), HistoryError> {
         let from = match start {
             SubscriptionStart::Live => position,
             SubscriptionStart::Since(since) => {
-                let changelog = changelog::position(&self.pool, since).await?;
+                let changelog = self.history.position(since).await?;
                 let cause = if since < changelog.pruned_through {
                     Some(ResetCause::Pruned {
                         pruned_through: changelog.pruned_through,
@@ -337,7 +336,7 @@ impl Feed {
         since: Seq,
         cause: ResetCause,
         out: &mut Vec<Outgoing>,
-    ) -> Result<(), ChangelogError> {
+    ) -> Result<(), HistoryError> {
         self.metrics.subscription_started(StartKind::Reset);
         out.push(message(protocol::encode_reset(products, since, cause)));
         let seq = self.snapshot(products, out).await?;
@@ -352,8 +351,8 @@ impl Feed {
         &mut self,
         products: &[ProductId],
         out: &mut Vec<Outgoing>,
-    ) -> Result<Seq, ChangelogError> {
-        let snapshot = changelog::snapshot(&self.pool, products).await?;
+    ) -> Result<Seq, HistoryError> {
+        let snapshot = self.history.snapshot(products).await?;
         let missing: Vec<ProductId> = products
             .iter()
             .copied()

@@ -1,5 +1,5 @@
 //! Operator endpoints: `/healthz` (the process answers), `/stats` (the distributor's counts,
-//! the LISTEN connection's state and the transport counters, as JSON), `/readyz` (may this
+//! the LISTEN connection's state, the history queue and the transport counters, as JSON), `/readyz` (may this
 //! instance take traffic?) and `/metrics` (Prometheus text), plus the middleware that times
 //! every HTTP request by route. Reads state through handles and status channels; changes
 //! nothing. The response bodies derive their OpenAPI schemas here, on the real types.
@@ -12,7 +12,8 @@
 //!
 //! Imports `metrics`, `distributor`, `listener` and `serve` (state copied into bodies and gauges
 //! at request time), `protocol` (the distributor's `Frame`), `product` (ids in `topProducts`),
-//! `db` (the readiness queries), `http_error`, and `shutdown` (the metrics upkeep task).
+//! `db` (the readiness queries on the REST pool, the history reader's counters), `http_error`,
+//! and `shutdown` (the metrics upkeep task).
 
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use tokio::time::Instant;
 
 use utoipa::ToSchema;
 
-use crate::db;
+use crate::db::{self, HistoryReader, HistoryStats};
 use crate::distributor::{DistributorHandle, Stats};
 use crate::listener::{ListenerStatus, ListenerWatch};
 use crate::metrics::Metrics;
@@ -63,6 +64,8 @@ pub(crate) struct StatsBody {
     #[serde(flatten)]
     distributor: Stats,
     listener: ListenerStatus,
+    /// Clients' replays and snapshots: the history pool and its queue.
+    history: HistoryStats,
     transport: TransportSnapshot,
     /// Changes dispatched per second, averaged over the last 5 s.
     changes_per_second: f64,
@@ -85,6 +88,7 @@ where
     S: Clone + Send + Sync + 'static,
     DistributorHandle<Frame>: FromRef<S>,
     ListenerWatch: FromRef<S>,
+    HistoryReader: FromRef<S>,
     TransportStats: FromRef<S>,
     Metrics: FromRef<S>,
 {
@@ -109,6 +113,7 @@ pub(crate) async fn healthz() -> Json<Health> {
 pub(crate) async fn stats(
     State(distributor): State<DistributorHandle<Frame>>,
     State(listener): State<ListenerWatch>,
+    State(history): State<HistoryReader>,
     State(transport): State<TransportStats>,
     State(metrics): State<Metrics>,
 ) -> Response {
@@ -121,6 +126,7 @@ pub(crate) async fn stats(
         Ok((distributor, top)) => Json(StatsBody {
             distributor,
             listener: *listener.borrow(),
+            history: history.stats(),
             transport: transport.snapshot(),
             changes_per_second: metrics.changes_per_second(),
             top_products: top
@@ -156,6 +162,7 @@ where
     S: Clone + Send + Sync + 'static,
     DistributorHandle<Frame>: FromRef<S>,
     ListenerWatch: FromRef<S>,
+    HistoryReader: FromRef<S>,
     Metrics: FromRef<S>,
 {
     Router::new().route("/metrics", get(metrics))
@@ -232,6 +239,7 @@ async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
 pub(crate) async fn metrics(
     State(distributor): State<DistributorHandle<Frame>>,
     State(listener): State<ListenerWatch>,
+    State(history): State<HistoryReader>,
     State(metrics): State<Metrics>,
 ) -> Response {
     if let Ok(stats) = distributor.stats().await {
@@ -281,6 +289,16 @@ pub(crate) async fn metrics(
     metrics
         .counter("rowcast_changes_received_total", &[("source", "changelog")])
         .absolute(listener.changes_read_from_changelog);
+    let history = history.stats();
+    metrics
+        .counter("rowcast_history_reads_refused_total", &[])
+        .absolute(history.busy_refusals);
+    metrics
+        .gauge("rowcast_history_reads_waiting", &[])
+        .set(history.waiting as f64);
+    metrics
+        .gauge("rowcast_history_reads_running", &[])
+        .set(history.reading as f64);
     // Seqs fit in 2^53 for the lifetime of any database, so the f64 gauge is exact.
     metrics
         .gauge("rowcast_last_seq", &[])

@@ -32,8 +32,12 @@
 //! busy distributor inbox. Changes read during the catch-up after a reconnect or at a health
 //! tick have no arrival time (`rowcast_changes_received_total{source="changelog"}` counts them).
 //!
+//! Its changelog reads run on the background pool (`db::Pools`), which no client can reach: a
+//! crowd of clients replaying history exhausts the history pool, never this task's connections,
+//! so their load cannot delay publishing or make the health check fail.
+//!
 //! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`, `metrics`, and
-//! `db::changelog` (the same reads clients' resumes use; its own LISTEN connection stays
+//! `db::changelog` (the same queries clients' resumes use; its own LISTEN connection stays
 //! tokio-postgres).
 
 use std::pin::pin;
@@ -125,6 +129,7 @@ pub struct Listener {
     config: tokio_postgres::Config,
     settings: ListenerSettings,
     distributor: DistributorHandle<Frame>,
+    /// The background pool: the changelog reads of catch-ups and history checks.
     pool: sqlx::PgPool,
     status: watch::Sender<ListenerStatus>,
     last_seq: Seq,
@@ -162,7 +167,8 @@ impl ConnectOptions {
 
 impl Listener {
     /// Prepares the task; nothing connects until [`Self::run`]. `last_seq` is the position the
-    /// distributor starts from: every change after it will be published.
+    /// distributor starts from: every change after it will be published. `pool` is the
+    /// background pool, where it reads the changelog.
     pub fn new(
         connect: ConnectOptions,
         settings: ListenerSettings,

@@ -12,8 +12,9 @@
 //!   transport, subscription starts by kind (live, resume, snapshot, reset), the commit→dispatch
 //!   lag histogram, REST request latency by route, method and status;
 //! - **copied at scrape time** from state that already has one owner (the distributor's `Stats`,
-//!   the listener's `ListenerStatus`) by `health::metrics`, with [`Metrics::counter`] /
-//!   [`Metrics::gauge`]: counting the same event twice in two places would let them disagree.
+//!   the listener's `ListenerStatus`, the history reader's `HistoryStats`) by `health::metrics`,
+//!   with [`Metrics::counter`] / [`Metrics::gauge`]: counting the same event twice in two places
+//!   would let them disagree.
 //!
 //! Imports nothing of ours.
 
@@ -243,7 +244,7 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 }
 
 /// Help lines. (`describe_counter` serves every kind: the recorder keeps one table.)
-const DESCRIPTIONS: [(&str, Option<Unit>, &str); 21] = [
+const DESCRIPTIONS: [(&str, Option<Unit>, &str); 24] = [
     (
         "rowcast_sessions",
         None,
@@ -343,6 +344,21 @@ const DESCRIPTIONS: [(&str, Option<Unit>, &str); 21] = [
         "rowcast_subscription_starts_total",
         None,
         "Subscriber streams begun, by kind: live, resume (since), snapshot, reset.",
+    ),
+    (
+        "rowcast_history_reads_refused_total",
+        None,
+        "Replay and snapshot reads refused because the history queue was full or no history connection came free in time (each ended a WebSocket with 1013 or an event stream with history_busy).",
+    ),
+    (
+        "rowcast_history_reads_waiting",
+        None,
+        "Replay and snapshot reads waiting for a history connection.",
+    ),
+    (
+        "rowcast_history_reads_running",
+        None,
+        "Replay and snapshot reads holding a history connection.",
     ),
     (
         "rowcast_changes_per_second",

@@ -5,6 +5,9 @@
 //! The loop lives here, not in `db`, so that `db` stays queries only: it knows nothing of
 //! schedules or of shutdown.
 //!
+//! It runs on the background pool (`db::Pools`), so pruning never waits behind clients' replays
+//! or REST requests, nor they behind it.
+//!
 //! Imports `db` (the prune query), `config` (the schedule) and `shutdown`.
 
 use sqlx::PgPool;
@@ -13,7 +16,8 @@ use crate::config::ChangelogSettings;
 use crate::db::changelog;
 use crate::shutdown::Shutdown;
 
-/// Runs retention every `settings.prune_interval` until shutdown.
+/// Runs retention on `pool` (the background pool) every `settings.prune_interval` until
+/// shutdown.
 pub async fn run(pool: PgPool, settings: ChangelogSettings, shutdown: Shutdown) {
     let mut tick = tokio::time::interval(settings.prune_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -13,8 +13,9 @@
 //! timeout (1008), oversized frame (1009), eviction as a slow client (1013), distributor gone
 //! (1011), or process shutdown (1001).
 //!
-//! Imports `protocol`, `distributor`, `feed` (what to write, in order), `config`, `shutdown`,
-//! `metrics` (messages and bytes written).
+//! Imports `protocol`, `distributor`, `feed` (what to write, in order), `db` (the history reader
+//! the feed reads through, and its errors), `config`, `shutdown`, `metrics` (messages and bytes
+//! written).
 
 use std::pin::pin;
 use std::time::Duration;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{Heartbeat, Limits};
+use crate::db::HistoryReader;
 use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
@@ -52,7 +54,7 @@ pub struct SessionState {
     /// Process shutdown; sessions are tracked by it.
     pub shutdown: Shutdown,
     /// Where replays and snapshots are read from.
-    pub pool: sqlx::PgPool,
+    pub history: HistoryReader,
     /// Where delivered messages and bytes are counted.
     pub metrics: Metrics,
 }
@@ -158,7 +160,7 @@ fn run(
         distributor,
         heartbeat,
         shutdown,
-        pool,
+        history,
         metrics,
         limits: _,
     } = state;
@@ -177,7 +179,7 @@ fn run(
         };
         let id = registration.id;
         let guard = SessionGuard::new(session.distributor.clone(), id);
-        let mut feed = Feed::new(registration.outbox, pool, session.metrics.clone());
+        let mut feed = Feed::new(registration.outbox, history, session.metrics.clone());
         let evicted = registration.evicted;
         // The peer address, never the request's query: tickets travel there.
         let span = tracing::info_span!(

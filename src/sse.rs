@@ -3,7 +3,8 @@
 //! each change with `id: <seq>`. A reconnecting `EventSource` sends `Last-Event-ID`, and the
 //! stream resumes after it with no gap and no duplicate (the same `Feed` as WebSockets).
 //!
-//! Imports `distributor` (subscriptions), `feed` (what to send, in order), `protocol` (`Frame`),
+//! Imports `distributor` (subscriptions), `feed` (what to send, in order), `db` (the history
+//! reader the feed reads through, and its errors), `protocol` (`Frame`, error messages),
 //! `product` (ids and seqs), `metrics` (events and bytes sent), `http_error` (400 bodies) and
 //! `shutdown`.
 
@@ -18,6 +19,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::HistoryReader;
 use crate::distributor::{DistributorHandle, SessionGuard};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
@@ -30,8 +32,8 @@ use crate::shutdown::Shutdown;
 pub struct SseState {
     /// Where subscriptions live.
     pub distributor: DistributorHandle<Frame>,
-    /// Where replays are read from.
-    pub pool: sqlx::PgPool,
+    /// Where replays and snapshots are read from.
+    pub history: HistoryReader,
     /// Ends streams on shutdown.
     pub shutdown: Shutdown,
     /// Per-connection subscription cap (same as WebSockets).
@@ -145,7 +147,7 @@ pub async fn events(
     let stream = EventStream {
         feed: Feed::new(
             registration.outbox,
-            state.pool.clone(),
+            state.history.clone(),
             state.metrics.clone(),
         ),
         metrics: state.metrics.clone(),

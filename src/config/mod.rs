@@ -19,6 +19,20 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_EMBEDDED_DATA_DIR: &str = "/var/tmp/rowcast";
 /// Enough for REST concurrency on a small machine; Postgres's default max_connections is 100.
 pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
+/// Replays and snapshots get a pool of their own. A replay page or a snapshot is one indexed
+/// read of milliseconds, so 4 connections serve hundreds of resumes a second (a reconnect storm
+/// after a restart drains in seconds), while REST keeps its 16 and an instance stays at 23 of
+/// Postgres's default 100 (with the 2 background connections and the LISTEN connection).
+pub const DEFAULT_DB_HISTORY_CONNECTIONS: u32 = 4;
+/// History reads that may wait for a connection or run at once: a reconnect storm of a few
+/// hundred clients (as many as `--max-concurrent-upgrades` lets in at once) queues, while a
+/// larger crowd is told at once to come back later (close 1013) instead of each holding a
+/// session and memory while it waits.
+pub const DEFAULT_DB_HISTORY_QUEUE: usize = 256;
+/// How long a history read waits for a connection, like REST's 5 s: a read takes milliseconds,
+/// so a wait this long means the history connections are stuck; the client is better told to
+/// come back later.
+pub const DEFAULT_DB_HISTORY_ACQUIRE_TIMEOUT: &str = "5s";
 /// Messages queued for one WebSocket before it counts as too slow: room for a burst of
 /// thousands of changes, while a stuck client costs at most this many shared frame handles.
 pub const DEFAULT_OUTBOX_CAPACITY: usize = 4096;
@@ -123,10 +137,14 @@ pub struct Config {
     #[arg(long, env = "ROWCAST_EMBEDDED_DATA_DIR", default_value = DEFAULT_EMBEDDED_DATA_DIR)]
     pub embedded_data_dir: PathBuf,
 
-    /// Size of the REST connection pool.
+    /// Size of the REST connection pool (REST requests and /readyz).
     #[arg(long, env = "ROWCAST_DB_MAX_CONNECTIONS", default_value_t = DEFAULT_DB_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub db_max_connections: u32,
+
+    /// The history pool: clients' replays and snapshots.
+    #[command(flatten)]
+    pub history: HistorySettings,
 
     /// Per-session limits.
     #[command(flatten)]
@@ -216,6 +234,30 @@ pub struct Limits {
     #[arg(long, env = "ROWCAST_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES,
           value_parser = parse_positive)]
     pub max_body_bytes: usize,
+}
+
+/// The pool clients' replays (`since`, gaps) and snapshots read from, and the bounded queue in
+/// front of it; REST and the background tasks have pools of their own.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct HistorySettings {
+    /// Size of the history connection pool.
+    #[arg(long = "db-history-connections", env = "ROWCAST_DB_HISTORY_CONNECTIONS",
+          default_value_t = DEFAULT_DB_HISTORY_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub connections: u32,
+
+    /// History reads that may wait for a connection or hold one at once; one more is refused
+    /// at once (WebSocket close 1013, SSE `history_busy`). Below --db-history-connections,
+    /// connections beyond it stay unused.
+    #[arg(long = "db-history-queue", env = "ROWCAST_DB_HISTORY_QUEUE",
+          default_value_t = DEFAULT_DB_HISTORY_QUEUE, value_parser = parse_positive)]
+    pub queue: usize,
+
+    /// How long a history read waits for a connection before it is refused like one that found
+    /// the queue full.
+    #[arg(long = "db-history-acquire-timeout", env = "ROWCAST_DB_HISTORY_ACQUIRE_TIMEOUT",
+          default_value = DEFAULT_DB_HISTORY_ACQUIRE_TIMEOUT, value_parser = parse_duration)]
+    pub acquire_timeout: Duration,
 }
 
 /// Server-side pings that keep connections open and detect dead peers.
@@ -473,73 +515,4 @@ fn parse_positive(text: &str) -> Result<usize, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("rowcast").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn defaults_parse_and_match_the_documented_values() {
-        let cli = parse(&[]).unwrap();
-        assert!(cli.command.is_none());
-        assert_eq!(cli.config.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(cli.config.heartbeat.interval, Duration::from_secs(30));
-        assert_eq!(cli.config.limits.max_frame_bytes, 256 * 1024);
-    }
-
-    #[test]
-    fn durations_accept_units_and_refuse_nonsense() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
-        for bad in ["", "0s", "fast", "5 parsecs", "-1s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn bad_values_are_reported_with_the_flag_name() {
-        let err = parse(&["--outbox-capacity", "0"]).unwrap_err().to_string();
-        assert!(
-            err.contains("--outbox-capacity") && err.contains("at least 1"),
-            "{err}"
-        );
-        let err = parse(&["--listen", "localhost"]).unwrap_err().to_string();
-        assert!(err.contains("--listen"), "{err}");
-        assert!(parse(&["migrate"]).unwrap().command.is_some());
-    }
-
-    #[test]
-    fn transport_defaults_keep_plain_http_only_and_exempt_loopback() {
-        let cli = parse(&[]).unwrap();
-        assert!(!cli.config.tls.enabled());
-        assert_eq!(cli.config.tls.listen.to_string(), DEFAULT_TLS_LISTEN);
-        assert!(cli.config.access.api_token.is_none());
-        let exempt = &cli.config.hardening.per_ip_limit_exempt;
-        assert!(
-            exempt
-                .iter()
-                .any(|net| net.contains("127.0.0.9".parse().unwrap()))
-        );
-        assert!(
-            exempt
-                .iter()
-                .any(|net| net.contains("::1".parse().unwrap()))
-        );
-        assert!(
-            !exempt
-                .iter()
-                .any(|net| net.contains("10.0.0.1".parse().unwrap()))
-        );
-        let none = parse(&["--per-ip-limit-exempt"]).unwrap();
-        assert!(none.config.hardening.per_ip_limit_exempt.is_empty());
-        let token = parse(&["--api-token", "0123456789abcdef"]).unwrap();
-        assert_eq!(
-            format!("{:?}", token.config.access.api_token),
-            "Some(Secret(..))"
-        );
-    }
-}
+mod tests;

@@ -1,10 +1,13 @@
-//! Database access for the REST side: the connection pool, migrations, and the product queries
-//! (`products`). The private cluster used when no `DATABASE_URL` is given is the
-//! `rowcast-embedded-postgres` crate (`crates/embedded-postgres`), started by `app`. Imports
-//! `product` only (callers pass plain values, not `config`); knows nothing of sessions, the
-//! distributor, schedules or shutdown (`retention` runs the prune query).
+//! Database access: the connection pools ([`Pools`]: one per kind of work, so that none can
+//! starve another), migrations, the product queries (`products`), the changelog queries
+//! (`changelog`) and the bounded queue clients' history reads wait in (`history`). The private
+//! cluster used when no `DATABASE_URL` is given is the `rowcast-embedded-postgres` crate
+//! (`crates/embedded-postgres`), started by `app`. Imports `product` only (callers pass plain
+//! values such as [`PoolSizes`], not `config`); knows nothing of sessions, the distributor,
+//! schedules or shutdown (`retention` runs the prune query).
 
 pub mod changelog;
+pub mod history;
 pub mod products;
 
 use std::str::FromStr;
@@ -13,8 +16,19 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+pub use history::{Busy, HistoryError, HistoryReader, HistoryStats};
+
 /// The migrations in `migrations/`, embedded at build time (`build.rs` reruns on changes).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How long REST requests and background tasks wait for a pooled connection. A query of theirs
+/// takes milliseconds, so 5 s of waiting means the pool is stuck; failing then beats queueing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections of the background pool: the listener's catch-up and history checks, and the
+/// retention task. Each of the two runs one query at a time, so with one connection each
+/// neither ever waits for the other, and no client can reach this pool.
+pub const BACKGROUND_CONNECTIONS: u32 = 2;
 
 /// Failures talking to the database outside a request.
 #[derive(Debug, thiserror::Error)]
@@ -30,15 +44,88 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
-/// Opens the REST connection pool; fails fast if the database cannot be reached.
+/// How large each pool is; plain values, so that `db` needs no `config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSizes {
+    /// REST requests and `/readyz`.
+    pub rest: u32,
+    /// Clients' replays and snapshots.
+    pub history: u32,
+    /// History reads that may wait for a connection or hold one at once; more are refused.
+    pub history_queue: usize,
+    /// How long a history read waits for a connection before it is refused.
+    pub history_acquire_timeout: Duration,
+}
+
+/// The database connections of one rowcast, in three pools so that no kind of work can take
+/// another's connections: clients re-subscribing with `since` in a loop exhaust the history
+/// pool, not REST, and neither can delay the listener, whose catch-up decides how soon every
+/// subscriber sees a change. Each part of the app is handed only the pool it uses. Each pool
+/// has its own `application_name` (`rowcast`, `rowcast-history`, `rowcast-background`), so
+/// `pg_stat_activity` shows which kind of work holds a connection.
+#[derive(Debug, Clone)]
+pub struct Pools {
+    /// REST requests and `/readyz` (which answers "can this instance serve REST").
+    pub rest: PgPool,
+    /// Clients' replays and snapshots, behind a bounded queue.
+    pub history: HistoryReader,
+    /// The listener's changelog reads and retention ([`BACKGROUND_CONNECTIONS`]).
+    pub background: PgPool,
+}
+
+impl Pools {
+    /// Opens every pool; fails fast if the database cannot be reached.
+    pub async fn connect(url: &str, sizes: PoolSizes) -> Result<Self, DbError> {
+        let options = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
+        let rest = open(options.clone(), "rowcast", sizes.rest, ACQUIRE_TIMEOUT).await?;
+        let history = open(
+            options.clone(),
+            "rowcast-history",
+            sizes.history,
+            sizes.history_acquire_timeout,
+        )
+        .await?;
+        let background = open(
+            options,
+            "rowcast-background",
+            BACKGROUND_CONNECTIONS,
+            ACQUIRE_TIMEOUT,
+        )
+        .await?;
+        Ok(Self {
+            rest,
+            history: HistoryReader::new(history, sizes.history, sizes.history_queue),
+            background,
+        })
+    }
+
+    /// Closes every pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        tokio::join!(
+            self.rest.close(),
+            self.history.close(),
+            self.background.close()
+        );
+    }
+}
+
+/// Opens one pool of `max_connections` (the embedded cluster's setup and `rowcast migrate` use
+/// one connection); fails fast if the database cannot be reached.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let options = PgConnectOptions::from_str(url)
-        .map_err(DbError::InvalidUrl)?
-        .application_name("rowcast");
+    let options = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
+    open(options, "rowcast", max_connections, ACQUIRE_TIMEOUT).await
+}
+
+async fn open(
+    options: PgConnectOptions,
+    application_name: &str,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> Result<PgPool, DbError> {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
+        .acquire_timeout(acquire_timeout)
+        .connect_with(options.application_name(application_name))
         .await
         .map_err(DbError::Connect)
 }
