@@ -10,8 +10,9 @@
 //!
 //! The session registers with the distributor on start and sends `disconnect` exactly once on
 //! exit (a drop guard covers panics and cancellation). It ends on: client close, heartbeat
-//! timeout (1008), oversized frame (1009), eviction as a slow client (1013), distributor gone
-//! (1011), or process shutdown (1001).
+//! timeout (1008), oversized frame (1009), eviction as a slow client (1013), a replay or
+//! snapshot refused because the change history is busy (1013: the client resumes later), a
+//! failed history read or distributor gone (1011), or process shutdown (1001).
 //!
 //! Imports `protocol`, `distributor`, `feed` (what to write, in order), `db` (the history reader
 //! the feed reads through, and its errors), `config`, `shutdown`, `metrics` (messages and bytes
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{Heartbeat, Limits};
-use crate::db::HistoryReader;
+use crate::db::{HistoryError, HistoryReader};
 use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
@@ -104,6 +105,9 @@ enum SessionEnd {
     HeartbeatTimeout,
     /// The client sent a frame over the size limit.
     FrameTooBig,
+    /// A replay or snapshot got no turn at the change history (its queue was full, or no
+    /// connection came free in time); nothing was read, so the client can resume.
+    HistoryBusy,
     /// A replay or snapshot could not be read.
     ChangelogUnreadable,
     /// The client closed, or the connection failed while reading.
@@ -124,6 +128,7 @@ impl SessionEnd {
             Self::DistributorGone => (CloseCode::Internal, "server is stopping"),
             Self::HeartbeatTimeout => (CloseCode::Policy, "no pong within the heartbeat timeout"),
             Self::FrameTooBig => (CloseCode::TooBig, "message larger than the server accepts"),
+            Self::HistoryBusy => (CloseCode::TryAgainLater, protocol::HISTORY_BUSY),
             Self::ChangelogUnreadable => (
                 CloseCode::Internal,
                 "could not read the change history; reconnect and resume",
@@ -140,6 +145,7 @@ impl SessionEnd {
             Self::DistributorGone => "distributor gone",
             Self::HeartbeatTimeout => "heartbeat timeout",
             Self::FrameTooBig => "frame too big",
+            Self::HistoryBusy => "history busy",
             Self::ChangelogUnreadable => "changelog read failed",
             Self::PeerClosed => "peer closed",
             Self::WriteFailed => "write failed",
@@ -362,9 +368,18 @@ impl Session {
         evicted: &CancellationToken,
     ) -> Result<(), SessionEnd> {
         messages.clear();
-        if let Err(err) = feed.fill(messages).await {
-            tracing::error!(cause = %err, "cannot read the changelog for a replay or snapshot");
-            return Err(SessionEnd::ChangelogUnreadable);
+        match feed.fill(messages).await {
+            Ok(()) => {}
+            // Load, not a fault: counted in /stats and /metrics rather than logged per client,
+            // since a reconnect storm refuses hundreds at once.
+            Err(HistoryError::Busy(busy)) => {
+                tracing::debug!(cause = %busy, "replay or snapshot refused: history busy");
+                return Err(SessionEnd::HistoryBusy);
+            }
+            Err(err @ HistoryError::Changelog(_)) => {
+                tracing::error!(cause = %err, "cannot read the changelog for a replay or snapshot");
+                return Err(SessionEnd::ChangelogUnreadable);
+            }
         }
         let window = self.write_window();
         let count = messages.len();

@@ -3,6 +3,10 @@
 //! each change with `id: <seq>`. A reconnecting `EventSource` sends `Last-Event-ID`, and the
 //! stream resumes after it with no gap and no duplicate (the same `Feed` as WebSockets).
 //!
+//! A stream whose replay or snapshot finds the change history busy gets one `history_busy`
+//! error message and ends: the browser's `EventSource` reconnects by itself (after its retry
+//! delay) and resumes after `Last-Event-ID`, as after any dropped stream.
+//!
 //! Imports `distributor` (subscriptions), `feed` (what to send, in order), `db` (the history
 //! reader the feed reads through, and its errors), `protocol` (`Frame`, error messages),
 //! `product` (ids and seqs), `metrics` (events and bytes sent), `http_error` (400 bodies) and
@@ -19,12 +23,12 @@ use futures_util::Stream;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::HistoryReader;
+use crate::db::{HistoryError, HistoryReader};
 use crate::distributor::{DistributorHandle, SessionGuard};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
 use crate::product::{ProductId, Seq, SubscriptionStart};
-use crate::protocol::Frame;
+use crate::protocol::{self, ErrorCode, Frame};
 use crate::shutdown::Shutdown;
 
 /// What the SSE handler needs.
@@ -154,6 +158,7 @@ pub async fn events(
         evicted: registration.evicted,
         shutdown: state.shutdown.clone(),
         queue: VecDeque::new(),
+        ended: false,
         _guard: guard,
     };
     Sse::new(stream.into_stream())
@@ -166,6 +171,8 @@ struct EventStream {
     evicted: CancellationToken,
     shutdown: Shutdown,
     queue: VecDeque<Outgoing>,
+    /// The last event was sent: the stream ends at the next poll.
+    ended: bool,
     metrics: Metrics,
     /// Disconnects from the distributor when the client goes away and the stream is dropped.
     _guard: SessionGuard<Frame>,
@@ -180,6 +187,9 @@ impl EventStream {
     }
 
     async fn next_event(&mut self) -> Option<Event> {
+        if self.ended {
+            return None;
+        }
         loop {
             if let Some(outgoing) = self.queue.pop_front() {
                 self.metrics
@@ -192,9 +202,23 @@ impl EventStream {
             }
             if self.feed.has_pending() {
                 let mut batch = Vec::new();
-                if let Err(err) = self.feed.fill(&mut batch).await {
-                    tracing::error!(cause = %err, "cannot read the changelog for an event stream");
-                    return None;
+                match self.feed.fill(&mut batch).await {
+                    Ok(()) => {}
+                    // Load, not a fault: counted in /stats and /metrics, not logged per client.
+                    Err(HistoryError::Busy(busy)) => {
+                        tracing::debug!(cause = %busy, "event stream refused: history busy");
+                        // What the batch held before the refusal is dropped with it: the
+                        // client resumes after the last change it got, which precedes all of it.
+                        self.ended = true;
+                        let text =
+                            protocol::encode_error(ErrorCode::HistoryBusy, protocol::HISTORY_BUSY);
+                        self.metrics.delivered(Transport::Sse, 1, text.len());
+                        return Some(Event::default().data(text));
+                    }
+                    Err(err @ HistoryError::Changelog(_)) => {
+                        tracing::error!(cause = %err, "cannot read the changelog for an event stream");
+                        return None;
+                    }
                 }
                 self.queue.extend(batch);
                 continue;

@@ -24,6 +24,10 @@ use crate::product::{Change, Product, ProductId, ResetCause, Seq, SubscriptionSt
 /// without copying; SSE reads it as a `&str`.
 pub type Frame = axum::extract::ws::Utf8Bytes;
 
+/// What a client whose replay or snapshot found the change history busy is told: the reason of
+/// its 1013 close frame (WebSocket), the message of its `history_busy` error (SSE).
+pub const HISTORY_BUSY: &str = "change history is busy; reconnect and resume";
+
 /// The WebSocket close codes rowcast sends: one closed table. `docs/protocol.md` lists the same
 /// codes (a test compares them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +43,11 @@ pub enum CloseCode {
     /// 1011 Internal Error: the server could not serve the session (its distributor stopped, or
     /// the change history could not be read). Reconnect with backoff.
     Internal,
-    /// 1013 Try Again Later: the client read too slowly and its queue overflowed, so it was
-    /// disconnected to protect everyone else. Reconnect and read faster.
+    /// 1013 Try Again Later: the server shed this session to protect everyone else. Either the
+    /// client read too slowly and its queue overflowed (reconnect and read faster), or its
+    /// replay or snapshot found the change history busy — too many being read at once — with
+    /// the reason [`HISTORY_BUSY`] (reconnect with backoff and resume with `since`: nothing
+    /// is lost).
     TryAgainLater,
 }
 
@@ -68,7 +75,7 @@ impl CloseCode {
 
 /// Machine-readable error codes in `{"type":"error"}` messages: one closed table, also listed in
 /// `docs/protocol.md` (a test compares them). The connection stays open and keeps its
-/// subscriptions after each of them.
+/// subscriptions after each of them, except [`Self::HistoryBusy`], which ends an event stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     /// The frame is not valid JSON.
@@ -83,17 +90,23 @@ pub enum ErrorCode {
     BinaryFrame,
     /// Applying the subscribe would exceed the per-connection cap; nothing was applied.
     TooManySubscriptions,
+    /// SSE only: the stream's replay or snapshot found the change history busy (too many being
+    /// read at once), and the stream ends after this message. `EventSource` reconnects by
+    /// itself and resumes after `Last-Event-ID`, so nothing is lost. (A WebSocket is closed with
+    /// 1013 instead.)
+    HistoryBusy,
 }
 
 impl ErrorCode {
     /// Every code, for documentation checks.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::MalformedJson,
         Self::UnknownCommand,
         Self::InvalidCommand,
         Self::InvalidProductId,
         Self::BinaryFrame,
         Self::TooManySubscriptions,
+        Self::HistoryBusy,
     ];
 
     /// The code on the wire.
@@ -105,6 +118,7 @@ impl ErrorCode {
             Self::InvalidProductId => "invalid_product_id",
             Self::BinaryFrame => "binary_frame",
             Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::HistoryBusy => "history_busy",
         }
     }
 }
