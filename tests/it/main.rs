@@ -12,6 +12,7 @@ mod browser;
 mod delivery;
 mod faults;
 mod integrity;
+mod isolation;
 mod listener_recovery;
 mod observability;
 mod ordering;

@@ -49,6 +49,27 @@ impl SseClient {
             .expect("an event arrives in time")
     }
 
+    /// Asserts that the server ends the stream (within the arrival bound) with no more events.
+    pub async fn expect_end(&mut self) {
+        let deadline = tokio::time::Instant::now() + ARRIVAL;
+        loop {
+            assert!(
+                !self.buffer.contains("data:"),
+                "expected the stream to end, got more: {:?}",
+                self.buffer
+            );
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .expect("the server ends the stream in time");
+            match chunk {
+                Ok(Some(chunk)) => self
+                    .buffer
+                    .push_str(std::str::from_utf8(&chunk).expect("UTF-8 stream")),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
     pub async fn try_next_event(&mut self, limit: Duration) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {

@@ -183,13 +183,19 @@ impl WsClient {
     /// Reads until the server closes; returns the close code (None if the TCP connection ended
     /// without a close frame).
     pub async fn close_code(&mut self) -> Option<u16> {
+        self.close_frame().await.map(|(code, _)| code)
+    }
+
+    /// Reads until the server closes; returns the close code and reason (None if the TCP
+    /// connection ended without a close frame).
+    pub async fn close_frame(&mut self) -> Option<(u16, String)> {
         loop {
             match tokio::time::timeout(ARRIVAL, self.socket.next())
                 .await
                 .expect("the server closes in time")
             {
                 Some(Ok(Message::Close(frame))) => {
-                    return frame.map(|frame| u16::from(frame.code));
+                    return frame.map(|frame| (u16::from(frame.code), frame.reason.to_string()));
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => return None,
