@@ -83,17 +83,25 @@ pub enum ErrorCode {
     BinaryFrame,
     /// Applying the subscribe would exceed the per-connection cap; nothing was applied.
     TooManySubscriptions,
+    /// Applying the subscribe would exceed the subscriptions all connections from the client's
+    /// address may hold together; nothing was applied.
+    AddressSubscriptionBudget,
+    /// Applying the subscribe would exceed the subscriptions the server holds for everyone;
+    /// nothing was applied.
+    ServerSubscriptionBudget,
 }
 
 impl ErrorCode {
     /// Every code, for documentation checks.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::MalformedJson,
         Self::UnknownCommand,
         Self::InvalidCommand,
         Self::InvalidProductId,
         Self::BinaryFrame,
         Self::TooManySubscriptions,
+        Self::AddressSubscriptionBudget,
+        Self::ServerSubscriptionBudget,
     ];
 
     /// The code on the wire.
@@ -105,6 +113,8 @@ impl ErrorCode {
             Self::InvalidProductId => "invalid_product_id",
             Self::BinaryFrame => "binary_frame",
             Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::AddressSubscriptionBudget => "address_subscription_budget",
+            Self::ServerSubscriptionBudget => "server_subscription_budget",
         }
     }
 }
