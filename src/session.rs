@@ -16,8 +16,9 @@
 //! (1011), or process shutdown (1001).
 //!
 //! Commands are paced ([`CommandPace`]): past `--command-burst`, a session reads the next client
-//! frame only when `--command-rate` allows, so a flood reaches the distributor at that pace and
-//! the rest waits in the flooder's own socket buffers. Nothing is dropped.
+//! frame only when `--command-rate` allows (a frame costs one command per started KiB), so a
+//! flood reaches the distributor at that pace and the rest waits in the flooder's own socket
+//! buffers. Nothing is dropped.
 //!
 //! Imports `protocol`, `distributor`, `feed` (what to write, in order), `config`, `shutdown`,
 //! `metrics` (messages and bytes written), `http_error` (refusals).
@@ -156,9 +157,13 @@ impl CommandPace {
         (earliest > now).then_some(earliest)
     }
 
-    /// Counts one command read at `now`.
-    fn spend(&mut self, now: Instant) {
-        self.theoretical_arrival = self.theoretical_arrival.max(now) + self.interval;
+    /// Counts a client frame of `bytes` read at `now`: one command per started KiB, so a
+    /// frame of 10 000 ids costs what 80 small commands do (its parsing and the distributor's
+    /// work grow with its size).
+    fn spend(&mut self, now: Instant, bytes: usize) {
+        let units = u32::try_from(1 + bytes / 1024).unwrap_or(u32::MAX);
+        self.theoretical_arrival =
+            self.theoretical_arrival.max(now) + self.interval.saturating_mul(units);
     }
 }
 
@@ -407,8 +412,10 @@ impl Session {
         id: SessionId,
         frame: Option<Result<Message, axum::Error>>,
     ) -> Reply {
-        if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &frame {
-            self.pace.spend(Instant::now());
+        match &frame {
+            Some(Ok(Message::Text(text))) => self.pace.spend(Instant::now(), text.len()),
+            Some(Ok(Message::Binary(data))) => self.pace.spend(Instant::now(), data.len()),
+            _ => {}
         }
         match frame {
             Some(Ok(Message::Text(text))) => match ClientCommand::parse(text.as_str()) {
@@ -503,5 +510,45 @@ impl Session {
             self.socket.close().await
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pace(rate: u32, burst: u32) -> CommandPace {
+        CommandPace::new(&Budgets {
+            max_sessions: 1,
+            max_sessions_per_ip: 1,
+            max_total_subscriptions: 1,
+            max_subscriptions_per_ip: 1,
+            command_rate: rate,
+            command_burst: burst,
+        })
+    }
+
+    #[test]
+    fn the_pace_allows_a_burst_then_the_rate_and_charges_large_frames_by_size() {
+        let mut pace = pace(10, 3);
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(pace.wait_until(start), None, "within the burst");
+            pace.spend(start, 20);
+        }
+        let next = pace.wait_until(start).expect("the burst is spent");
+        assert_eq!(next - start, Duration::from_millis(100), "one interval");
+        assert_eq!(pace.wait_until(next), None);
+        // A 10 KiB frame costs 11 commands: 1.1 s before the next one.
+        pace.spend(next, 10 * 1024);
+        let after_large = pace.wait_until(next).expect("paced");
+        assert_eq!(after_large - next, Duration::from_millis(1100));
+        // Idle time refills the burst, never beyond it.
+        let later = after_large + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(pace.wait_until(later), None);
+            pace.spend(later, 1);
+        }
+        assert!(pace.wait_until(later).is_some());
     }
 }

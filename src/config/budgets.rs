@@ -56,8 +56,8 @@ pub struct Budgets {
           default_value_t = DEFAULT_MAX_SUBSCRIPTIONS_PER_IP, value_parser = parse_positive)]
     pub max_subscriptions_per_ip: usize,
 
-    /// Commands per second one session may send on average; faster senders are read more
-    /// slowly (nothing is dropped).
+    /// Commands per second one session may send on average, each started KiB of a frame
+    /// counting as one; faster senders are read more slowly (nothing is dropped).
     #[arg(long, env = "ROWCAST_COMMAND_RATE", default_value_t = DEFAULT_COMMAND_RATE,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub command_rate: u32,
