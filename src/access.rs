@@ -15,6 +15,11 @@
 //!   before the upgrade. Tickets are stored as SHA-256 digests and never logged: request spans
 //!   carry the path, not the query ([`request_span`]).
 //!
+//! - **Operator token** (optional, `--ops-token`): `/stats` and `/metrics` then need
+//!   `Authorization: Bearer <ops token>`, whatever `--auth-reads` says, so dashboards and
+//!   scrapers get their own credential and the public cannot read (or hammer) them. Without it
+//!   they are reads like any other.
+//!
 //! Health checks (`/healthz`, `/readyz`) are never guarded: load balancers probe them without
 //! credentials.
 //! Imports `config` and `http_error`.
@@ -118,6 +123,8 @@ struct Inner {
     /// SHA-256 of the token, when one is configured.
     token: Option<[u8; 32]>,
     auth_reads: bool,
+    /// SHA-256 of the operator token, when one is configured.
+    ops_token: Option<[u8; 32]>,
     tickets: Tickets,
 }
 
@@ -145,6 +152,10 @@ impl Access {
             allowed_origins: settings.allowed_origins.clone(),
             token: token.map(|token| sha256(token.expose().as_bytes())),
             auth_reads: settings.auth_reads,
+            ops_token: settings
+                .ops_token
+                .as_ref()
+                .map(|token| sha256(token.expose().as_bytes())),
             tickets: Tickets {
                 ttl: settings.ws_ticket_ttl,
                 issued: Mutex::new(HashMap::new()),
@@ -164,21 +175,9 @@ impl Access {
 
     /// Checks `Authorization: Bearer <token>`.
     fn check_token(&self, headers: &HeaderMap) -> Result<(), Denied> {
-        let Some(expected) = &self.0.token else {
-            return Ok(());
-        };
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| {
-                let (scheme, token) = value.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
-            .ok_or(Denied::MissingToken)?;
-        if bool::from(sha256(presented.as_bytes()).ct_eq(expected)) {
-            Ok(())
-        } else {
-            Err(Denied::WrongToken)
+        match &self.0.token {
+            Some(expected) => check_bearer(headers, expected),
+            None => Ok(()),
         }
     }
 
@@ -213,6 +212,23 @@ impl Access {
             None if self.0.auth_reads => self.check_token(request.headers()),
             None => Ok(()),
         }
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` against the token's SHA-256, in constant time.
+fn check_bearer(headers: &HeaderMap, expected: &[u8; 32]) -> Result<(), Denied> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            let (scheme, token) = value.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .ok_or(Denied::MissingToken)?;
+    if bool::from(sha256(presented.as_bytes()).ct_eq(expected)) {
+        Ok(())
+    } else {
+        Err(Denied::WrongToken)
     }
 }
 
@@ -305,6 +321,22 @@ pub async fn guard_requests(
         }
     }
     next.run(request).await
+}
+
+/// Middleware for the operator routes (`/stats`, `/metrics`): with `--ops-token`, that token
+/// is required; without it they are guarded like any other read ([`guard_requests`]).
+pub async fn guard_operations(
+    State(access): State<Access>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &access.0.ops_token {
+        Some(expected) => match check_bearer(request.headers(), expected) {
+            Ok(()) => next.run(request).await,
+            Err(denied) => denied.into_response(),
+        },
+        None => guard_requests(State(access), request, next).await,
+    }
 }
 
 /// `POST /ws-ticket`: a single-use ticket for `/websocket?ticket=…`.

@@ -22,11 +22,11 @@ use tracing::Instrument;
 
 use crate::access::{self, Access};
 use crate::api;
-use crate::config::{Config, Heartbeat, Limits, TlsSettings};
+use crate::config::{Budgets, Config, Heartbeat, Limits, TlsSettings};
 use crate::db::{self, HistoryReader, PoolSizes, Pools, changelog};
 use crate::distributor::DistributorHandle;
 use crate::hardening;
-use crate::health;
+use crate::health::{self, ViewsCache};
 use crate::listener::{ConnectOptions, Listener, ListenerWatch};
 use crate::memory;
 use crate::metrics::Metrics;
@@ -54,6 +54,8 @@ pub struct AppState {
     history: HistoryReader,
     /// Where subscriptions live.
     distributor: DistributorHandle<Frame>,
+    /// The distributor's walked views, asked for at most once a second.
+    views: ViewsCache,
     /// The LISTEN task's latest status.
     listener: ListenerWatch,
     /// Connection counters (open, refused, timeouts, WebSockets by HTTP version).
@@ -64,8 +66,17 @@ pub struct AppState {
     shutdown: Shutdown,
     /// Per-session limits.
     limits: Limits,
+    /// Budgets (sessions use the command rate).
+    budgets: Budgets,
     /// Ping cadence and patience.
     heartbeat: Heartbeat,
+}
+
+/// `/stats` and `/metrics`.
+impl FromRef<AppState> for ViewsCache {
+    fn from_ref(state: &AppState) -> Self {
+        state.views.clone()
+    }
 }
 
 /// The REST handlers and `/readyz`.
@@ -116,6 +127,7 @@ impl FromRef<AppState> for SessionState {
         Self {
             distributor: state.distributor.clone(),
             limits: state.limits,
+            budgets: state.budgets,
             heartbeat: state.heartbeat,
             shutdown: state.shutdown.clone(),
             history: state.history.clone(),
@@ -242,7 +254,12 @@ impl Start {
             reload,
             transport,
         } = self;
-        let distributor = DistributorHandle::<Frame>::spawn(config.limits, position);
+        let distributor = DistributorHandle::<Frame>::spawn(
+            config.limits,
+            config.budgets,
+            config.hardening.per_ip_limit_exempt.clone(),
+            position,
+        );
         // This App's own registry: nothing global, so in-process instances never mix numbers.
         let metrics = Metrics::new();
         let (listener, listener_status) = Listener::new(
@@ -281,11 +298,13 @@ impl Start {
             pool: pools.rest,
             history: pools.history,
             distributor,
+            views: ViewsCache::default(),
             listener: listener_status,
             transport,
             metrics,
             shutdown: shutdown.clone(),
             limits: config.limits,
+            budgets: config.budgets,
             heartbeat: config.heartbeat,
         }
     }
@@ -301,10 +320,12 @@ fn router(state: AppState, access: &Access, config: &Config) -> Router {
         api::router(config.limits.max_body_bytes),
         hardening.max_concurrent_requests,
     )
-    .merge(health::stats_router())
-    // Guarded like any read: with `--auth-reads`, the scraper sends the token.
-    .merge(health::metrics_router())
     .route_layer(from_fn_with_state(access.clone(), access::guard_requests));
+    // With `--ops-token`, only dashboards and scrapers holding it; else like any read.
+    let operations = Router::new()
+        .merge(health::stats_router())
+        .merge(health::metrics_router())
+        .route_layer(from_fn_with_state(access.clone(), access::guard_operations));
     let websocket = hardening::limit_concurrency(
         // `any`: HTTP/2 WebSockets arrive as CONNECT (RFC 8441), HTTP/1.1 ones as GET.
         Router::new().route("/websocket", any(session::upgrade)),
@@ -319,9 +340,11 @@ fn router(state: AppState, access: &Access, config: &Config) -> Router {
         ));
     let router = Router::new()
         .merge(rest)
+        .merge(operations)
         .merge(websocket)
         .merge(events)
-        // Probes never carry credentials, like `/healthz`.
+        // Probes never carry credentials.
+        .merge(health::liveness_router())
         .merge(health::readiness_router())
         .with_state(state)
         .merge(access.routes())

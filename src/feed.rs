@@ -32,7 +32,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use crate::db::{HistoryError, HistoryReader};
-use crate::distributor::{Delivery, OutboxReceiver};
+use crate::distributor::{Budget, Delivery, OutboxReceiver};
 use crate::metrics::{Metrics, StartKind};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
 use crate::protocol::{self, ErrorCode, Frame};
@@ -261,14 +261,27 @@ impl Feed {
                 position: _,
                 cause,
             } => Box::pin(self.reset(&products, since, cause, out)).await?,
-            Delivery::Refused(over) => out.push(message(protocol::encode_error(
-                ErrorCode::TooManySubscriptions,
-                &format!(
-                    "subscribing to {} more products would exceed the limit of {} per connection \
-                     (this connection has {}); nothing was subscribed",
-                    over.requested, over.limit, over.current
-                ),
-            ))),
+            Delivery::Refused(over) => {
+                let (code, holder) = match over.budget {
+                    Budget::Connection => (ErrorCode::TooManySubscriptions, "per connection"),
+                    Budget::Address => (
+                        ErrorCode::AddressSubscriptionBudget,
+                        "for all connections from your address",
+                    ),
+                    Budget::Server => (
+                        ErrorCode::ServerSubscriptionBudget,
+                        "for all clients of this server",
+                    ),
+                };
+                out.push(message(protocol::encode_error(
+                    code,
+                    &format!(
+                        "subscribing to {} more products would exceed the limit of {} {holder} \
+                         ({} held now); nothing was subscribed",
+                        over.requested, over.limit, over.current
+                    ),
+                )));
+            }
         }
         Ok(())
     }

@@ -4,6 +4,11 @@
 //! every HTTP request by route. Reads state through handles and status channels; changes
 //! nothing. The response bodies derive their OpenAPI schemas here, on the real types.
 //!
+//! `/stats` and `/metrics` cost the distributor nothing per request, however often they are
+//! asked (a dashboard per operator, a scraper, or an attacker): its running totals are atomics,
+//! and the two views that walk its maps (messages waiting, top products) come from
+//! [`ViewsCache`], which asks the actor at most once per [`VIEWS_MAX_AGE`].
+//!
 //! `/healthz` answers while the process runs; `/readyz` answers 200 only when the
 //! database answers, every migration this binary knows is applied, and the LISTEN connection
 //! is up — without LISTEN an instance still serves REST, but its subscribers would see changes
@@ -30,7 +35,7 @@ use tokio::time::Instant;
 use utoipa::ToSchema;
 
 use crate::db::{self, HistoryReader, HistoryStats};
-use crate::distributor::{DistributorHandle, Stats};
+use crate::distributor::{DistributorGone, DistributorHandle, Stats, Views};
 use crate::listener::{ListenerStatus, ListenerWatch};
 use crate::metrics::Metrics;
 use crate::product::ProductId;
@@ -39,6 +44,10 @@ use crate::serve::{TransportSnapshot, TransportStats};
 
 /// Products listed in `topProducts`: what fits a dashboard panel.
 const TOP_PRODUCTS: usize = 10;
+
+/// How old `messagesWaiting` and `topProducts` may be. A dashboard refreshes about once a
+/// second; the walk they need takes the actor ~1 ms per 10 000 sessions.
+pub const VIEWS_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// How long a readiness probe waits for the database: below Kubernetes' default probe timeout
 /// (1 s), so a hung database gives a 503 with a reason, not a probe timeout.
@@ -63,14 +72,39 @@ pub(crate) struct Health {
 pub(crate) struct StatsBody {
     #[serde(flatten)]
     distributor: Stats,
+    /// Messages waiting in all outboxes (at most a second old).
+    messages_waiting: usize,
+    /// Times sessions waited before reading a command because they sent faster than
+    /// `--command-rate`.
+    commands_throttled: u64,
     listener: ListenerStatus,
     /// Clients' replays and snapshots: the history pool and its queue.
     history: HistoryStats,
     transport: TransportSnapshot,
     /// Changes dispatched per second, averaged over the last 5 s.
     changes_per_second: f64,
-    /// The most-subscribed products, most first (at most 10).
+    /// The most-subscribed products, most first (at most 10; at most a second old).
     top_products: Vec<TopProduct>,
+}
+
+/// The distributor's [`Views`], fetched at most once per [`VIEWS_MAX_AGE`] whoever asks and
+/// however often; cheap to clone. Requests arriving while it refreshes wait for that one
+/// refresh instead of each asking the actor.
+#[derive(Debug, Clone, Default)]
+pub struct ViewsCache(std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Views)>>>);
+
+impl ViewsCache {
+    async fn get(&self, distributor: &DistributorHandle<Frame>) -> Result<Views, DistributorGone> {
+        let mut cached = self.0.lock().await;
+        if let Some((at, views)) = cached.as_ref() {
+            if at.elapsed() < VIEWS_MAX_AGE {
+                return Ok(views.clone());
+            }
+        }
+        let views = distributor.views(TOP_PRODUCTS).await?;
+        *cached = Some((Instant::now(), views.clone()));
+        Ok(views)
+    }
 }
 
 /// One entry of `topProducts`.
@@ -87,14 +121,21 @@ pub fn stats_router<S>() -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
     DistributorHandle<Frame>: FromRef<S>,
+    ViewsCache: FromRef<S>,
     ListenerWatch: FromRef<S>,
     HistoryReader: FromRef<S>,
     TransportStats: FromRef<S>,
     Metrics: FromRef<S>,
 {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/stats", get(stats))
+    Router::new().route("/stats", get(stats))
+}
+
+/// `/healthz`: never guarded.
+pub fn liveness_router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    Router::new().route("/healthz", get(healthz))
 }
 
 /// `GET /healthz`.
@@ -112,24 +153,23 @@ pub(crate) async fn healthz() -> Json<Health> {
     ))]
 pub(crate) async fn stats(
     State(distributor): State<DistributorHandle<Frame>>,
+    State(views): State<ViewsCache>,
     State(listener): State<ListenerWatch>,
     State(history): State<HistoryReader>,
     State(transport): State<TransportStats>,
     State(metrics): State<Metrics>,
 ) -> Response {
-    let counts = async {
-        let stats = distributor.stats().await?;
-        let top = distributor.top_products(TOP_PRODUCTS).await?;
-        Ok::<_, crate::distributor::DistributorGone>((stats, top))
-    };
-    match counts.await {
-        Ok((distributor, top)) => Json(StatsBody {
-            distributor,
+    match views.get(&distributor).await {
+        Ok(views) => Json(StatsBody {
+            distributor: distributor.stats(),
+            messages_waiting: views.messages_waiting,
+            commands_throttled: metrics.commands_throttled(),
             listener: *listener.borrow(),
             history: history.stats(),
             transport: transport.snapshot(),
             changes_per_second: metrics.changes_per_second(),
-            top_products: top
+            top_products: views
+                .top_products
                 .into_iter()
                 .map(|(product_id, subscribers)| TopProduct {
                     product_id,
@@ -161,6 +201,7 @@ pub fn metrics_router<S>() -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
     DistributorHandle<Frame>: FromRef<S>,
+    ViewsCache: FromRef<S>,
     ListenerWatch: FromRef<S>,
     HistoryReader: FromRef<S>,
     Metrics: FromRef<S>,
@@ -238,19 +279,23 @@ async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
                content_type = "text/plain; version=0.0.4", body = String)))]
 pub(crate) async fn metrics(
     State(distributor): State<DistributorHandle<Frame>>,
+    State(views): State<ViewsCache>,
     State(listener): State<ListenerWatch>,
     State(history): State<HistoryReader>,
     State(metrics): State<Metrics>,
 ) -> Response {
-    if let Ok(stats) = distributor.stats().await {
-        let gauge = |name, value: usize| metrics.gauge(name, &[]).set(value as f64);
+    let gauge = |name, value: usize| metrics.gauge(name, &[]).set(value as f64);
+    if let Ok(views) = views.get(&distributor).await {
+        gauge("rowcast_messages_waiting", views.messages_waiting);
+    }
+    {
+        let stats = distributor.stats();
         gauge("rowcast_sessions", stats.sessions);
         gauge("rowcast_subscriptions", stats.subscriptions);
         gauge(
             "rowcast_products_with_subscribers",
             stats.products_with_subscribers,
         );
-        gauge("rowcast_messages_waiting", stats.messages_waiting);
         metrics
             .counter("rowcast_changes_published_total", &[])
             .absolute(stats.changes_published);
@@ -266,7 +311,29 @@ pub(crate) async fn metrics(
         metrics
             .counter("rowcast_stream_resets_total", &[])
             .absolute(stats.resets);
+        let refused = stats.refused;
+        for (what, budget, count) in [
+            ("sessions", "server", refused.sessions_server),
+            ("sessions", "address", refused.sessions_address),
+            (
+                "subscriptions",
+                "connection",
+                refused.subscriptions_connection,
+            ),
+            ("subscriptions", "address", refused.subscriptions_address),
+            ("subscriptions", "server", refused.subscriptions_server),
+        ] {
+            metrics
+                .counter(
+                    "rowcast_budget_refusals_total",
+                    &[("what", what), ("budget", budget)],
+                )
+                .absolute(count);
+        }
     }
+    metrics
+        .counter("rowcast_commands_throttled_total", &[])
+        .absolute(metrics.commands_throttled());
     let listener = *listener.borrow();
     metrics
         .gauge("rowcast_listener_connected", &[])

@@ -19,6 +19,7 @@
 //! Imports nothing of ours.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -81,6 +82,8 @@ struct Inner {
     /// Indexed by `StartKind as usize`.
     starts: [Counter; 4],
     conflated: Counter,
+    /// Read back by `/stats` too, so a plain atomic (copied into the registry at scrape time).
+    commands_throttled: AtomicU64,
     rate: Mutex<Rate>,
 }
 
@@ -148,6 +151,7 @@ impl Metrics {
             bytes,
             starts,
             conflated,
+            commands_throttled: AtomicU64::new(0),
             rate: Mutex::new(Rate::default()),
         }))
     }
@@ -205,6 +209,16 @@ impl Metrics {
         self.0.conflated.increment(count);
     }
 
+    /// A session waited before reading its next command (`--command-rate`).
+    pub fn command_throttled(&self) {
+        self.0.commands_throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times sessions waited before reading a command, since start.
+    pub fn commands_throttled(&self) -> u64 {
+        self.0.commands_throttled.load(Ordering::Relaxed)
+    }
+
     /// A REST request finished. `route` is the matched route template (bounded cardinality).
     pub fn request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
         let labels = vec![
@@ -244,7 +258,7 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 }
 
 /// Help lines. (`describe_counter` serves every kind: the recorder keeps one table.)
-const DESCRIPTIONS: [(&str, Option<Unit>, &str); 24] = [
+const DESCRIPTIONS: [(&str, Option<Unit>, &str); 26] = [
     (
         "rowcast_sessions",
         None,
@@ -299,6 +313,16 @@ const DESCRIPTIONS: [(&str, Option<Unit>, &str); 24] = [
         "rowcast_changes_conflated_total",
         None,
         "Superseded versions skipped for clients that had stopped reading (each newer version sent says so).",
+    ),
+    (
+        "rowcast_budget_refusals_total",
+        None,
+        "Sessions and subscribes refused by a budget, by what was refused (sessions, subscriptions) and whose budget (connection, address, server).",
+    ),
+    (
+        "rowcast_commands_throttled_total",
+        None,
+        "Times a session waited before reading its next command because it sent faster than --command-rate.",
     ),
     (
         "rowcast_stream_resets_total",

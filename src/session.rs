@@ -8,15 +8,22 @@
 //! write is bounded by the heartbeat window, and a client that floods commands without reading
 //! our replies is simply not read from until it does (backpressure).
 //!
-//! The session registers with the distributor on start and sends `disconnect` exactly once on
-//! exit (a drop guard covers panics and cancellation). It ends on: client close, heartbeat
+//! The session registers with the distributor before the upgrade is answered, so a session
+//! budget that is used up is a plain HTTP refusal (429/503, [`registration_refused`], shared
+//! with SSE), and sends `disconnect` exactly once on exit (a drop guard covers panics,
+//! cancellation and an upgrade that never completes). It ends on: client close, heartbeat
 //! timeout (1008), oversized frame (1009), eviction as a slow client (1013), a replay or
 //! snapshot refused because the change history is busy (1013: the client resumes later), a
 //! failed history read or distributor gone (1011), or process shutdown (1001).
 //!
+//! Commands are paced ([`CommandPace`]): past `--command-burst`, a session reads the next client
+//! frame only when `--command-rate` allows (a frame costs one command per started KiB), so a
+//! flood reaches the distributor at that pace and the rest waits in the flooder's own socket
+//! buffers. Nothing is dropped.
+//!
 //! Imports `protocol`, `distributor`, `feed` (what to write, in order), `db` (the history reader
 //! the feed reads through, and its errors), `config`, `shutdown`, `metrics` (messages and bytes
-//! written).
+//! written), `http_error` (refusals).
 
 use std::pin::pin;
 use std::time::Duration;
@@ -26,15 +33,18 @@ use std::net::SocketAddr;
 use axum::Extension;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use futures_util::SinkExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{Heartbeat, Limits};
+use crate::config::{Budgets, Heartbeat, Limits};
 use crate::db::{HistoryError, HistoryReader};
-use crate::distributor::{DistributorHandle, SessionGuard, SessionId};
+use crate::distributor::{
+    Budget, DistributorHandle, RegisterError, Registration, SessionGuard, SessionId,
+};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{self, ClientCommand, CloseCode, ErrorCode, Frame, Versions};
@@ -50,6 +60,8 @@ pub struct SessionState {
     pub distributor: DistributorHandle<Frame>,
     /// Per-session limits.
     pub limits: Limits,
+    /// The command rate (the rest of the budgets are the distributor's).
+    pub budgets: Budgets,
     /// Ping cadence and patience.
     pub heartbeat: Heartbeat,
     /// Process shutdown; sessions are tracked by it.
@@ -68,14 +80,94 @@ pub async fn upgrade(
 ) -> Response {
     let limits = state.limits;
     let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
+    let registration = match state.distributor.register(peer.map(|p| p.ip())).await {
+        Ok(registration) => registration,
+        Err(err) => return registration_refused(err),
+    };
+    // Until the upgrade completes, the guard alone holds the session: if it never does, the
+    // registration is dropped with it.
+    let guard = SessionGuard::new(state.distributor.clone(), registration.id);
     ws.read_buffer_size(limits.ws_read_buffer_bytes)
         .write_buffer_size(limits.ws_write_buffer_bytes)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
         .on_upgrade(move |socket| {
             let shutdown = state.shutdown.clone();
-            shutdown.track(run(socket, state, peer))
+            shutdown.track(run(socket, state, peer, registration, guard))
         })
+}
+
+/// The HTTP answer to a session that could not register: 429 when the client's address holds
+/// its share of sessions, 503 when the server holds all it may (both with `Retry-After`; the
+/// client should back off), 503 while the process stops. Shared by WebSockets and SSE.
+pub fn registration_refused(err: RegisterError) -> Response {
+    let (status, code, message) = match err {
+        RegisterError::Gone => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the server is stopping".to_owned(),
+        ),
+        RegisterError::OverBudget(over) => match over.budget {
+            Budget::Server => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_sessions",
+                format!(
+                    "the server holds its limit of {} sessions; try again later",
+                    over.limit
+                ),
+            ),
+            Budget::Address | Budget::Connection => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sessions_from_address",
+                format!(
+                    "your address holds its limit of {} sessions; close one first",
+                    over.limit
+                ),
+            ),
+        },
+    };
+    let mut response = crate::http_error::respond(status, code, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    response
+}
+
+/// GCRA pacing of one session's commands: `burst` at once, then one per `interval`. One
+/// instant of state, so an idle session pays 8 bytes for it.
+#[derive(Debug, Clone, Copy)]
+struct CommandPace {
+    /// When the pace would next be "empty": each command pushes it one interval further.
+    theoretical_arrival: Instant,
+    interval: Duration,
+    /// How far ahead of now `theoretical_arrival` may run: the burst.
+    tolerance: Duration,
+}
+
+impl CommandPace {
+    fn new(budgets: &Budgets) -> Self {
+        let interval = budgets.command_interval();
+        Self {
+            theoretical_arrival: Instant::now(),
+            interval,
+            tolerance: interval * budgets.command_burst.saturating_sub(1),
+        }
+    }
+
+    /// When the next command may be read: None if now.
+    fn wait_until(&self, now: Instant) -> Option<Instant> {
+        let earliest = self.theoretical_arrival.checked_sub(self.tolerance)?;
+        (earliest > now).then_some(earliest)
+    }
+
+    /// Counts a client frame of `bytes` read at `now`: one command per started KiB, so a
+    /// frame of 10 000 ids costs what 80 small commands do (its parsing and the distributor's
+    /// work grow with its size).
+    fn spend(&mut self, now: Instant, bytes: usize) {
+        let units = u32::try_from(1 + bytes / 1024).unwrap_or(u32::MAX);
+        self.theoretical_arrival =
+            self.theoretical_arrival.max(now) + self.interval.saturating_mul(units);
+    }
 }
 
 /// What a client frame asks of the session.
@@ -161,6 +253,8 @@ fn run(
     socket: WebSocket,
     state: SessionState,
     peer: Option<SocketAddr>,
+    registration: Registration<Frame>,
+    guard: SessionGuard<Frame>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let SessionState {
         distributor,
@@ -168,6 +262,7 @@ fn run(
         shutdown,
         history,
         metrics,
+        budgets,
         limits: _,
     } = state;
     let mut session = Session {
@@ -177,14 +272,10 @@ fn run(
         shutdown,
         metrics,
         every_version: false,
+        pace: CommandPace::new(&budgets),
     };
     async move {
-        let Ok(registration) = session.distributor.register().await else {
-            session.end(SessionEnd::DistributorGone).await;
-            return;
-        };
         let id = registration.id;
-        let guard = SessionGuard::new(session.distributor.clone(), id);
         let mut feed = Feed::new(registration.outbox, history, session.metrics.clone());
         let evicted = registration.evicted;
         // The peer address, never the request's query: tickets travel there.
@@ -203,6 +294,14 @@ fn run(
         .instrument(span)
         .await;
         guard.disconnect().await;
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one (the branch is disabled then anyway).
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -227,6 +326,8 @@ struct Session {
     metrics: Metrics,
     /// The client asked for every version (`"delivery":"all"`); handed to the feed.
     every_version: bool,
+    /// When the next client frame may be read.
+    pace: CommandPace,
 }
 
 impl Session {
@@ -258,12 +359,18 @@ impl Session {
                     continue;
                 }
             }
+            let paced = self.pace.wait_until(Instant::now());
+            if paced.is_some() {
+                self.metrics.command_throttled();
+            }
             let step = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                 () = evicted.cancelled() => return SessionEnd::Evicted,
+                // The pace allows the next command: read on below.
+                () = sleep_until_some(paced), if paced.is_some() => Ok(()),
                 // Before the heartbeat: a pong that arrived during a long write still counts.
-                frame = self.socket.recv() => match self.answer(id, frame).await {
+                frame = self.socket.recv(), if paced.is_none() => match self.answer(id, frame).await {
                     Reply::None => Ok(()),
                     Reply::Error(code, message) => {
                         let text = protocol::encode_error(code, &message);
@@ -313,6 +420,11 @@ impl Session {
         id: SessionId,
         frame: Option<Result<Message, axum::Error>>,
     ) -> Reply {
+        match &frame {
+            Some(Ok(Message::Text(text))) => self.pace.spend(Instant::now(), text.len()),
+            Some(Ok(Message::Binary(data))) => self.pace.spend(Instant::now(), data.len()),
+            _ => {}
+        }
         match frame {
             Some(Ok(Message::Text(text))) => match ClientCommand::parse(text.as_str()) {
                 Ok(command) => {
@@ -415,5 +527,45 @@ impl Session {
             self.socket.close().await
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pace(rate: u32, burst: u32) -> CommandPace {
+        CommandPace::new(&Budgets {
+            max_sessions: 1,
+            max_sessions_per_ip: 1,
+            max_total_subscriptions: 1,
+            max_subscriptions_per_ip: 1,
+            command_rate: rate,
+            command_burst: burst,
+        })
+    }
+
+    #[test]
+    fn the_pace_allows_a_burst_then_the_rate_and_charges_large_frames_by_size() {
+        let mut pace = pace(10, 3);
+        let start = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(pace.wait_until(start), None, "within the burst");
+            pace.spend(start, 20);
+        }
+        let next = pace.wait_until(start).expect("the burst is spent");
+        assert_eq!(next - start, Duration::from_millis(100), "one interval");
+        assert_eq!(pace.wait_until(next), None);
+        // A 10 KiB frame costs 11 commands: 1.1 s before the next one.
+        pace.spend(next, 10 * 1024);
+        let after_large = pace.wait_until(next).expect("paced");
+        assert_eq!(after_large - next, Duration::from_millis(1100));
+        // Idle time refills the burst, never beyond it.
+        let later = after_large + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(pace.wait_until(later), None);
+            pace.spend(later, 1);
+        }
+        assert!(pace.wait_until(later).is_some());
     }
 }

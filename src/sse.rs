@@ -9,13 +9,16 @@
 //!
 //! Imports `distributor` (subscriptions), `feed` (what to send, in order), `db` (the history
 //! reader the feed reads through, and its errors), `protocol` (`Frame`, error messages),
-//! `product` (ids and seqs), `metrics` (events and bytes sent), `http_error` (400 bodies) and
-//! `shutdown`.
+//! `product` (ids and seqs), `metrics` (events and bytes sent), `http_error` (400 bodies),
+//! `session` (the answer to a refused registration, the same as for WebSockets) and `shutdown`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
-use axum::extract::{Query, State};
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -104,13 +107,16 @@ fn parse_seq(raw: &str, what: &str) -> Result<Seq, String> {
         (status = 200, description = "An event stream: each `data:` is one message of docs/protocol.md; changes carry `id: <seq>`",
          content_type = "text/event-stream", body = String),
         (status = 400, description = "Bad `ids` or `since` (`invalid_query`)", body = crate::http_error::ErrorBody),
-        (status = 503, description = "The server is stopping"),
+        (status = 429, description = "Your address holds its share of sessions (`too_many_sessions_from_address`)", body = crate::http_error::ErrorBody),
+        (status = 503, description = "The server holds all the sessions it may (`too_many_sessions`), or is stopping", body = crate::http_error::ErrorBody),
     ))]
 pub async fn events(
     State(state): State<SseState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
     let Ok(Query(query)) = query else {
         return bad_request("expected ?ids=1,2,3 and optionally &since=<seq>");
     };
@@ -136,8 +142,9 @@ pub async fn events(
         },
         None => SubscriptionStart::Live,
     };
-    let Ok(registration) = state.distributor.register().await else {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    let registration = match state.distributor.register(peer.map(|p| p.ip())).await {
+        Ok(registration) => registration,
+        Err(err) => return crate::session::registration_refused(err),
     };
     let guard = SessionGuard::new(state.distributor.clone(), registration.id);
     if state

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod budgets;
 mod values;
 
+pub use budgets::Budgets;
 pub use values::{IpPrefix, Origin, Secret, split_host_port};
 
 /// Loopback only: a fresh install must not expose an unauthenticated write API to the network.
@@ -149,6 +151,10 @@ pub struct Config {
     /// Per-session limits.
     #[command(flatten)]
     pub limits: Limits,
+
+    /// Server-wide and per-address budgets, and the command rate.
+    #[command(flatten)]
+    pub budgets: Budgets,
 
     /// WebSocket keep-alive.
     #[command(flatten)]
@@ -439,6 +445,12 @@ pub struct AccessSettings {
         requires = "token_source"
     )]
     pub auth_reads: bool,
+
+    /// Token `/stats` and `/metrics` then require as `Authorization: Bearer <token>` (at least
+    /// 16 characters), whatever --auth-reads says. Off by default: they are reads like any other.
+    #[arg(long = "ops-token", env = "ROWCAST_OPS_TOKEN", hide_env_values = true,
+          value_parser = Secret::parse)]
+    pub ops_token: Option<Secret>,
 
     /// How long a WebSocket ticket from POST /ws-ticket stays valid (it is single-use).
     #[arg(long = "ws-ticket-ttl", env = "ROWCAST_WS_TICKET_TTL",

@@ -1,45 +1,81 @@
 //! The actor task: owns [`Subscriptions`] and applies commands one at a time, so the maps need
 //! no lock. It never awaits a session and does no I/O: outbox pushes never wait, and the
 //! slow-client policy decides what a full one means (see `outbox`).
+//!
+//! Budgets: the session and subscription counts per client address live here too, beside the
+//! maps they count, so a budget check is a lookup the actor makes anyway, with no lock.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::counts::Counts;
 use super::outbox::{OutboxSender, Pushed, outbox};
-use super::subscriptions::{SessionId, Subscriptions};
-use super::{Command, Delivery, FrameBytes, Registration, Stats};
-use crate::config::Limits;
-use crate::product::Seq;
+use super::subscriptions::{Budget, OverLimit, SessionId, Subscriptions};
+use super::{Command, Delivery, FrameBytes, Registration, Stats, Views};
+use crate::config::{Budgets, IpPrefix, Limits};
+use crate::product::{ProductId, Seq};
 
-/// The sink kept per session: its outbox and the token that tells it it was evicted.
+/// Commands handled before the totals are published again: enough to amortize the stores
+/// under load, few enough that an operator's view lags by microseconds.
+const BATCH: usize = 64;
+
+/// The sink kept per session: its outbox, the token that tells it it was evicted, and the
+/// address its budgets are counted against (None: exempt or unknown).
 #[derive(Debug)]
 struct SessionSink<F> {
     outbox: OutboxSender<F>,
     evicted: CancellationToken,
+    address: Option<IpAddr>,
+}
+
+/// What one client address holds.
+#[derive(Debug, Default, Clone, Copy)]
+struct AddressUse {
+    sessions: usize,
+    subscriptions: usize,
+}
+
+/// The actor's configuration.
+#[derive(Debug)]
+pub(super) struct Settings {
+    pub(super) limits: Limits,
+    pub(super) budgets: Budgets,
+    /// Addresses the per-address budgets spare.
+    pub(super) exempt: Vec<IpPrefix>,
 }
 
 struct Distributor<F> {
     subscriptions: Subscriptions<SessionSink<F>>,
-    limits: Limits,
+    settings: Settings,
+    addresses: HashMap<IpAddr, AddressUse>,
     next_session: u64,
     stats: Stats,
+    counts: Arc<Counts>,
 }
 
 pub(super) fn spawn<F: FrameBytes>(
     inbox: mpsc::Receiver<Command<F>>,
-    limits: Limits,
+    settings: Settings,
+    counts: Arc<Counts>,
     position: Seq,
 ) {
     let actor = Distributor {
         subscriptions: Subscriptions::default(),
-        limits,
+        settings,
+        addresses: HashMap::new(),
         next_session: 0,
         stats: Stats {
             last_seq: position,
             ..Stats::default()
         },
+        counts,
     };
+    actor.publish_counts();
     tokio::spawn(
         actor
             .run(inbox)
@@ -49,10 +85,73 @@ pub(super) fn spawn<F: FrameBytes>(
 
 impl<F: FrameBytes> Distributor<F> {
     async fn run(mut self, mut inbox: mpsc::Receiver<Command<F>>) {
-        while let Some(command) = inbox.recv().await {
-            self.handle(command);
+        let mut batch = Vec::with_capacity(BATCH);
+        while inbox.recv_many(&mut batch, BATCH).await > 0 {
+            for command in batch.drain(..) {
+                self.handle(command);
+            }
+            self.publish_counts();
         }
         tracing::debug!("all handles dropped; distributor stops");
+    }
+
+    /// Copies the running totals where readers find them without asking.
+    fn publish_counts(&self) {
+        self.counts.store(&Stats {
+            sessions: self.subscriptions.session_count(),
+            subscriptions: self.subscriptions.subscription_count(),
+            products_with_subscribers: self.subscriptions.product_count(),
+            ..self.stats
+        });
+    }
+
+    /// The address a session's budgets count against, or None if it is exempt.
+    fn counted(&self, address: Option<IpAddr>) -> Option<IpAddr> {
+        let address = address?.to_canonical();
+        let exempt = self.settings.exempt.iter().any(|net| net.contains(address));
+        (!exempt).then_some(address)
+    }
+
+    /// Refuses a new session if it would exceed a session budget.
+    fn admit_session(&self, address: Option<IpAddr>) -> Result<(), OverLimit> {
+        let budgets = &self.settings.budgets;
+        let over = |budget, current, limit| OverLimit {
+            budget,
+            current,
+            requested: 1,
+            limit,
+        };
+        let sessions = self.subscriptions.session_count();
+        if sessions >= budgets.max_sessions {
+            return Err(over(Budget::Server, sessions, budgets.max_sessions));
+        }
+        let held = address
+            .and_then(|ip| self.addresses.get(&ip))
+            .map_or(0, |used| used.sessions);
+        if address.is_some() && held >= budgets.max_sessions_per_ip {
+            return Err(over(Budget::Address, held, budgets.max_sessions_per_ip));
+        }
+        Ok(())
+    }
+
+    /// Gives back what a leaving session held from its address's budgets.
+    fn release(&mut self, address: Option<IpAddr>, sessions: usize, subscriptions: usize) {
+        let Some(ip) = address else { return };
+        if let Some(used) = self.addresses.get_mut(&ip) {
+            used.sessions -= sessions;
+            used.subscriptions -= subscriptions;
+            if used.sessions == 0 {
+                self.addresses.remove(&ip);
+            }
+        }
+    }
+
+    /// Removes a session and everything it held; its sink, if it was registered.
+    fn remove_session(&mut self, id: SessionId) -> Option<SessionSink<F>> {
+        let held = self.subscriptions.session_subscriptions(id);
+        let sink = self.subscriptions.remove_session(id)?;
+        self.release(sink.address, 1, held);
+        Some(sink)
     }
 
     fn handle(&mut self, command: Command<F>) {
@@ -107,14 +206,21 @@ impl<F: FrameBytes> Distributor<F> {
                     );
                 }
             }
-            Command::Register { reply } => {
+            Command::Register { address, reply } => {
+                let address = self.counted(address);
+                if let Err(over) = self.admit_session(address) {
+                    self.stats.refused.count(true, over.budget);
+                    let _ = reply.send(Err(over));
+                    return;
+                }
                 self.next_session += 1;
                 let id = SessionId(self.next_session);
+                let limits = &self.settings.limits;
                 let (sender, receiver) = outbox(
-                    self.limits.outbox_capacity,
-                    self.limits.outbox_bytes,
-                    self.limits.slow_client_policy,
-                    self.limits.conflate_after,
+                    limits.outbox_capacity,
+                    limits.outbox_bytes,
+                    limits.slow_client_policy,
+                    limits.conflate_after,
                 );
                 let evicted = CancellationToken::new();
                 self.subscriptions.add_session(
@@ -122,16 +228,20 @@ impl<F: FrameBytes> Distributor<F> {
                     SessionSink {
                         outbox: sender,
                         evicted: evicted.clone(),
+                        address,
                     },
                 );
+                if let Some(ip) = address {
+                    self.addresses.entry(ip).or_default().sessions += 1;
+                }
                 let registration = Registration {
                     id,
                     outbox: receiver,
                     evicted,
                 };
-                if reply.send(registration).is_err() {
+                if reply.send(Ok(registration)).is_err() {
                     // The session gave up while registering.
-                    self.subscriptions.remove_session(id);
+                    self.remove_session(id);
                 }
             }
             Command::Subscribe {
@@ -139,44 +249,80 @@ impl<F: FrameBytes> Distributor<F> {
                 products,
                 start,
             } => {
-                let answer =
-                    match self
-                        .subscriptions
-                        .subscribe(id, &products, self.limits.max_subscriptions)
-                    {
-                        Ok(_) => Delivery::Subscribed {
-                            products,
-                            position: self.stats.last_seq,
-                            start,
-                            total: self.subscriptions.session_subscriptions(id),
-                        },
-                        Err(over) => Delivery::Refused(over),
-                    };
+                let answer = match self.subscribe(id, &products) {
+                    Ok(()) => Delivery::Subscribed {
+                        products,
+                        position: self.stats.last_seq,
+                        start,
+                        total: self.subscriptions.session_subscriptions(id),
+                    },
+                    Err(over) => {
+                        self.stats.refused.count(false, over.budget);
+                        Delivery::Refused(over)
+                    }
+                };
                 self.deliver(id, answer);
             }
             Command::Unsubscribe { id, products } => {
-                self.subscriptions.unsubscribe(id, &products);
+                let removed = self.subscriptions.unsubscribe(id, &products);
+                let address = self.subscriptions.sink(id).and_then(|sink| sink.address);
+                self.release(address, 0, removed);
                 let total = self.subscriptions.session_subscriptions(id);
                 self.deliver(id, Delivery::Unsubscribed { products, total });
             }
             Command::Disconnect { id } => {
-                if let Some(sink) = self.subscriptions.remove_session(id) {
+                if let Some(sink) = self.remove_session(id) {
                     sink.outbox.close();
                 }
             }
-            Command::TopProducts { limit, reply } => {
-                let _ = reply.send(self.subscriptions.top_products(limit));
-            }
-            Command::Stats { reply } => {
-                let _ = reply.send(Stats {
-                    sessions: self.subscriptions.session_count(),
-                    subscriptions: self.subscriptions.subscription_count(),
-                    products_with_subscribers: self.subscriptions.product_count(),
+            Command::Views {
+                top_products,
+                reply,
+            } => {
+                // Whoever asks for views may also want the totals as of this moment.
+                self.publish_counts();
+                let _ = reply.send(Views {
                     messages_waiting: self.subscriptions.sinks().map(|s| s.outbox.len()).sum(),
-                    ..self.stats
+                    top_products: self.subscriptions.top_products(top_products),
                 });
             }
         }
+    }
+
+    /// Subscribes within the session's cap and the budgets it shares with its address and
+    /// the whole server; all or nothing.
+    fn subscribe(&mut self, id: SessionId, products: &[ProductId]) -> Result<(), OverLimit> {
+        let budgets = self.settings.budgets;
+        let total = self.subscriptions.subscription_count();
+        let address = self.subscriptions.sink(id).and_then(|sink| sink.address);
+        let held = address
+            .and_then(|ip| self.addresses.get(&ip))
+            .map_or(0, |used| used.subscriptions);
+        let check = |new: usize| {
+            let over = |budget, current, limit| OverLimit {
+                budget,
+                current,
+                requested: new,
+                limit,
+            };
+            if total + new > budgets.max_total_subscriptions {
+                return Err(over(Budget::Server, total, budgets.max_total_subscriptions));
+            }
+            if address.is_some() && held + new > budgets.max_subscriptions_per_ip {
+                return Err(over(
+                    Budget::Address,
+                    held,
+                    budgets.max_subscriptions_per_ip,
+                ));
+            }
+            Ok(())
+        };
+        let limit = self.settings.limits.max_subscriptions;
+        let added = self.subscriptions.subscribe(id, products, limit, check)?;
+        if let Some(used) = address.and_then(|ip| self.addresses.get_mut(&ip)) {
+            used.subscriptions += added;
+        }
+        Ok(())
     }
 
     /// Queues a reply for one session, evicting it if its outbox refuses.
@@ -193,7 +339,7 @@ impl<F: FrameBytes> Distributor<F> {
     }
 
     fn evict(&mut self, id: SessionId) {
-        if let Some(sink) = self.subscriptions.remove_session(id) {
+        if let Some(sink) = self.remove_session(id) {
             self.stats.slow_sessions_evicted += 1;
             sink.outbox.close();
             sink.evicted.cancel();

@@ -15,20 +15,30 @@
 //! changes after that position, which lets the session fill in a resume or snapshot from the
 //! changelog without a gap or a duplicate.
 //!
-//! Imports `product` (ids) and `config` (limits) only.
+//! It also enforces the budgets that add up over sessions (sessions and subscriptions, in all
+//! and per client address), since it alone knows the totals. Operators read its counts without
+//! asking it: the actor copies its running totals into atomics ([`counts`]) after each batch of
+//! commands, so `/stats` and `/metrics` cost the actor nothing however often they are asked;
+//! the views that walk its maps ([`Views`]) are asked for by one cache, at most once a second.
+//!
+//! Imports `product` (ids) and `config` (limits and budgets) only.
 
 mod actor;
+mod counts;
 pub mod outbox;
 mod subscriptions;
+
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Limits;
+use crate::config::{Budgets, IpPrefix, Limits};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
 
 pub use outbox::OutboxReceiver;
-pub use subscriptions::{OverLimit, SessionId};
+pub use subscriptions::{Budget, OverLimit, SessionId};
 
 /// What the distributor needs of an encoded message (in the app, `protocol::Frame`): opaque,
 /// cheap to clone (shared), and of a known size, so queues are bounded by bytes and by count.
@@ -89,7 +99,7 @@ pub enum Delivery<F> {
         /// The session's subscription count after this command.
         total: usize,
     },
-    /// The subscribe was refused whole because of the per-session cap.
+    /// The subscribe was refused whole: it would take a budget past its limit.
     Refused(OverLimit),
     /// Changes to `products` with `after < seq <= upto` were not queued because the queue was
     /// full: the session reads them from the changelog when it gets here, at its own pace (see
@@ -120,7 +130,7 @@ pub enum Delivery<F> {
     },
 }
 
-/// A counting snapshot of the actor's state.
+/// The actor's running totals, readable at any time without asking it (see [`counts`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[schema(as = DistributorStats)]
 #[serde(rename_all = "camelCase")]
@@ -135,18 +145,74 @@ pub struct Stats {
     pub changes_published: u64,
     /// Messages put into session outboxes since start.
     pub messages_queued: u64,
-    /// Sessions disconnected because their outbox was full (disconnect policy).
+    /// Sessions disconnected because their outbox was full (disconnect policy), or because they
+    /// left more replies unread than their queue holds (either policy).
     pub slow_sessions_evicted: u64,
     /// Changes not queued because a session's queue was full: the session reads them from the
     /// changelog when it catches up (conflate policy).
     pub changes_deferred: u64,
     /// Times the stream was reset (history pruned during an outage, or rewound).
     pub resets: u64,
-    /// Messages waiting in all outboxes right now.
-    pub messages_waiting: usize,
     /// The seq of the last change published.
     #[schema(value_type = u64)]
     pub last_seq: Seq,
+    /// Sessions and subscribes refused by a budget, by budget.
+    pub refused: Refusals,
+}
+
+/// Refusals by budget since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Refusals {
+    /// Sessions refused because the server held `--max-sessions`.
+    pub sessions_server: u64,
+    /// Sessions refused because their address held `--max-sessions-per-ip`.
+    pub sessions_address: u64,
+    /// Subscribes refused by the per-connection cap (`--max-subscriptions`).
+    pub subscriptions_connection: u64,
+    /// Subscribes refused by the per-address budget (`--max-subscriptions-per-ip`).
+    pub subscriptions_address: u64,
+    /// Subscribes refused by the server-wide budget (`--max-total-subscriptions`).
+    pub subscriptions_server: u64,
+}
+
+impl Refusals {
+    fn count(&mut self, sessions: bool, budget: Budget) {
+        let counter = match (sessions, budget) {
+            (true, Budget::Server) => &mut self.sessions_server,
+            (true, _) => &mut self.sessions_address,
+            (false, Budget::Connection) => &mut self.subscriptions_connection,
+            (false, Budget::Address) => &mut self.subscriptions_address,
+            (false, Budget::Server) => &mut self.subscriptions_server,
+        };
+        *counter += 1;
+    }
+}
+
+/// What only a walk over the actor's maps can tell: asked for rarely (see `health`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Views {
+    /// Messages waiting in all outboxes right now.
+    pub messages_waiting: usize,
+    /// The most-subscribed products, most first, with their subscriber counts.
+    pub top_products: Vec<(ProductId, usize)>,
+}
+
+/// Why a session could not register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// The process is stopping.
+    #[error("the distributor has stopped")]
+    Gone,
+    /// A session budget is used up.
+    #[error("session budget used up: {0:?}")]
+    OverBudget(OverLimit),
+}
+
+impl From<DistributorGone> for RegisterError {
+    fn from(_: DistributorGone) -> Self {
+        Self::Gone
+    }
 }
 
 /// The actor is gone (the process is shutting down); the caller should end.
@@ -167,7 +233,8 @@ pub struct Registration<F> {
 
 enum Command<F> {
     Register {
-        reply: oneshot::Sender<Registration<F>>,
+        address: Option<IpAddr>,
+        reply: oneshot::Sender<Result<Registration<F>, OverLimit>>,
     },
     Subscribe {
         id: SessionId,
@@ -191,12 +258,9 @@ enum Command<F> {
         position: Seq,
         cause: ResetCause,
     },
-    Stats {
-        reply: oneshot::Sender<Stats>,
-    },
-    TopProducts {
-        limit: usize,
-        reply: oneshot::Sender<Vec<(ProductId, usize)>>,
+    Views {
+        top_products: usize,
+        reply: oneshot::Sender<Views>,
     },
 }
 
@@ -239,12 +303,14 @@ impl<F: FrameBytes> Drop for SessionGuard<F> {
 #[derive(Debug)]
 pub struct DistributorHandle<F> {
     commands: mpsc::Sender<Command<F>>,
+    counts: Arc<counts::Counts>,
 }
 
 impl<F> Clone for DistributorHandle<F> {
     fn clone(&self) -> Self {
         Self {
             commands: self.commands.clone(),
+            counts: Arc::clone(&self.counts),
         }
     }
 }
@@ -258,19 +324,28 @@ impl<F> std::fmt::Debug for Command<F> {
             Self::Disconnect { .. } => "Disconnect",
             Self::Publish { .. } => "Publish",
             Self::Reset { .. } => "Reset",
-            Self::Stats { .. } => "Stats",
-            Self::TopProducts { .. } => "TopProducts",
+            Self::Views { .. } => "Views",
         })
     }
 }
 
 impl<F: FrameBytes> DistributorHandle<F> {
     /// Starts the actor on the current tokio runtime; `position` is the last seq already
-    /// committed, from which the listener continues.
-    pub fn spawn(limits: Limits, position: Seq) -> Self {
+    /// committed, from which the listener continues. Per-address budgets spare `exempt`.
+    pub fn spawn(limits: Limits, budgets: Budgets, exempt: Vec<IpPrefix>, position: Seq) -> Self {
         let (commands, inbox) = mpsc::channel(COMMAND_CAPACITY);
-        actor::spawn(inbox, limits, position);
-        Self { commands }
+        let counts = Arc::new(counts::Counts::default());
+        actor::spawn(
+            inbox,
+            actor::Settings {
+                limits,
+                budgets,
+                exempt,
+            },
+            Arc::clone(&counts),
+            position,
+        );
+        Self { commands, counts }
     }
 
     async fn send(&self, command: Command<F>) -> Result<(), DistributorGone> {
@@ -280,11 +355,18 @@ impl<F: FrameBytes> DistributorHandle<F> {
             .map_err(|_| DistributorGone)
     }
 
-    /// Registers a new session and returns its id and outbox.
-    pub async fn register(&self) -> Result<Registration<F>, DistributorGone> {
+    /// Registers a new session from `address` (None: not known, counted only server-wide)
+    /// and returns its id and outbox, unless a session budget is used up.
+    pub async fn register(
+        &self,
+        address: Option<IpAddr>,
+    ) -> Result<Registration<F>, RegisterError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Register { reply }).await?;
-        answer.await.map_err(|_| DistributorGone)
+        self.send(Command::Register { address, reply }).await?;
+        answer
+            .await
+            .map_err(|_| RegisterError::Gone)?
+            .map_err(RegisterError::OverBudget)
     }
 
     /// Asks for `products`; the answer arrives in the session's outbox.
@@ -364,20 +446,21 @@ impl<F: FrameBytes> DistributorHandle<F> {
         .await
     }
 
-    /// Current counts.
-    pub async fn stats(&self) -> Result<Stats, DistributorGone> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Stats { reply }).await?;
-        answer.await.map_err(|_| DistributorGone)
+    /// The running totals, as of the actor's last batch of commands. Reads atomics: costs the
+    /// actor nothing.
+    pub fn stats(&self) -> Stats {
+        self.counts.load()
     }
 
-    /// Up to `limit` products with the most subscribers, with their subscriber counts.
-    pub async fn top_products(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<(ProductId, usize)>, DistributorGone> {
+    /// The views that walk the actor's maps (messages waiting, the `top_products` most
+    /// subscribed products): O(sessions + products) of the actor's time, so ask rarely.
+    pub async fn views(&self, top_products: usize) -> Result<Views, DistributorGone> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::TopProducts { limit, reply }).await?;
+        self.send(Command::Views {
+            top_products,
+            reply,
+        })
+        .await?;
         answer.await.map_err(|_| DistributorGone)
     }
 }

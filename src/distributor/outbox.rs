@@ -33,6 +33,8 @@ struct Queue<F> {
     bytes: usize,
     /// Entries in `items` that are not changes (acks, refusals, resets, gap markers).
     replies: usize,
+    /// What those entries hold ([`reply_bytes`]): an ack echoes up to 100 000 ids.
+    reply_bytes: usize,
     closed: bool,
 }
 
@@ -95,6 +97,7 @@ pub(crate) fn outbox<F>(
             items: VecDeque::new(),
             bytes: 0,
             replies: 0,
+            reply_bytes: 0,
             closed: false,
         }),
         ready: Notify::new(),
@@ -142,13 +145,15 @@ impl<F: FrameBytes> OutboxSender<F> {
         match shared.policy {
             SlowClientPolicy::Disconnect => Pushed::Full,
             SlowClientPolicy::Conflate => {
-                queue.replies += 1;
-                queue.items.push_back(Delivery::Gap {
+                let gap = Delivery::Gap {
                     products: products(),
                     after: seq.saturating_sub(1),
                     upto: seq,
                     stale_at: Instant::now() + shared.conflate_after,
-                });
+                };
+                queue.replies += 1;
+                queue.reply_bytes += reply_bytes(&gap);
+                queue.items.push_back(gap);
                 drop(queue);
                 shared.ready.notify_one();
                 Pushed::Deferred
@@ -164,17 +169,22 @@ impl<F: FrameBytes> OutboxSender<F> {
         if queue.closed {
             return Pushed::Closed;
         }
-        // Replies are bounded under either policy: a client that sends commands without
-        // reading the answers (an ack flood) fills its queue with them, and nothing can be
-        // conflated or left to the changelog for them, so such a client is evicted.
-        let full = match shared.policy {
-            SlowClientPolicy::Disconnect => queue.items.len() >= shared.capacity,
-            SlowClientPolicy::Conflate => queue.replies >= shared.capacity,
-        };
+        // Replies are bounded under either policy, by count and by bytes: a client that sends
+        // commands without reading the answers (an ack flood) fills its queue with them, and
+        // nothing can be conflated or left to the changelog for them, so such a client is
+        // evicted.
+        let bytes = reply_bytes(&delivery);
+        let over_bytes = queue.reply_bytes > 0 && queue.reply_bytes + bytes > shared.max_bytes;
+        let full = over_bytes
+            || match shared.policy {
+                SlowClientPolicy::Disconnect => queue.items.len() >= shared.capacity,
+                SlowClientPolicy::Conflate => queue.replies >= shared.capacity,
+            };
         if full {
             return Pushed::Full;
         }
         queue.replies += 1;
+        queue.reply_bytes += bytes;
         queue.items.push_back(delivery);
         drop(queue);
         shared.ready.notify_one();
@@ -202,19 +212,19 @@ impl<F: FrameBytes> OutboxReceiver<F> {
                 let mut queue = self.0.lock();
                 if !queue.items.is_empty() {
                     let take = queue.items.len().min(max);
-                    let (bytes, replies) =
-                        queue
-                            .items
-                            .iter()
-                            .take(take)
-                            .fold((0, 0), |(bytes, replies), item| match item {
-                                Delivery::Change { frame, .. } => {
-                                    (bytes + frame.byte_len(), replies)
-                                }
-                                _ => (bytes, replies + 1),
-                            });
+                    let (mut bytes, mut replies, mut reply_bytes_taken) = (0, 0, 0);
+                    for item in queue.items.iter().take(take) {
+                        match item {
+                            Delivery::Change { frame, .. } => bytes += frame.byte_len(),
+                            reply => {
+                                replies += 1;
+                                reply_bytes_taken += reply_bytes(reply);
+                            }
+                        }
+                    }
                     queue.bytes -= bytes;
                     queue.replies -= replies;
+                    queue.reply_bytes -= reply_bytes_taken;
                     batch.extend(queue.items.drain(..take));
                     return true;
                 }
@@ -236,6 +246,18 @@ impl<F> OutboxReceiver<F> {
             queue.items = VecDeque::new();
         }
     }
+}
+
+/// Memory a queued reply holds: its entry and the ids it carries.
+fn reply_bytes<F>(reply: &Delivery<F>) -> usize {
+    let ids = match reply {
+        Delivery::Subscribed { products, .. }
+        | Delivery::Unsubscribed { products, .. }
+        | Delivery::Gap { products, .. }
+        | Delivery::Reset { products, .. } => products.len(),
+        Delivery::Change { .. } | Delivery::Refused(_) => 0,
+    };
+    std::mem::size_of::<Delivery<F>>() + ids * std::mem::size_of::<ProductId>()
 }
 
 impl<F> Drop for OutboxReceiver<F> {
@@ -310,6 +332,28 @@ mod tests {
             Pushed::Queued,
             "taken replies free their room"
         );
+    }
+
+    #[tokio::test]
+    async fn unread_replies_are_bounded_by_the_ids_they_carry() {
+        // 1 MiB holds 131 072 ids: two acks of 100 000 ids do not fit.
+        let (tx, mut rx) = outbox::<u64>(
+            4096,
+            1 << 20,
+            SlowClientPolicy::Conflate,
+            Duration::from_secs(1),
+        );
+        let ack = || Delivery::Subscribed {
+            products: (0..100_000).map(id).collect(),
+            position: 0,
+            start: crate::product::SubscriptionStart::Live,
+            total: 100_000,
+        };
+        assert_eq!(tx.push(ack()), Pushed::Queued, "one always fits");
+        assert_eq!(tx.push(ack()), Pushed::Full);
+        let mut batch = Vec::new();
+        assert!(rx.recv_batch(&mut batch, 10).await);
+        assert_eq!(tx.push(ack()), Pushed::Queued, "taken bytes are free again");
     }
 
     #[tokio::test]

@@ -31,14 +31,28 @@ impl std::fmt::Display for SessionId {
     }
 }
 
-/// A subscribe that would take the session past its cap; nothing was applied.
+/// Whose budget a refusal hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// The one connection's cap.
+    Connection,
+    /// All sessions from the client's address together.
+    Address,
+    /// All sessions of the server together.
+    Server,
+}
+
+/// A request (a subscribe, or a new session) that would take a budget past its limit; nothing
+/// was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverLimit {
-    /// Subscriptions the session holds now.
+    /// Which budget.
+    pub budget: Budget,
+    /// What the budget's holder holds now.
     pub current: usize,
-    /// New (not yet held) ids in the refused command.
+    /// What the refused request would have added.
     pub requested: usize,
-    /// The per-session cap.
+    /// The budget.
     pub limit: usize,
 }
 
@@ -136,36 +150,47 @@ impl<S> Subscriptions<S> {
         self.by_session.insert(id, slot);
     }
 
-    /// Subscribes `id` to `products`, all or nothing: if the new ids would take the session past
-    /// `limit`, nothing changes. Unknown sessions (already removed) are ignored.
+    /// Subscribes `id` to `products` (distinct ids), all or nothing: if the new ids would take
+    /// the session past `limit`, or `budgets` refuses their number (the budgets shared with
+    /// other sessions), nothing changes. Returns how many were new. Unknown sessions (already
+    /// removed) are ignored.
     pub(crate) fn subscribe(
         &mut self,
         id: SessionId,
         products: &[ProductId],
         limit: usize,
+        budgets: impl Fn(usize) -> Result<(), OverLimit>,
     ) -> Result<usize, OverLimit> {
         let Some(&slot) = self.by_session.get(&id) else {
             return Ok(0);
         };
         let entry = &mut self.sessions[slot as usize];
         let current = entry.products.len();
-        // Insert first and roll back if over the cap: one hash per id on the common path.
+        // Most subscribes fit even if every id is new: they are inserted at once, one hash per
+        // id. One that might not fit is counted first, so a refusal (a client pushing against
+        // a budget, maybe in a loop) costs lookups only, never inserts and their rollback.
+        let fits_whole = current + products.len() <= limit && budgets(products.len()).is_ok();
+        if !fits_whole {
+            let new = products
+                .iter()
+                .filter(|product| !entry.products.contains(*product))
+                .count();
+            if current + new > limit {
+                return Err(OverLimit {
+                    budget: Budget::Connection,
+                    current,
+                    requested: new,
+                    limit,
+                });
+            }
+            budgets(new)?;
+        }
         entry.products.reserve(products.len());
         let mut new = Vec::with_capacity(products.len());
         for &product in products {
             if entry.products.insert(product) {
                 new.push(product);
             }
-        }
-        if current + new.len() > limit {
-            for product in &new {
-                entry.products.remove(product);
-            }
-            return Err(OverLimit {
-                current,
-                requested: new.len(),
-                limit,
-            });
         }
         self.by_product.reserve(new.len());
         for &product in &new {
@@ -364,6 +389,11 @@ impl<S> Subscriptions<S> {
 mod tests {
     use super::*;
 
+    /// No shared budget in the way.
+    fn open(_: usize) -> Result<(), OverLimit> {
+        Ok(())
+    }
+
     fn ids(raw: &[i64]) -> Vec<ProductId> {
         raw.iter().map(|&id| ProductId::new(id).unwrap()).collect()
     }
@@ -374,10 +404,14 @@ mod tests {
         let (a, b) = (SessionId(1), SessionId(2));
         subs.add_session(a, 'a');
         subs.add_session(b, 'b');
-        assert_eq!(subs.subscribe(a, &ids(&[1, 2, 3]), 10), Ok(3));
+        assert_eq!(subs.subscribe(a, &ids(&[1, 2, 3]), 10, open), Ok(3));
         subs.check_invariant();
-        assert_eq!(subs.subscribe(a, &ids(&[3, 4]), 10), Ok(1), "set semantics");
-        assert_eq!(subs.subscribe(b, &ids(&[1]), 10), Ok(1));
+        assert_eq!(
+            subs.subscribe(a, &ids(&[3, 4]), 10, open),
+            Ok(1),
+            "set semantics"
+        );
+        assert_eq!(subs.subscribe(b, &ids(&[1]), 10, open), Ok(1));
         subs.check_invariant();
         assert_eq!(subs.subscription_count(), 5);
         assert_eq!(subs.product_count(), 4);
@@ -412,11 +446,12 @@ mod tests {
         let mut subs = Subscriptions::default();
         let a = SessionId(1);
         subs.add_session(a, ());
-        subs.subscribe(a, &ids(&[1, 2]), 3).unwrap();
-        let err = subs.subscribe(a, &ids(&[2, 3, 4]), 3).unwrap_err();
+        subs.subscribe(a, &ids(&[1, 2]), 3, open).unwrap();
+        let err = subs.subscribe(a, &ids(&[2, 3, 4]), 3, open).unwrap_err();
         assert_eq!(
             err,
             OverLimit {
+                budget: Budget::Connection,
                 current: 2,
                 requested: 2,
                 limit: 3
@@ -425,13 +460,30 @@ mod tests {
         assert_eq!(subs.subscription_count(), 2);
         assert_eq!(subs.subscribers(ProductId::new(3).unwrap()).count(), 0);
         subs.check_invariant();
-        assert_eq!(subs.subscribe(a, &ids(&[1, 2, 3]), 3), Ok(1));
+        // A shared budget that refuses is asked with the number of new ids, and rolls back too.
+        let shared = OverLimit {
+            budget: Budget::Address,
+            current: 7,
+            requested: 1,
+            limit: 7,
+        };
+        let refuse = |new: usize| {
+            assert!(
+                new == 3 || new == 1,
+                "asked with all ids, then with the new one"
+            );
+            Err(shared)
+        };
+        assert_eq!(subs.subscribe(a, &ids(&[1, 2, 3]), 3, refuse), Err(shared));
+        assert_eq!(subs.subscription_count(), 2);
+        subs.check_invariant();
+        assert_eq!(subs.subscribe(a, &ids(&[1, 2, 3]), 3, open), Ok(1));
     }
 
     #[test]
     fn commands_for_unknown_sessions_are_ignored() {
         let mut subs: Subscriptions<()> = Subscriptions::default();
-        assert_eq!(subs.subscribe(SessionId(9), &ids(&[1]), 10), Ok(0));
+        assert_eq!(subs.subscribe(SessionId(9), &ids(&[1]), 10, open), Ok(0));
         assert_eq!(subs.unsubscribe(SessionId(9), &ids(&[1])), 0);
         assert_eq!(subs.product_count(), 0);
         subs.check_invariant();
@@ -444,7 +496,7 @@ mod tests {
         let sessions: Vec<SessionId> = (1..=200).map(SessionId).collect();
         for &id in &sessions {
             subs.add_session(id, id.0);
-            subs.subscribe(id, &product, 10).unwrap();
+            subs.subscribe(id, &product, 10, open).unwrap();
         }
         subs.check_invariant();
         assert!(subs.by_product[&product[0]].positions.is_some());
@@ -474,11 +526,12 @@ mod tests {
     fn slots_are_reused_without_leaking_old_subscriptions() {
         let mut subs = Subscriptions::default();
         subs.add_session(SessionId(1), 'a');
-        subs.subscribe(SessionId(1), &ids(&[1, 2]), 10).unwrap();
+        subs.subscribe(SessionId(1), &ids(&[1, 2]), 10, open)
+            .unwrap();
         subs.remove_session(SessionId(1));
         subs.add_session(SessionId(2), 'b');
         assert_eq!(subs.subscribers(ProductId::new(1).unwrap()).count(), 0);
-        subs.subscribe(SessionId(2), &ids(&[2]), 10).unwrap();
+        subs.subscribe(SessionId(2), &ids(&[2]), 10, open).unwrap();
         let on_two: Vec<(SessionId, char)> = subs
             .subscribers(ProductId::new(2).unwrap())
             .map(|(id, s)| (id, *s))

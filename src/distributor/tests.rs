@@ -17,6 +17,28 @@ fn limits(outbox_capacity: usize, max_subscriptions: usize, policy: SlowClientPo
     }
 }
 
+/// Budgets that never bind, for tests about something else.
+fn open_budgets() -> Budgets {
+    Budgets {
+        max_sessions: 1 << 20,
+        max_sessions_per_ip: 1 << 20,
+        max_total_subscriptions: 1 << 30,
+        max_subscriptions_per_ip: 1 << 30,
+        command_rate: 1000,
+        command_burst: 1000,
+    }
+}
+
+fn spawn<F: FrameBytes>(limits: Limits, position: Seq) -> DistributorHandle<F> {
+    DistributorHandle::spawn(limits, open_budgets(), Vec::new(), position)
+}
+
+/// The totals once every command sent so far is handled.
+async fn settled<F: FrameBytes>(distributor: &DistributorHandle<F>) -> Stats {
+    distributor.views(0).await.unwrap();
+    distributor.stats()
+}
+
 fn ids(raw: &[i64]) -> Vec<ProductId> {
     raw.iter().map(|&id| ProductId::new(id).unwrap()).collect()
 }
@@ -40,10 +62,9 @@ fn change<F>(product: i64, seq: Seq, frame: F) -> Delivery<F> {
 
 #[tokio::test]
 async fn fans_out_in_order_and_acks_carry_the_position() {
-    let distributor =
-        DistributorHandle::<&'static str>::spawn(limits(16, 10, SlowClientPolicy::Conflate), 40);
-    let mut a = distributor.register().await.unwrap();
-    let mut b = distributor.register().await.unwrap();
+    let distributor = spawn::<&'static str>(limits(16, 10, SlowClientPolicy::Conflate), 40);
+    let mut a = distributor.register(None).await.unwrap();
+    let mut b = distributor.register(None).await.unwrap();
     distributor
         .subscribe(a.id, ids(&[1]), SubscriptionStart::Live)
         .await
@@ -75,15 +96,14 @@ async fn fans_out_in_order_and_acks_carry_the_position() {
         })
     );
     assert_eq!(next(&mut b).await, Some(change(2, 42, "two")));
-    assert_eq!(distributor.stats().await.unwrap().last_seq, 42);
+    assert_eq!(settled(&distributor).await.last_seq, 42);
 }
 
 #[tokio::test]
 async fn full_outbox_evicts_only_that_session_under_the_disconnect_policy() {
-    let distributor =
-        DistributorHandle::<u64>::spawn(limits(2, 10, SlowClientPolicy::Disconnect), 0);
-    let slow = distributor.register().await.unwrap();
-    let mut fast = distributor.register().await.unwrap();
+    let distributor = spawn::<u64>(limits(2, 10, SlowClientPolicy::Disconnect), 0);
+    let slow = distributor.register(None).await.unwrap();
+    let mut fast = distributor.register(None).await.unwrap();
     let product = ids(&[1])[0];
     distributor
         .subscribe(slow.id, vec![product], SubscriptionStart::Live)
@@ -99,7 +119,7 @@ async fn full_outbox_evicts_only_that_session_under_the_disconnect_policy() {
         assert_eq!(next(&mut fast).await, Some(change(1, n, n)));
     }
     slow.evicted.cancelled().await;
-    let stats = distributor.stats().await.unwrap();
+    let stats = settled(&distributor).await;
     assert_eq!(stats.sessions, 1);
     assert_eq!(stats.slow_sessions_evicted, 1);
     assert_eq!(stats.subscriptions, 1);
@@ -107,8 +127,8 @@ async fn full_outbox_evicts_only_that_session_under_the_disconnect_policy() {
 
 #[tokio::test]
 async fn a_full_queue_defers_changes_to_one_gap_and_resets_reach_every_session() {
-    let distributor = DistributorHandle::<u64>::spawn(limits(4, 10, SlowClientPolicy::Conflate), 0);
-    let mut slow = distributor.register().await.unwrap();
+    let distributor = spawn::<u64>(limits(4, 10, SlowClientPolicy::Conflate), 0);
+    let mut slow = distributor.register(None).await.unwrap();
     distributor
         .subscribe(slow.id, ids(&[2, 1]), SubscriptionStart::Live)
         .await
@@ -120,11 +140,12 @@ async fn a_full_queue_defers_changes_to_one_gap_and_resets_reach_every_session()
             .await
             .unwrap();
     }
-    let stats = distributor.stats().await.unwrap();
+    let stats = settled(&distributor).await;
     assert_eq!(stats.sessions, 1);
     assert_eq!(
-        stats.messages_waiting, 5,
-        "ack, 3 changes, one gap: {stats:?}"
+        distributor.views(0).await.unwrap().messages_waiting,
+        5,
+        "ack, 3 changes, one gap"
     );
     assert_eq!(stats.changes_deferred, 97);
     let mut batch = Vec::new();
@@ -157,14 +178,14 @@ async fn a_full_queue_defers_changes_to_one_gap_and_resets_reach_every_session()
         })
     );
     assert_eq!(next(&mut slow).await, Some(change(2, 151, 151)));
-    let stats = distributor.stats().await.unwrap();
+    let stats = settled(&distributor).await;
     assert_eq!((stats.resets, stats.last_seq), (1, 151));
 }
 
 #[tokio::test]
 async fn refused_subscribe_is_reported_and_maps_empty_after_disconnects() {
-    let distributor = DistributorHandle::<u64>::spawn(limits(16, 2, SlowClientPolicy::Conflate), 0);
-    let mut a = distributor.register().await.unwrap();
+    let distributor = spawn::<u64>(limits(16, 2, SlowClientPolicy::Conflate), 0);
+    let mut a = distributor.register(None).await.unwrap();
     distributor
         .subscribe(a.id, ids(&[1, 2, 3]), SubscriptionStart::Live)
         .await
@@ -174,20 +195,20 @@ async fn refused_subscribe_is_reported_and_maps_empty_after_disconnects() {
         .subscribe(a.id, ids(&[1, 2]), SubscriptionStart::Live)
         .await
         .unwrap();
-    let b = distributor.register().await.unwrap();
+    let b = distributor.register(None).await.unwrap();
     distributor
         .subscribe(b.id, ids(&[2]), SubscriptionStart::Live)
         .await
         .unwrap();
-    assert_eq!(distributor.stats().await.unwrap().subscriptions, 3);
+    assert_eq!(settled(&distributor).await.subscriptions, 3);
     assert_eq!(
-        distributor.top_products(1).await.unwrap(),
+        distributor.views(1).await.unwrap().top_products,
         vec![(ids(&[2])[0], 2)],
         "product 2 has two subscribers"
     );
     distributor.disconnect(a.id).await;
     distributor.disconnect_soon(b.id);
-    let stats = distributor.stats().await.unwrap();
+    let stats = settled(&distributor).await;
     assert_eq!(
         (
             stats.sessions,
@@ -204,5 +225,101 @@ async fn refused_subscribe_is_reported_and_maps_empty_after_disconnects() {
         next(&mut a).await,
         None,
         "outbox closes when the session is dropped"
+    );
+}
+
+#[tokio::test]
+async fn session_and_subscription_budgets_hold_per_address_and_server_wide() {
+    let budgets = Budgets {
+        max_sessions: 3,
+        max_sessions_per_ip: 2,
+        max_total_subscriptions: 5,
+        max_subscriptions_per_ip: 3,
+        ..open_budgets()
+    };
+    let exempt = vec![crate::config::IpPrefix::parse("127.0.0.0/8").unwrap()];
+    let distributor = DistributorHandle::<u64>::spawn(
+        limits(16, 10, SlowClientPolicy::Conflate),
+        budgets,
+        exempt,
+        0,
+    );
+    let remote: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let mut a = distributor.register(Some(remote)).await.unwrap();
+    let b = distributor.register(Some(remote)).await.unwrap();
+    let refused = distributor.register(Some(remote)).await.unwrap_err();
+    assert!(matches!(
+        refused,
+        RegisterError::OverBudget(OverLimit {
+            budget: Budget::Address,
+            current: 2,
+            limit: 2,
+            ..
+        })
+    ));
+    // Loopback is exempt from the per-address budget, not from the server's.
+    let mut c = distributor.register(Some(local)).await.unwrap();
+    let refused = distributor.register(Some(local)).await.unwrap_err();
+    assert!(matches!(
+        refused,
+        RegisterError::OverBudget(OverLimit {
+            budget: Budget::Server,
+            current: 3,
+            limit: 3,
+            ..
+        })
+    ));
+
+    // The address's 3 subscriptions are shared by its two sessions.
+    distributor
+        .subscribe(a.id, ids(&[1, 2]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    distributor
+        .subscribe(b.id, ids(&[1, 2]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut a).await,
+        Some(Delivery::Subscribed { .. })
+    ));
+    // b's refusal is in b's outbox; check it through the counters.
+    let stats = settled(&distributor).await;
+    assert_eq!(stats.subscriptions, 2);
+    assert_eq!(stats.refused.subscriptions_address, 1);
+    // The exempt session still meets the server-wide budget: 2 held + 4 > 5.
+    distributor
+        .subscribe(c.id, ids(&[5, 6, 7, 8]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut c).await,
+        Some(Delivery::Refused(OverLimit {
+            budget: Budget::Server,
+            current: 2,
+            requested: 4,
+            limit: 5
+        }))
+    ));
+    // Unsubscribing and leaving give the budgets back.
+    distributor.unsubscribe(a.id, ids(&[1, 2])).await.unwrap();
+    distributor.disconnect(b.id).await;
+    distributor
+        .subscribe(a.id, ids(&[1, 2, 3]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    let stats = settled(&distributor).await;
+    assert_eq!((stats.sessions, stats.subscriptions), (2, 3));
+    assert_eq!(
+        (
+            stats.refused.sessions_address,
+            stats.refused.sessions_server
+        ),
+        (1, 1)
+    );
+    assert!(
+        distributor.register(Some(remote)).await.is_ok(),
+        "b's slot is free"
     );
 }

@@ -90,6 +90,12 @@ pub enum ErrorCode {
     BinaryFrame,
     /// Applying the subscribe would exceed the per-connection cap; nothing was applied.
     TooManySubscriptions,
+    /// Applying the subscribe would exceed the subscriptions all connections from the client's
+    /// address may hold together; nothing was applied.
+    AddressSubscriptionBudget,
+    /// Applying the subscribe would exceed the subscriptions the server holds for everyone;
+    /// nothing was applied.
+    ServerSubscriptionBudget,
     /// SSE only: the stream's replay or snapshot found the change history busy (too many being
     /// read at once), and the stream ends after this message. `EventSource` reconnects by
     /// itself and resumes after `Last-Event-ID`, so nothing is lost. (A WebSocket is closed with
@@ -99,13 +105,15 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation checks.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::MalformedJson,
         Self::UnknownCommand,
         Self::InvalidCommand,
         Self::InvalidProductId,
         Self::BinaryFrame,
         Self::TooManySubscriptions,
+        Self::AddressSubscriptionBudget,
+        Self::ServerSubscriptionBudget,
         Self::HistoryBusy,
     ];
 
@@ -118,6 +126,8 @@ impl ErrorCode {
             Self::InvalidProductId => "invalid_product_id",
             Self::BinaryFrame => "binary_frame",
             Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::AddressSubscriptionBudget => "address_subscription_budget",
+            Self::ServerSubscriptionBudget => "server_subscription_budget",
             Self::HistoryBusy => "history_busy",
         }
     }

@@ -9,6 +9,7 @@
 mod access;
 mod bad_input;
 mod browser;
+mod budgets;
 mod delivery;
 mod faults;
 mod integrity;

@@ -221,13 +221,17 @@ pub async fn spawn_instance(database_url: &str, flags: &[&str]) -> TestApp {
     test_app
 }
 
-/// A client that sends the app's API token (if the flags set one) with every request, so the
-/// harness's own calls work under `--auth-reads`; tests of refusals use a client without it.
+/// A client that sends the app's operator token, else its API token (if the flags set one)
+/// with every request, so the harness's own calls (`/stats`) work under `--ops-token` or
+/// `--auth-reads`; tests of refusals use a client without it.
 fn authorized_client(flags: &[&str]) -> reqwest::Client {
-    let token = flags
-        .iter()
-        .position(|flag| *flag == "--api-token")
-        .and_then(|at| flags.get(at + 1));
+    let flag_value = |name: &str| {
+        flags
+            .iter()
+            .position(|flag| *flag == name)
+            .and_then(|at| flags.get(at + 1))
+    };
+    let token = flag_value("--ops-token").or_else(|| flag_value("--api-token"));
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = token {
         headers.insert(

@@ -45,6 +45,29 @@ impl WsClient {
             .expect("send binary frame");
     }
 
+    /// Connects from the loopback address `source` (e.g. 127.0.0.2), so one test can be several
+    /// client addresses; the refusal, if the server answers the upgrade with an error.
+    pub async fn try_connect_from(
+        url: &str,
+        source: std::net::IpAddr,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let addr: std::net::SocketAddr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .expect("host:port in the URL")
+            .parse()
+            .expect("a socket address in the URL");
+        let socket = tokio::net::TcpSocket::new_v4().expect("TCP socket");
+        socket
+            .bind(std::net::SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        let stream = socket.connect(addr).await.expect("TCP connect");
+        let (socket, _) =
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await?;
+        Ok(Self { socket })
+    }
+
     /// Connects with a tiny kernel receive buffer, so a client that stops reading backs up
     /// into the server quickly.
     pub async fn connect_with_small_receive_buffer(url: &str) -> Self {
