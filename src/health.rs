@@ -156,6 +156,7 @@ where
     S: Clone + Send + Sync + 'static,
     DistributorHandle<Frame>: FromRef<S>,
     ListenerWatch: FromRef<S>,
+    TransportStats: FromRef<S>,
     Metrics: FromRef<S>,
 {
     Router::new().route("/metrics", get(metrics))
@@ -232,6 +233,7 @@ async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
 pub(crate) async fn metrics(
     State(distributor): State<DistributorHandle<Frame>>,
     State(listener): State<ListenerWatch>,
+    State(transport): State<TransportStats>,
     State(metrics): State<Metrics>,
 ) -> Response {
     if let Ok(stats) = distributor.stats().await {
@@ -288,6 +290,9 @@ pub(crate) async fn metrics(
     metrics
         .gauge("rowcast_changes_per_second", &[])
         .set(metrics.changes_per_second());
+    metrics
+        .counter("rowcast_write_timeouts_total", &[])
+        .absolute(transport.snapshot().write_timeouts);
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response()
 }
 
