@@ -21,3 +21,4 @@ mod slow_client;
 mod subscriptions;
 mod support;
 mod tls;
+mod write_deadline;
