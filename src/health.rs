@@ -197,6 +197,7 @@ where
     DistributorHandle<Frame>: FromRef<S>,
     ViewsCache: FromRef<S>,
     ListenerWatch: FromRef<S>,
+    TransportStats: FromRef<S>,
     Metrics: FromRef<S>,
 {
     Router::new().route("/metrics", get(metrics))
@@ -274,6 +275,7 @@ pub(crate) async fn metrics(
     State(distributor): State<DistributorHandle<Frame>>,
     State(views): State<ViewsCache>,
     State(listener): State<ListenerWatch>,
+    State(transport): State<TransportStats>,
     State(metrics): State<Metrics>,
 ) -> Response {
     let gauge = |name, value: usize| metrics.gauge(name, &[]).set(value as f64);
@@ -355,6 +357,9 @@ pub(crate) async fn metrics(
     metrics
         .gauge("rowcast_changes_per_second", &[])
         .set(metrics.changes_per_second());
+    metrics
+        .counter("rowcast_write_timeouts_total", &[])
+        .absolute(transport.snapshot().write_timeouts);
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response()
 }
 

@@ -289,6 +289,17 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 /// A REST request is one indexed query; 30 s is far beyond a healthy one and bounds what a stuck
 /// database or a client that never finishes its body costs.
 pub const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
+/// Time a connection may go without the peer accepting any of the bytes the server has for it
+/// (the socket's send buffer stays full). A client that reads drains its socket within
+/// milliseconds, and a congested link within a few TCP retransmissions; one that has taken
+/// nothing for 30 s has stopped reading (a frozen tab, a peer gone without FIN, a client that
+/// sends a request and never reads), and without this bound it would hold its connection and
+/// what is queued for it forever. The same patience as `--request-timeout`, and below the
+/// WebSocket heartbeat window (interval + timeout, 30 s + 10 s), so a stalled HTTP/1.1 WebSocket
+/// is closed by this first; the heartbeat window stays, bounding a peer that reads a trickle
+/// (each bit of progress re-arms this deadline) and WebSockets over HTTP/2, whose streams this
+/// connection-level deadline cannot see.
+pub const DEFAULT_WRITE_TIMEOUT: &str = "30s";
 /// REST requests in flight at once. Each needs one of the few pooled database connections, so
 /// past a few hundred waiting requests queueing only adds latency: shed the rest with 503.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
@@ -424,6 +435,12 @@ pub struct Hardening {
           default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
+    /// Longest time a connection may go without the peer accepting any data the server has for
+    /// it (SSE streams, REST responses, WebSockets over HTTP/1.1); the connection is then closed.
+    #[arg(long = "write-timeout", env = "ROWCAST_WRITE_TIMEOUT",
+          default_value = DEFAULT_WRITE_TIMEOUT, value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
     /// Longest time a REST request may take before it is answered 503.
     #[arg(long = "request-timeout", env = "ROWCAST_REQUEST_TIMEOUT",
           default_value = DEFAULT_REQUEST_TIMEOUT, value_parser = parse_duration)]
@@ -499,6 +516,7 @@ mod tests {
         assert_eq!(cli.config.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(cli.config.heartbeat.interval, Duration::from_secs(30));
         assert_eq!(cli.config.limits.max_frame_bytes, 256 * 1024);
+        assert_eq!(cli.config.hardening.write_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -517,6 +535,13 @@ mod tests {
         let err = parse(&["--outbox-capacity", "0"]).unwrap_err().to_string();
         assert!(
             err.contains("--outbox-capacity") && err.contains("at least 1"),
+            "{err}"
+        );
+        // No "0 = off": a write without a deadline is what lets a reader that stopped hold its
+        // connection forever.
+        let err = parse(&["--write-timeout", "0s"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--write-timeout") && err.contains("greater than zero"),
             "{err}"
         );
         let err = parse(&["--listen", "localhost"]).unwrap_err().to_string();

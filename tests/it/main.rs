@@ -22,3 +22,4 @@ mod slow_client;
 mod subscriptions;
 mod support;
 mod tls;
+mod write_deadline;
