@@ -204,6 +204,7 @@ where
     ViewsCache: FromRef<S>,
     ListenerWatch: FromRef<S>,
     HistoryReader: FromRef<S>,
+    TransportStats: FromRef<S>,
     Metrics: FromRef<S>,
 {
     Router::new().route("/metrics", get(metrics))
@@ -282,6 +283,7 @@ pub(crate) async fn metrics(
     State(views): State<ViewsCache>,
     State(listener): State<ListenerWatch>,
     State(history): State<HistoryReader>,
+    State(transport): State<TransportStats>,
     State(metrics): State<Metrics>,
 ) -> Response {
     let gauge = |name, value: usize| metrics.gauge(name, &[]).set(value as f64);
@@ -373,6 +375,9 @@ pub(crate) async fn metrics(
     metrics
         .gauge("rowcast_changes_per_second", &[])
         .set(metrics.changes_per_second());
+    metrics
+        .counter("rowcast_write_timeouts_total", &[])
+        .absolute(transport.snapshot().write_timeouts);
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response()
 }
 

@@ -12,9 +12,9 @@
 //!   transport, subscription starts by kind (live, resume, snapshot, reset), the commit→dispatch
 //!   lag histogram, REST request latency by route, method and status;
 //! - **copied at scrape time** from state that already has one owner (the distributor's `Stats`,
-//!   the listener's `ListenerStatus`, the history reader's `HistoryStats`) by `health::metrics`,
-//!   with [`Metrics::counter`] / [`Metrics::gauge`]: counting the same event twice in two places
-//!   would let them disagree.
+//!   the listener's `ListenerStatus`, the transport's write timeouts, the history reader's
+//!   `HistoryStats`) by `health::metrics`, with [`Metrics::counter`] / [`Metrics::gauge`]:
+//!   counting the same event twice in two places would let them disagree.
 //!
 //! Imports nothing of ours.
 
@@ -258,7 +258,7 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 }
 
 /// Help lines. (`describe_counter` serves every kind: the recorder keeps one table.)
-const DESCRIPTIONS: [(&str, Option<Unit>, &str); 26] = [
+const DESCRIPTIONS: [(&str, Option<Unit>, &str); 27] = [
     (
         "rowcast_sessions",
         None,
@@ -388,6 +388,11 @@ const DESCRIPTIONS: [(&str, Option<Unit>, &str); 26] = [
         "rowcast_changes_per_second",
         None,
         "Changes dispatched per second, averaged over the last 5 s.",
+    ),
+    (
+        "rowcast_write_timeouts_total",
+        None,
+        "Connections closed because the peer accepted no data within --write-timeout (it had stopped reading).",
     ),
 ];
 

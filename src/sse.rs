@@ -3,6 +3,29 @@
 //! each change with `id: <seq>`. A reconnecting `EventSource` sends `Last-Event-ID`, and the
 //! stream resumes after it with no gap and no duplicate (the same `Feed` as WebSockets).
 //!
+//! Slow readers get the WebSocket's policies: the same outbox (conflate, or eviction under
+//! `--slow-client-policy disconnect`, which ends the stream), and a bound on every write. A
+//! WebSocket bounds its writes itself (the heartbeat window); an SSE stream cannot, because it
+//! does not write: hyper polls it for the next event only when the previous one has gone out,
+//! and not at all while the socket is full. The connection's write deadline (`--write-timeout`,
+//! in `serve`) is the bound instead: a reader that stops reading over HTTP/1.1 (or a whole HTTP/2
+//! connection that stops) is closed after it, hyper drops this stream, and the drop guard
+//! disconnects it from the distributor. Whenever hyper does poll again, eviction and shutdown are
+//! checked before anything else is sent.
+//!
+//! Not covered: over HTTP/2 a peer can keep one stream's window at zero while its connection
+//! still moves (it answers pings, other streams flow), so the socket never blocks and the
+//! deadline never fires. hyper 1.x has no per-stream send timeout (nor does h2's server builder),
+//! keeps the stream's `SendStream` to itself, and while an event waits for stream window it polls
+//! only for window and RST_STREAM, never this body, so the stream cannot end itself either.
+//! Such a stream ends when the peer opens its window (the next poll sees the eviction or the
+//! shutdown), resets the stream, or its connection closes (on shutdown after `--shutdown-grace`
+//! at the latest). Until then it holds one of its connection's 200 stream slots, the event hyper
+//! holds, the batch this stream took, and its outbox, which the slow-client policy bounds
+//! (`--outbox-capacity`/`--outbox-bytes`; emptied at eviction); it delays nobody else. Closing
+//! the whole connection from here would take its other streams down with it, which a
+//! multiplexing browser shares between tabs.
+//!
 //! A stream whose replay or snapshot finds the change history busy gets one `history_busy`
 //! error message and ends: the browser's `EventSource` reconnects by itself (after its retry
 //! delay) and resumes after `Last-Event-ID`, as after any dropped stream.
@@ -198,6 +221,13 @@ impl EventStream {
             return None;
         }
         loop {
+            // Checked before anything already taken is handed out: hyper may not have polled
+            // this stream for a long while (its socket or stream window was full), and a stream
+            // that was evicted or is stopping in the meantime sends nothing more, as a
+            // WebSocket sends nothing after its close frame.
+            if self.shutdown.is_triggered() || self.evicted.is_cancelled() {
+                return None;
+            }
             if let Some(outgoing) = self.queue.pop_front() {
                 self.metrics
                     .delivered(Transport::Sse, 1, outgoing.text.len());
@@ -231,6 +261,7 @@ impl EventStream {
                 continue;
             }
             tokio::select! {
+                biased;
                 () = self.shutdown.cancelled() => return None,
                 () = self.evicted.cancelled() => return None,
                 more = self.feed.recv() => if !more { return None },

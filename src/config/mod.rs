@@ -331,6 +331,17 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 /// A REST request is one indexed query; 30 s is far beyond a healthy one and bounds what a stuck
 /// database or a client that never finishes its body costs.
 pub const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
+/// Time a connection may go without the peer accepting any of the bytes the server has for it
+/// (the socket's send buffer stays full). A client that reads drains its socket within
+/// milliseconds, and a congested link within a few TCP retransmissions; one that has taken
+/// nothing for 30 s has stopped reading (a frozen tab, a peer gone without FIN, a client that
+/// sends a request and never reads), and without this bound it would hold its connection and
+/// what is queued for it forever. The same patience as `--request-timeout`, and below the
+/// WebSocket heartbeat window (interval + timeout, 30 s + 10 s), so a stalled HTTP/1.1 WebSocket
+/// is closed by this first; the heartbeat window stays, bounding a peer that reads a trickle
+/// (each bit of progress re-arms this deadline) and WebSockets over HTTP/2, whose streams this
+/// connection-level deadline cannot see.
+pub const DEFAULT_WRITE_TIMEOUT: &str = "30s";
 /// REST requests in flight at once. Each needs one of the few pooled database connections, so
 /// past a few hundred waiting requests queueing only adds latency: shed the rest with 503.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
@@ -465,6 +476,12 @@ pub struct Hardening {
     #[arg(long = "header-read-timeout", env = "ROWCAST_HEADER_READ_TIMEOUT",
           default_value = DEFAULT_HEADER_READ_TIMEOUT, value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+
+    /// Longest time a connection may go without the peer accepting any data the server has for
+    /// it (SSE streams, REST responses, WebSockets over HTTP/1.1); the connection is then closed.
+    #[arg(long = "write-timeout", env = "ROWCAST_WRITE_TIMEOUT",
+          default_value = DEFAULT_WRITE_TIMEOUT, value_parser = parse_duration)]
+    pub write_timeout: Duration,
 
     /// Longest time a REST request may take before it is answered 503.
     #[arg(long = "request-timeout", env = "ROWCAST_REQUEST_TIMEOUT",

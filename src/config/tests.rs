@@ -13,6 +13,7 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(cli.config.listen.to_string(), DEFAULT_LISTEN);
     assert_eq!(cli.config.heartbeat.interval, Duration::from_secs(30));
     assert_eq!(cli.config.limits.max_frame_bytes, 256 * 1024);
+    assert_eq!(cli.config.hardening.write_timeout, Duration::from_secs(30));
     assert_eq!(cli.config.db_max_connections, 16);
     assert_eq!(cli.config.history.connections, 4);
     assert_eq!(cli.config.history.queue, 256);
@@ -63,6 +64,13 @@ fn bad_values_are_reported_with_the_flag_name() {
     let err = parse(&["--outbox-capacity", "0"]).unwrap_err().to_string();
     assert!(
         err.contains("--outbox-capacity") && err.contains("at least 1"),
+        "{err}"
+    );
+    // No "0 = off": a write without a deadline is what lets a reader that stopped hold its
+    // connection forever.
+    let err = parse(&["--write-timeout", "0s"]).unwrap_err().to_string();
+    assert!(
+        err.contains("--write-timeout") && err.contains("greater than zero"),
         "{err}"
     );
     let err = parse(&["--listen", "localhost"]).unwrap_err().to_string();

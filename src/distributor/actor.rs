@@ -341,7 +341,8 @@ impl<F: FrameBytes> Distributor<F> {
     fn evict(&mut self, id: SessionId) {
         if let Some(sink) = self.remove_session(id) {
             self.stats.slow_sessions_evicted += 1;
-            sink.outbox.close();
+            // Nothing queued will be sent, and the session may not look for a while.
+            sink.outbox.discard();
             sink.evicted.cancel();
             tracing::info!(session_id = %id, "outbox full; slow session evicted");
         }

@@ -10,7 +10,9 @@
 //!   had stopped reading, and gets the newest version of each product, marked as conflated. A
 //!   queue thus never holds more than its capacity of changes plus one marker.
 //! - `Disconnect`: when the queue is full the push fails and the actor evicts the session
-//!   (close 1013).
+//!   (close 1013) and drops its queue at once: none of it will be sent, and the session may not
+//!   look at its outbox for a long while (an SSE stream whose peer keeps an HTTP/2 window shut
+//!   is not polled until the peer opens it).
 //!
 //! A plain mutex guards each queue: it is per session, held for a push or a batch pop, and never
 //! across an await, so actor and writer rarely meet. (The subscription maps, the shared state,
@@ -201,6 +203,20 @@ impl<F: FrameBytes> OutboxSender<F> {
         self.0.lock().closed = true;
         self.0.ready.notify_one();
     }
+
+    /// Ends the stream and drops what is queued: the receiver gets `false` at once.
+    pub(crate) fn discard(&self) {
+        let mut queue = self.0.lock();
+        queue.closed = true;
+        let items = std::mem::take(&mut queue.items);
+        queue.bytes = 0;
+        queue.replies = 0;
+        queue.reply_bytes = 0;
+        drop(queue);
+        self.0.ready.notify_one();
+        // Dropped outside the lock: the frames may be the last handles to large buffers.
+        drop(items);
+    }
 }
 
 impl<F: FrameBytes> OutboxReceiver<F> {
@@ -378,7 +394,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn disconnect_policy_refuses_when_full_and_close_ends_the_stream() {
+    async fn disconnect_policy_refuses_when_full_and_close_or_discard_ends_the_stream() {
         let (tx, mut rx) = outbox(
             2,
             1 << 20,
@@ -393,6 +409,18 @@ mod tests {
         assert!(rx.recv_batch(&mut batch, 10).await);
         assert_eq!(batch.len(), 2);
         assert!(!rx.recv_batch(&mut batch, 10).await);
+        drop(rx);
+        let (tx, mut rx) = outbox(
+            2,
+            1 << 20,
+            SlowClientPolicy::Disconnect,
+            Duration::from_secs(1),
+        );
+        assert_eq!(push(&tx, 1, 1), Pushed::Queued);
+        tx.discard();
+        assert_eq!(tx.len(), 0, "an evicted session's queue is freed at once");
+        assert!(!rx.recv_batch(&mut batch, 10).await);
+        assert_eq!(push(&tx, 1, 2), Pushed::Closed);
         drop(rx);
         let (tx, rx) = outbox::<u64>(
             2,

@@ -119,6 +119,8 @@ async fn full_outbox_evicts_only_that_session_under_the_disconnect_policy() {
         assert_eq!(next(&mut fast).await, Some(change(1, n, n)));
     }
     slow.evicted.cancelled().await;
+    let mut slow = slow;
+    assert_eq!(next(&mut slow).await, None, "its queue was dropped with it");
     let stats = settled(&distributor).await;
     assert_eq!(stats.sessions, 1);
     assert_eq!(stats.slow_sessions_evicted, 1);

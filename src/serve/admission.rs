@@ -1,7 +1,9 @@
 //! Admission: who may hold a connection (a global limit and one per client address, with
 //! exempt prefixes) and the transport counters operators read. A connection's ticket
 //! ([`ConnectionGuard`]) travels inside its byte stream ([`Guarded`]), so an upgraded WebSocket
-//! counts for as long as it is open. Imports `config`.
+//! counts for as long as it is open; the same stream carries the connection's write deadline
+//! (`deadline`), which reaches its timeout and counter through the ticket instead of holding
+//! copies. Imports `config`.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,6 +18,7 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::deadline::WriteDeadline;
 use crate::config::{Hardening, IpPrefix};
 
 /// Connection-level counters for `/stats`, shared by every listener. Cheap to clone.
@@ -29,6 +32,7 @@ pub(super) struct Counters {
     pub(super) tls_failures: AtomicU64,
     pub(super) tls_timeouts: AtomicU64,
     pub(super) header_timeouts: AtomicU64,
+    pub(super) write_timeouts: AtomicU64,
     pub(super) ws_http1: AtomicU64,
     pub(super) ws_http2: AtomicU64,
 }
@@ -47,6 +51,9 @@ pub struct TransportSnapshot {
     pub tls_handshake_timeouts: u64,
     /// Connections closed because no complete request arrived within `--header-read-timeout`.
     pub header_read_timeouts: u64,
+    /// Connections closed because the peer accepted none of the data the server had for it
+    /// within `--write-timeout` (a client that stopped reading).
+    pub write_timeouts: u64,
     /// WebSockets accepted over HTTP/1.1 (Upgrade).
     pub websocket_upgrades_http1: u64,
     /// WebSockets accepted over HTTP/2 (extended CONNECT).
@@ -64,6 +71,7 @@ impl TransportStats {
             tls_handshake_failures: get(&c.tls_failures),
             tls_handshake_timeouts: get(&c.tls_timeouts),
             header_read_timeouts: get(&c.header_timeouts),
+            write_timeouts: get(&c.write_timeouts),
             websocket_upgrades_http1: get(&c.ws_http1),
             websocket_upgrades_http2: get(&c.ws_http2),
         }
@@ -86,6 +94,7 @@ pub(super) struct ConnectionsInner {
     pub(super) max_per_ip: usize,
     pub(super) exempt: Vec<IpPrefix>,
     pub(super) header_read_timeout: Duration,
+    pub(super) write_timeout: Duration,
     pub(super) stats: TransportStats,
 }
 
@@ -98,6 +107,7 @@ impl Connections {
             max_per_ip: hardening.max_connections_per_ip,
             exempt: hardening.per_ip_limit_exempt.clone(),
             header_read_timeout: hardening.header_read_timeout,
+            write_timeout: hardening.write_timeout,
             stats: TransportStats::default(),
         }))
     }
@@ -163,11 +173,32 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// A byte stream that carries its connection's admission ticket.
+/// A connection's byte stream with what the server holds it to: its admission ticket and its
+/// write deadline.
 #[derive(Debug)]
 pub(super) struct Guarded<T> {
-    pub(super) io: T,
-    pub(super) _guard: ConnectionGuard,
+    io: T,
+    guard: ConnectionGuard,
+    deadline: WriteDeadline,
+}
+
+impl<T> Guarded<T> {
+    pub(super) fn new(io: T, guard: ConnectionGuard) -> Self {
+        Self {
+            io,
+            guard,
+            deadline: WriteDeadline::default(),
+        }
+    }
+}
+
+/// The deadline expired: counted for `/stats`, and said once in the connection's span.
+fn write_timed_out(inner: &ConnectionsInner) {
+    TransportStats::bump(&inner.stats.0.write_timeouts);
+    tracing::debug!(
+        timeout = %humantime::format_duration(inner.write_timeout),
+        "the peer accepted no data within the write timeout; closing"
+    );
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
@@ -186,7 +217,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write(cx, buf);
+        let inner = &this.guard.connections.0;
+        this.deadline
+            .after_write(cx, inner.write_timeout, written, || write_timed_out(inner))
     }
 
     fn poll_write_vectored(
@@ -194,7 +229,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        let inner = &this.guard.connections.0;
+        this.deadline
+            .after_write(cx, inner.write_timeout, written, || write_timed_out(inner))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -202,9 +241,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.io).poll_flush(cx);
+        let inner = &this.guard.connections.0;
+        this.deadline
+            .after_flush(cx, inner.write_timeout, flushed, || write_timed_out(inner))
     }
 
+    // A TCP shutdown never waits; a TLS close_notify goes through `poll_write` above.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
@@ -212,6 +256,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
     use super::*;
 
     fn connections(args: &[&str]) -> Connections {
@@ -240,6 +286,59 @@ mod tests {
             .collect();
         assert_eq!(local.len(), 5);
         assert_eq!(limits.stats().snapshot().connections_open, 6);
+    }
+
+    fn guarded(limits: &Connections, pipe_bytes: usize) -> (Guarded<DuplexStream>, DuplexStream) {
+        let (server, peer) = tokio::io::duplex(pipe_bytes);
+        let ticket = limits.admit("127.0.0.1".parse().unwrap()).unwrap();
+        (Guarded::new(server, ticket), peer)
+    }
+
+    #[tokio::test]
+    async fn a_write_the_peer_leaves_unread_past_the_write_timeout_fails_and_is_counted() {
+        let limits = connections(&["--write-timeout", "50ms"]);
+        let (mut stream, _peer) = guarded(&limits, 64);
+        // The pipe takes 64 bytes; the peer never reads the rest.
+        let err = stream.write_all(&[7; 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            err.to_string().contains("accepted no data for 50ms"),
+            "{err}"
+        );
+        assert_eq!(limits.stats().snapshot().write_timeouts, 1);
+        assert!(!stream.deadline.is_armed(), "each expiry counts once");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_proceeds_disarms_the_deadline_and_a_flush_does_not() {
+        let limits = connections(&["--write-timeout", "1h"]);
+        let (mut stream, mut peer) = guarded(&limits, 64);
+        stream.write_all(&[1; 64]).await.unwrap();
+        assert!(
+            !stream.deadline.is_armed(),
+            "writes that proceed need no timer"
+        );
+        // The pipe is full: the next write blocks, and is abandoned after its first attempt.
+        let blocked = tokio::time::timeout(Duration::from_millis(20), stream.write(&[2; 8])).await;
+        assert!(blocked.is_err());
+        assert!(stream.deadline.is_armed());
+        stream.flush().await.unwrap();
+        assert!(
+            stream.deadline.is_armed(),
+            "a flush moves no bytes of its own"
+        );
+        peer.read_exact(&mut [0; 64]).await.unwrap();
+        assert_eq!(stream.write(&[3; 8]).await.unwrap(), 8);
+        assert!(!stream.deadline.is_armed());
+        assert_eq!(limits.stats().snapshot().write_timeouts, 0);
+    }
+
+    #[test]
+    fn an_idle_connection_pays_one_pointer_for_its_deadline() {
+        assert_eq!(
+            std::mem::size_of::<WriteDeadline>(),
+            std::mem::size_of::<usize>()
+        );
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! limit), the TLS handshake (bounded by a timeout), HTTP/1.1 or HTTP/2 by ALPN (hyper-util's
 //! auto builder; on plain TCP it sniffs, so h2c prior knowledge keeps working), WebSocket
 //! upgrades on both (HTTP/2 advertises extended CONNECT, RFC 8441), a deadline for the first
-//! complete request and hyper's header-read timeout for the next ones (slow-loris clients), and
-//! connection-level graceful shutdown.
+//! complete request and hyper's header-read timeout for the next ones (slow-loris clients), a
+//! write deadline for peers that stop reading (`deadline`), and connection-level graceful
+//! shutdown.
 //!
 //! Admission (`admission`): a connection's ticket lives inside its byte stream, so it travels
 //! with the stream into an upgraded WebSocket: a WebSocket counts against the limits as long as
-//! it is open, not just until its upgrade request was answered.
+//! it is open, not just until its upgrade request was answered. The write deadline lives in the
+//! same stream, under TLS and hyper, so every connection has it whatever it carries.
 //!
 //! Each request gets two extensions the router may read: `ConnectInfo<SocketAddr>` (the peer)
 //! and the `Scheme` the connection really used (not what the client claims). Counters for
@@ -40,6 +42,7 @@ use tracing::Instrument;
 use crate::config::split_host_port;
 
 mod admission;
+mod deadline;
 
 use crate::shutdown::Shutdown;
 use admission::Guarded;
@@ -118,10 +121,7 @@ pub async fn serve(
         };
         // Small writes (WebSocket frames) should leave at once.
         let _ = stream.set_nodelay(true);
-        let io = Guarded {
-            io: stream,
-            _guard: guard,
-        };
+        let io = Guarded::new(stream, guard);
         let task = connection(
             io,
             peer,

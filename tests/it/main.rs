@@ -23,3 +23,4 @@ mod slow_client;
 mod subscriptions;
 mod support;
 mod tls;
+mod write_deadline;
