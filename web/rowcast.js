@@ -11,6 +11,10 @@
 
 const INITIAL_DELAY_MS = 250;
 const MAX_DELAY_MS = 10_000;
+// The backoff starts over only once a connection has stayed open this long: a server that
+// accepts and then closes at once (1013: busy, or too many sessions) must not be retried every
+// 250 ms by every client.
+const HEALTHY_AFTER_MS = 5_000;
 
 /** Opens a client; see the Client class. */
 export function connect(url, options = {}) {
@@ -98,7 +102,10 @@ export class Client {
     const socket = new WebSocket(this.url);
     this.socket = socket;
     socket.onopen = () => {
-      const reconnect = this.attempt > 0;
+      const reconnect = this.opened === true;
+      this.opened = true;
+      clearTimeout(this.healthy);
+      this.healthy = setTimeout(() => { this.attempt = 0; }, HEALTHY_AFTER_MS);
       const ids = [...this.subscriptions.keys()];
       if (ids.length && this.lastSeq !== null) {
         // Everything after lastSeq, for every product: no gap, and duplicates are dropped in
@@ -113,13 +120,13 @@ export class Client {
         if (withSnapshot.length) socket.send(JSON.stringify({ command: "subscribe", productIDs: withSnapshot, snapshot: true }));
         if (live.length) socket.send(JSON.stringify({ command: "subscribe", productIDs: live }));
       }
-      this.attempt = 0;
       this.setState("connected", { reconnected: reconnect });
       if (reconnect && this.resuming === null) this.setState("resumed", { since: null });
     };
     socket.onmessage = (event) => this.receive(JSON.parse(event.data));
     socket.onclose = (event) => {
       if (this.closed || socket !== this.socket) return;
+      clearTimeout(this.healthy);
       this.attempt += 1;
       const base = Math.min(MAX_DELAY_MS, INITIAL_DELAY_MS * 2 ** (this.attempt - 1));
       // Equal jitter: half fixed, half random, so many clients do not return in lockstep.
