@@ -8,6 +8,7 @@
 pub mod churn;
 pub mod conns;
 pub mod fanout;
+pub mod honest;
 pub mod steady;
 pub mod writes;
 
