@@ -1,5 +1,5 @@
 //! The writer side: a lean HTTP/1.1 keep-alive client (hyper's connection API, no pool)
-//! for the REST subset the bench uses: create, replace, stats.
+//! for the REST subset the bench uses: create, replace, read, stats.
 //!
 //! One `Rest` is one TCP connection with `TCP_NODELAY`, reconnected lazily if the server
 //! closed it. A request is never retried once written (POST is not idempotent, and a
@@ -42,10 +42,26 @@ pub enum RestError {
     },
 }
 
+impl RestError {
+    /// A short stable label for counting failures by kind in reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect",
+            Self::TlsUnsupported => "tls_unsupported",
+            Self::Http(_) => "http_error",
+            Self::Build(_) => "bad_request",
+            Self::Status { .. } => "status",
+            Self::Json { .. } => "json",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Rest {
     target: Target,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// Sent as `Authorization: Bearer <token>` on every request, when set.
+    bearer: Option<String>,
 }
 
 impl Rest {
@@ -53,6 +69,15 @@ impl Rest {
         Self {
             target: target.clone(),
             sender: None,
+            bearer: None,
+        }
+    }
+
+    /// A client that authenticates every request with `token`.
+    pub fn with_bearer(target: &Target, token: Option<&str>) -> Self {
+        Self {
+            bearer: token.map(str::to_owned),
+            ..Self::new(target)
         }
     }
 
@@ -103,6 +128,9 @@ impl Rest {
             .header("host", authority);
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        if let Some(token) = &self.bearer {
+            req = req.header("authorization", format!("Bearer {token}"));
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let sender = self.sender().await?;
