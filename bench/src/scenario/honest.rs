@@ -16,7 +16,7 @@
 //! in several windows (`hostile`'s phases) and receivers still see every product's versions
 //! rise by one: a window never restarts a version and so never looks like a reorder.
 
-use super::{ClientPool, Common, ConnectReport, Outcome, create_products};
+use super::{ClientPool, Common, ConnectReport, Outcome, check_fd_budget, create_products};
 use crate::clock;
 use crate::proto::ProductBody;
 use crate::record::{self, Counters, Shared};
@@ -28,6 +28,14 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// How many receivers, subscriptions each and products (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub clients: usize,
+    pub subs: usize,
+    pub products: usize,
+}
 
 /// The subscribed receivers and what they subscribed.
 #[derive(Debug)]
@@ -42,15 +50,46 @@ pub struct Population {
 }
 
 impl Population {
-    /// Creates `products` products and connects `clients` receivers with `subs` subscriptions
-    /// each (see the module doc for the layout). Check `connect.failed` before measuring.
-    pub async fn connect(
+    /// Everything before the first measured window: checks that this process can hold
+    /// `sockets` connections (the receivers and whatever else the scenario opens), creates
+    /// the products, connects and subscribes the receivers, lets them settle for `settle`,
+    /// reads the server's session count (None: no `/stats`) and discards what arrived
+    /// meanwhile. `Ok(None)`, with the reason in `out.failures`, when it cannot start.
+    pub async fn start(
         target: &Target,
-        clients: usize,
-        subs: usize,
-        products: usize,
+        layout: Layout,
+        sockets: usize,
+        settle: Duration,
         common: &Common,
-    ) -> anyhow::Result<Self> {
+        out: &mut Outcome,
+    ) -> anyhow::Result<Option<(Self, Option<u64>)>> {
+        if let Err(e) = check_fd_budget(sockets, common) {
+            out.failures.push(e);
+            return Ok(None);
+        }
+        let population = Self::connect(target, layout, common).await?;
+        let c = &population.connect;
+        if c.failed > 0 {
+            out.failures.push(format!(
+                "{} of {} connections failed ({:?})",
+                c.failed, c.requested, c.first_error
+            ));
+            out.result = json!({ "connect": c });
+            population.pool.close_all(Duration::from_secs(20)).await;
+            return Ok(None);
+        }
+        tokio::time::sleep(settle).await;
+        let sessions = crate::rest::stats_sessions(target).await;
+        let _ = population.take();
+        Ok(Some((population, sessions)))
+    }
+
+    async fn connect(target: &Target, layout: Layout, common: &Common) -> anyhow::Result<Self> {
+        let Layout {
+            clients,
+            subs,
+            products,
+        } = layout;
         let p = products.max(1);
         let ids = create_products(
             target,
@@ -87,22 +126,6 @@ impl Population {
             shared,
             connect,
         })
-    }
-
-    /// `Some(self)` when every receiver connected; otherwise records the failure in `out`,
-    /// closes the receivers that did connect and returns None.
-    pub async fn ready(self, out: &mut Outcome) -> Option<Self> {
-        let c = &self.connect;
-        if c.failed == 0 {
-            return Some(self);
-        }
-        out.failures.push(format!(
-            "{} of {} connections failed ({:?})",
-            c.failed, c.requested, c.first_error
-        ));
-        out.result = json!({ "connect": c });
-        self.pool.close_all(Duration::from_secs(20)).await;
-        None
     }
 
     /// Deliveries received so far (by every receiver, since the start).

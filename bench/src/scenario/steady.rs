@@ -3,8 +3,8 @@
 //! correctness counters (expected vs received, duplicates, order violations). The layout of
 //! subscriptions and writers is `honest`'s (shared with `hostile`).
 
-use super::honest::{Population, Writers};
-use super::{Common, Meter, Outcome, check_fd_budget, counter_failures};
+use super::honest::{Layout, Population, Writers};
+use super::{Common, Meter, Outcome, counter_failures};
 use crate::svg::Series;
 use crate::target::Target;
 use serde_json::json;
@@ -42,21 +42,18 @@ pub const CATEGORIES: [&str; 5] = ["p50", "p90", "p99", "p99.9", "max"];
 
 pub async fn run(target: &Target, args: &SteadyArgs, common: &Common) -> anyhow::Result<Outcome> {
     let mut out = Outcome::default();
-    if let Err(e) = check_fd_budget(args.clients, common) {
-        out.failures.push(e);
-        return Ok(out);
-    }
     let p = args.products.max(1);
-    let Some(population) = Population::connect(target, args.clients, args.subs, p, common)
-        .await?
-        .ready(&mut out)
-        .await
+    let layout = Layout {
+        clients: args.clients,
+        subs: args.subs,
+        products: p,
+    };
+    let settle = Duration::from_millis(args.settle_ms);
+    let Some((population, sessions)) =
+        Population::start(target, layout, args.clients, settle, common, &mut out).await?
     else {
         return Ok(out);
     };
-    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
-    let sessions = crate::rest::stats_sessions(target).await;
-    let _ = population.take();
     let received0 = population.received();
 
     let mut writers = Writers::new(target, &population, args.writers);

@@ -28,8 +28,8 @@
 
 pub mod attacks;
 
-use super::honest::{Population, Writers};
-use super::{Common, Cost, Meter, Outcome, check_fd_budget, counter_failures, lock, ratio};
+use super::honest::{Layout, Population, Writers};
+use super::{Common, Cost, Meter, Outcome, counter_failures, lock, ratio};
 use crate::clock;
 use crate::record::Counters;
 use crate::rest::Rest;
@@ -153,21 +153,17 @@ pub async fn run(target: &Target, args: &HostileArgs, common: &Common) -> anyhow
         .max()
         .unwrap_or(0);
     let sockets = args.clients + attack_sockets + args.writers + 1;
-    if let Err(e) = check_fd_budget(sockets, common) {
-        out.failures.push(e);
-        return Ok(out);
-    }
-    let Some(population) =
-        Population::connect(target, args.clients, args.subs, args.products, common)
-            .await?
-            .ready(&mut out)
-            .await
+    let layout = Layout {
+        clients: args.clients,
+        subs: args.subs,
+        products: args.products,
+    };
+    let settle = Duration::from_millis(args.settle_ms);
+    let Some((population, sessions0)) =
+        Population::start(target, layout, sockets, settle, common, &mut out).await?
     else {
         return Ok(out);
     };
-    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
-    let sessions0 = crate::rest::stats_sessions(target).await;
-    let _ = population.take();
     let mut writers = Writers::new(target, &population, args.writers);
     let mut connector = Connector::new(target, 1);
     connector.timeout = common.connect_timeout;
