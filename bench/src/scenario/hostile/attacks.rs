@@ -9,6 +9,12 @@
 //! stop signal and dropped when it fires, which closes its sockets. Nothing here spawns a
 //! task of its own (an HTTP/2 connection is polled beside its streams in the same task), so
 //! stopping an attack leaves nothing running.
+//!
+//! The tasks run on a runtime of their own (`hostile` passes it in): an attacker that always
+//! has work (an ack flood into a server that keeps reading never waits) would otherwise
+//! occupy the worker threads that the honest receivers' wake-ups queue on, and the honest
+//! latency would measure the bench's scheduler rather than the server. On separate threads
+//! they share the cores by the kernel's fairness, as separate clients would.
 
 use crate::proto::{self, ServerFrame};
 use crate::rest::Rest;
@@ -288,15 +294,15 @@ impl Running {
     }
 }
 
-/// Starts `attack` with the sizes in `ctx`.
-pub fn launch(attack: Attack, ctx: &Arc<Ctx>) -> Running {
+/// Starts `attack` with the sizes in `ctx`, its tasks on `runtime`.
+pub fn launch(attack: Attack, ctx: &Arc<Ctx>, runtime: &tokio::runtime::Handle) -> Running {
     let (stop, stopped) = watch::channel(false);
     let tally = Arc::new(Tally::default());
     let s = &ctx.sizes;
     let mut tasks = Vec::with_capacity(attack.sockets(s));
     let mut spawn = |body: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
         let mut stopped = stopped.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(runtime.spawn(async move {
             tokio::select! {
                 () = body => {}
                 _ = stopped.wait_for(|s| *s) => {}

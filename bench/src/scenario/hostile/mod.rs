@@ -180,6 +180,7 @@ pub async fn run(target: &Target, args: &HostileArgs, common: &Common) -> anyhow
             connect_timeout: common.connect_timeout,
             ack_timeout: common.ack_timeout,
         }),
+        attackers: AttackRuntime::new()?,
         population: &population,
         sessions0,
     };
@@ -245,7 +246,43 @@ struct Env<'a> {
     memory: RssWatch,
     probe: RestProbe,
     ctx: Arc<Ctx>,
+    attackers: AttackRuntime,
     sessions0: Option<u64>,
+}
+
+/// The runtime attacker tasks run on (see `attacks`), shut down without blocking when
+/// dropped (a runtime may not be dropped, blocking, inside another one).
+#[derive(Debug)]
+struct AttackRuntime {
+    handle: tokio::runtime::Handle,
+    /// Taken only by `drop`.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl AttackRuntime {
+    fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("attacker")
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for AttackRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Env<'_> {
@@ -260,7 +297,7 @@ impl Env<'_> {
         crate::progress::note(format!("  {}: phase {name}", target.name));
         let meter = Meter::start(target);
         let rss_start = self.memory.reset();
-        let running = attack.map(|a| attacks::launch(a, &self.ctx));
+        let running = attack.map(|a| attacks::launch(a, &self.ctx, self.attackers.handle()));
         tokio::time::sleep(Duration::from_millis(args.attack_lead_ms)).await;
 
         let received0 = population.received();
@@ -353,7 +390,7 @@ fn table(args: &HostileArgs, phases: &[PhaseReport]) -> Vec<String> {
             args.clients, args.subs, args.products, args.rate, args.rest_rate, args.phase_secs
         ),
         format!(
-            "{:<10} {:>22} {:>6} {:>15} {:>6} {:>11} {:>6} {:>23} {:>17} {:>5} {:>19}  attack refusals",
+            "{:<10} {:>22} {:>6} {:>15} {:>6} {:>11} {:>6} {:>23} {:>17} {:>5} {:>6} {:>19}  attack refusals",
             "phase",
             "delivery p50/p99/max",
             "×quiet",
@@ -364,6 +401,7 @@ fn table(args: &HostileArgs, phases: &[PhaseReport]) -> Vec<String> {
             "miss/dup/ord/unx/err/dr",
             "RSS MiB st/end/pk",
             "cpu%",
+            "bench%",
             "attack req/ok/ref",
         ),
     ];
@@ -379,7 +417,7 @@ fn table(args: &HostileArgs, phases: &[PhaseReport]) -> Vec<String> {
             .map(|(k, v)| format!("{k}:{v}"))
             .collect();
         lines.push(format!(
-            "{:<10} {:>22} {:>6} {:>15} {:>6} {:>11} {:>6} {:>23} {:>17} {:>5} {:>19}  {}",
+            "{:<10} {:>22} {:>6} {:>15} {:>6} {:>11} {:>6} {:>23} {:>17} {:>5} {:>6} {:>19}  {}",
             p.phase,
             format!(
                 "{:.1}/{:.1}/{:.0} ms",
@@ -410,6 +448,8 @@ fn table(args: &HostileArgs, phases: &[PhaseReport]) -> Vec<String> {
             ),
             p.server
                 .cpu_pct
+                .map_or("?".to_owned(), |c| format!("{c:.0}")),
+            ratio(p.cost.client_cpu_s * 100.0, p.cost.wall_s)
                 .map_or("?".to_owned(), |c| format!("{c:.0}")),
             format!("{}/{}/{}", a.requests, a.ok, a.refused),
             top.join(" "),
