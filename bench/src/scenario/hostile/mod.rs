@@ -384,13 +384,16 @@ impl Env<'_> {
 fn table(args: &HostileArgs, phases: &[PhaseReport]) -> Vec<String> {
     let mib = |k: Option<u64>| k.map_or("?".to_owned(), |k| format!("{:.0}", k as f64 / 1024.0));
     let times = |r: Option<f64>| r.map_or("-".to_owned(), |r| format!("{r:.2}"));
+    let pct = |cpu_s: f64, wall_s: f64| {
+        ratio(cpu_s * 100.0, wall_s).map_or("?".to_owned(), |c| format!("{c:.0}"))
+    };
     let mut lines = vec![
         format!(
             "hostile: {} honest clients × {} subs over {} products @ {}/s, REST reads @ {}/s, {} s per phase",
             args.clients, args.subs, args.products, args.rate, args.rest_rate, args.phase_secs
         ),
         format!(
-            "{:<10} {:>22} {:>6} {:>15} {:>6} {:>11} {:>6} {:>23} {:>17} {:>5} {:>6} {:>19}  attack refusals",
+            "{:<10} {:>22} {:>6} {:>15} {:>6} {:>11} {:>6} {:>23} {:>17} {:>5} {:>6} {:>5} {:>19}  attack refusals",
             "phase",
             "delivery p50/p99/max",
             "×quiet",
@@ -402,6 +405,7 @@ fn table(args: &HostileArgs, phases: &[PhaseReport]) -> Vec<String> {
             "RSS MiB st/end/pk",
             "cpu%",
             "bench%",
+            "pg%",
             "attack req/ok/ref",
         ),
     ];
@@ -417,7 +421,7 @@ fn table(args: &HostileArgs, phases: &[PhaseReport]) -> Vec<String> {
             .map(|(k, v)| format!("{k}:{v}"))
             .collect();
         lines.push(format!(
-            "{:<10} {:>22} {:>6} {:>15} {:>6} {:>11} {:>6} {:>23} {:>17} {:>5} {:>6} {:>19}  {}",
+            "{:<10} {:>22} {:>6} {:>15} {:>6} {:>11} {:>6} {:>23} {:>17} {:>5} {:>6} {:>5} {:>19}  {}",
             p.phase,
             format!(
                 "{:.1}/{:.1}/{:.0} ms",
@@ -449,8 +453,8 @@ fn table(args: &HostileArgs, phases: &[PhaseReport]) -> Vec<String> {
             p.server
                 .cpu_pct
                 .map_or("?".to_owned(), |c| format!("{c:.0}")),
-            ratio(p.cost.client_cpu_s * 100.0, p.cost.wall_s)
-                .map_or("?".to_owned(), |c| format!("{c:.0}")),
+            pct(p.cost.client_cpu_s, p.cost.wall_s),
+            pct(p.cost.postgres_cpu_s, p.cost.wall_s),
             format!("{}/{}/{}", a.requests, a.ok, a.refused),
             top.join(" "),
         ));
