@@ -218,3 +218,41 @@ pub async fn stats_sessions(target: &Target) -> Option<u64> {
         .get("sessions")?
         .as_u64()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One request to a one-shot server that answers 401: the bearer token is in the request
+    /// head, and a refusal comes back as a status, not an error.
+    #[tokio::test]
+    async fn bearer_is_sent_and_refusal_is_a_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "client closed before its request head ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            tcp.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let target = Target::parse(&format!("t=http://{addr}"), "/websocket").unwrap();
+        let mut rest = Rest::with_bearer(&target, Some("s3cret-token"));
+        let (status, _) = rest.request(Method::GET, "/stats", None).await.unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let head = server.await.unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /stats http/1.1\r\n"), "{head}");
+        assert!(
+            head.contains("authorization: bearer s3cret-token\r\n"),
+            "{head}"
+        );
+    }
+}
