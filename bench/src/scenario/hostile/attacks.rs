@@ -190,7 +190,9 @@ pub struct Tally {
 /// A copy of a [`Tally`] for the report.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct TallySnapshot {
-    /// Commands, requests or streams the attackers sent or opened.
+    /// Commands, requests or streams the attackers sent or opened. `requests − ok − refused`
+    /// were still unanswered when the attack stopped, or went down with their connection
+    /// (which is counted once, under its own label).
     pub requests: u64,
     /// Of those, answered as asked (an ack, a 2xx, a stream).
     pub ok: u64,
