@@ -5,7 +5,7 @@
 # side by side at the issue's target sizes, writes results/<scenario>.{json,svg}, and stops
 # every server it started.
 #
-# Usage: bench/run.sh fanout|steady|conns|churn|writes [scenario args]
+# Usage: bench/run.sh fanout|steady|conns|churn|hostile|writes [scenario args]
 #   With scenario args, they replace the default (target-size) ones below.
 # Environment:
 #   PG_URL        Postgres server for rowcast, the baseline and `writes`
@@ -20,7 +20,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 cd "$here"
-scenario="${1:?usage: run.sh fanout|steady|conns|churn|writes [args]}"
+scenario="${1:?usage: run.sh fanout|steady|conns|churn|hostile|writes [args]}"
 shift
 pg="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
 bench="$here/target/release/rowcast-bench"
@@ -83,6 +83,7 @@ case "$scenario" in
   steady) args=(steady --clients 10000 --subs 10 --products 10000 --rate 1000 --duration 20 --writers 8) ;;
   conns)  args=(conns --connections 10000) ;;
   churn)  args=(churn --rounds 5 --round-secs 6 --ids 1024 --concurrency 64) ;;
+  hostile) args=(hostile) ;; # its defaults are the full size: 2000 honest clients, every attack
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac
 [[ $# -gt 0 ]] && args=("$scenario" "$@")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# CI smoke of rowcast-bench: every scenario for a few seconds at small sizes, against one
-# running server. Exits non-zero if any scenario fails or any correctness counter
-# (missing, duplicates, order violations, unexpected, error frames, dropped connections,
+# CI smoke of rowcast-bench: every scenario (hostile with every attack included) for a few
+# seconds at small sizes, against one running server. Exits non-zero if any scenario fails or
+# any correctness counter (missing, duplicates, order violations, unexpected, error frames, dropped connections,
 # notifications ≠ commits) is non-zero. It is a check that the tool and the protocol work,
 # not a benchmark: the numbers it prints mean little at these sizes.
 #
@@ -47,16 +47,24 @@ spec="server=$url${pid:+,pid=$pid}"
 common=(--quiet --target "$spec" --out-dir "$out" --tag smoke --connect-timeout-ms 5000 --ack-timeout-ms 5000)
 
 failed=()
-run() {
+run() { # name, scenario args…; $secs (default 120) bounds the run
   local name="$1"; shift
   echo "── smoke: $name"
-  if ! timeout 120 "$bench" "${common[@]}" "$@"; then failed+=("$name"); fi
+  if ! timeout "${secs:-120}" "$bench" "${common[@]}" "$@"; then failed+=("$name"); fi
 }
 
 run fanout fanout --subscribers 10,50 --updates 5 --gap-ms 5 --settle-ms 200
 run steady steady --clients 50 --subs 4 --products 20 --rate 100 --duration 3 --writers 2 --settle-ms 300
 run conns  conns --connections 200 --steps 2 --settle-ms 300
 run churn  churn --rounds 2 --round-secs 2 --ids 64 --concurrency 8 --settle-ms 200
+# Every attack, a few sockets each, 2 s per phase (~35 s): the honest counters must stay zero.
+# The floor has no SSE, /metrics or HTTP/2: those attackers just count 404s and refused
+# connections there, which is what hostile does with any endpoint a target lacks.
+secs=240 run hostile hostile --clients 50 --subs 4 --products 20 --rate 50 --writers 2 \
+  --phase-secs 2 --attack-lead-ms 300 --settle-ms 300 --settle-timeout-ms 5000 --drain-timeout-ms 5000 \
+  --subs-sockets 4 --subs-ids 2000 --subs-chunk 500 --since0-sockets 10 --since0-ids 3 \
+  --ops-conns 4 --ackflood-sockets 2 --sse-readers 10 --sse-ids 10 --h2-conns 2 --h2-streams 20 \
+  --h2-ids 5 --snapshot-sockets 10 --snapshot-ids 10 --rest-conns 4
 
 if [[ -n "${SMOKE_SKIP_WRITES:-}" ]]; then
   echo "── smoke: writes skipped (SMOKE_SKIP_WRITES)"

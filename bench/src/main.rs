@@ -76,6 +76,9 @@ enum Scenario {
     Churn(scenario::churn::ChurnArgs),
     /// Postgres commits/s: no trigger vs bare pg_notify vs rowcast's earlier (unordered) and current trigger.
     Writes(scenario::writes::WritesArgs),
+    /// Honest clients (as in steady) + a REST reader through a quiet phase, then one phase per
+    /// attack: do hostile clients slow down or starve honest ones?
+    Hostile(scenario::hostile::HostileArgs),
 }
 
 impl Scenario {
@@ -86,6 +89,7 @@ impl Scenario {
             Self::Conns(_) => "conns",
             Self::Churn(_) => "churn",
             Self::Writes(_) => "writes",
+            Self::Hostile(_) => "hostile",
         }
     }
 }
@@ -211,6 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 Scenario::Steady(a) => scenario::steady::run(&target, a, &common).await,
                 Scenario::Conns(a) => scenario::conns::run(&target, a, &common).await,
                 Scenario::Churn(a) => scenario::churn::run(&target, a, &common).await,
+                Scenario::Hostile(a) => scenario::hostile::run(&target, a, &common).await,
                 Scenario::Writes(_) => unreachable!("handled above"),
             };
             let out = out.unwrap_or_else(|e| Outcome {
@@ -236,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     }
 
     let passed = runs.iter().all(|r| r.failures.is_empty());
-    let chart = chart_for(name, chart_series);
+    let chart = chart_for(&cli.scenario, chart_series);
     let report = RunReport {
         scenario: name.to_owned(),
         started_unix_s,
@@ -273,8 +278,20 @@ fn print_outcome(target: &str, out: &Outcome) {
     }
 }
 
-fn chart_for(scenario: &str, series: Vec<Series>) -> Chart {
-    let (title, x, y, x_log, y_log, cats) = match scenario {
+fn chart_for(scenario: &Scenario, series: Vec<Series>) -> Chart {
+    if let Scenario::Hostile(a) = scenario {
+        return Chart {
+            title: "hostile: honest p99 latency per phase (solid: WebSocket delivery, light: REST read)"
+                .into(),
+            x_label: "phase (quiet, then one attack each)".into(),
+            y_label: "ms".into(),
+            x_categories: Some(a.phase_names()),
+            bars: true,
+            series,
+            ..Default::default()
+        };
+    }
+    let (title, x, y, x_log, y_log, cats) = match scenario.name() {
         "fanout" => (
             "fanout: send → delivery latency per update (p50 over updates)",
             "subscribers of one product",
@@ -328,6 +345,7 @@ fn chart_for(scenario: &str, series: Vec<Series>) -> Chart {
         x_log,
         y_log,
         x_categories: cats,
+        bars: false,
         series,
     }
 }

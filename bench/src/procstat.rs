@@ -33,8 +33,7 @@ fn clk_tck() -> f64 {
 pub fn sample(pid: u32) -> Option<ProcSample> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let cpu_s = parse_stat_cpu_ticks(&stat)? as f64 / clk_tck();
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kib = parse_status_kib(&status, "VmRSS:").unwrap_or(0);
+    let rss_kib = rss_kib(pid)?;
     let fds = fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count() as u64)
         .unwrap_or(0);
@@ -43,6 +42,14 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
         rss_kib,
         fds,
     })
+}
+
+/// Resident memory of `pid` in KiB (`VmRSS`; 0 for a kernel thread or zombie that has none),
+/// reading only `/proc/<pid>/status`: cheap enough to poll every 100 ms while a `sample` also
+/// lists every open descriptor. `None` if the process is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(parse_status_kib(&status, "VmRSS:").unwrap_or(0))
 }
 
 /// This process (the load client).

@@ -31,8 +31,23 @@ pub fn unsubscribe_text(ids: &[u64]) -> String {
     command_text("unsubscribe", ids)
 }
 
+/// `{"command":"subscribe","productIDs":[…],"since":N}`: resume after seq `since`.
+pub fn subscribe_since_text(ids: &[u64], since: u64) -> String {
+    command_text_with("subscribe", ids, &format!(",\"since\":{since}"))
+}
+
+/// `{"command":"subscribe","productIDs":[…],"snapshot":true}`: the current rows first.
+pub fn subscribe_snapshot_text(ids: &[u64]) -> String {
+    command_text_with("subscribe", ids, ",\"snapshot\":true")
+}
+
 fn command_text(command: &str, ids: &[u64]) -> String {
-    let mut s = String::with_capacity(40 + ids.len() * 8);
+    command_text_with(command, ids, "")
+}
+
+/// The command with `extra` (`,"key":value…`, already JSON) after the ids.
+fn command_text_with(command: &str, ids: &[u64], extra: &str) -> String {
+    let mut s = String::with_capacity(40 + ids.len() * 9 + extra.len());
     s.push_str("{\"command\":\"");
     s.push_str(command);
     s.push_str("\",\"productIDs\":[");
@@ -42,7 +57,9 @@ fn command_text(command: &str, ids: &[u64]) -> String {
         }
         s.push_str(&id.to_string());
     }
-    s.push_str("]}");
+    s.push(']');
+    s.push_str(extra);
+    s.push('}');
     s
 }
 
@@ -146,6 +163,14 @@ mod tests {
         assert_eq!(
             unsubscribe_text(&[]),
             r#"{"command":"unsubscribe","productIDs":[]}"#
+        );
+        assert_eq!(
+            subscribe_since_text(&[4], 0),
+            r#"{"command":"subscribe","productIDs":[4],"since":0}"#
+        );
+        assert_eq!(
+            subscribe_snapshot_text(&[4, 5]),
+            r#"{"command":"subscribe","productIDs":[4,5],"snapshot":true}"#
         );
         let back: ClientCommand = serde_json::from_str(&subscribe_text(&[7])).unwrap();
         assert_eq!(

@@ -1,5 +1,5 @@
 //! The writer side: a lean HTTP/1.1 keep-alive client (hyper's connection API, no pool)
-//! for the REST subset the bench uses: create, replace, stats.
+//! for the REST subset the bench uses: create, replace, read, stats.
 //!
 //! One `Rest` is one TCP connection with `TCP_NODELAY`, reconnected lazily if the server
 //! closed it. A request is never retried once written (POST is not idempotent, and a
@@ -42,10 +42,26 @@ pub enum RestError {
     },
 }
 
+impl RestError {
+    /// A short stable label for counting failures by kind in reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect",
+            Self::TlsUnsupported => "tls_unsupported",
+            Self::Http(_) => "http_error",
+            Self::Build(_) => "bad_request",
+            Self::Status { .. } => "status",
+            Self::Json { .. } => "json",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Rest {
     target: Target,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// Sent as `Authorization: Bearer <token>` on every request, when set.
+    bearer: Option<String>,
 }
 
 impl Rest {
@@ -53,6 +69,15 @@ impl Rest {
         Self {
             target: target.clone(),
             sender: None,
+            bearer: None,
+        }
+    }
+
+    /// A client that authenticates every request with `token`.
+    pub fn with_bearer(target: &Target, token: Option<&str>) -> Self {
+        Self {
+            bearer: token.map(str::to_owned),
+            ..Self::new(target)
         }
     }
 
@@ -103,6 +128,9 @@ impl Rest {
             .header("host", authority);
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        if let Some(token) = &self.bearer {
+            req = req.header("authorization", format!("Bearer {token}"));
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let sender = self.sender().await?;
@@ -189,4 +217,42 @@ pub async fn stats_sessions(target: &Target) -> Option<u64> {
         .ok()?
         .get("sessions")?
         .as_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One request to a one-shot server that answers 401: the bearer token is in the request
+    /// head, and a refusal comes back as a status, not an error.
+    #[tokio::test]
+    async fn bearer_is_sent_and_refusal_is_a_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "client closed before its request head ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            tcp.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let target = Target::parse(&format!("t=http://{addr}"), "/websocket").unwrap();
+        let mut rest = Rest::with_bearer(&target, Some("s3cret-token"));
+        let (status, _) = rest.request(Method::GET, "/stats", None).await.unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let head = server.await.unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /stats http/1.1\r\n"), "{head}");
+        assert!(
+            head.contains("authorization: bearer s3cret-token\r\n"),
+            "{head}"
+        );
+    }
 }

@@ -25,6 +25,8 @@ pub struct Chart {
     pub y_log: bool,
     /// When set, x values are indexes into these labels.
     pub x_categories: Option<Vec<String>>,
+    /// With categories: grouped bars (one per series in each category) instead of lines.
+    pub bars: bool,
     pub series: Vec<Series>,
 }
 
@@ -228,8 +230,44 @@ impl Chart {
             TOP + ph / 2.0,
             esc(&self.y_label)
         );
+        let bars = categorical && self.bars;
+        // Each category's slot is 1 wide on the x axis; its bars share 80 % of it.
+        let bar_w = 0.8 / self.series.len().max(1) as f64;
         for (i, se) in self.series.iter().enumerate() {
             let color = COLORS[se.group % COLORS.len()];
+            if bars {
+                for &(x, y) in se
+                    .points
+                    .iter()
+                    .filter(|p| p.0.is_finite() && p.1.is_finite())
+                {
+                    let x0 = px(x - 0.4 + bar_w * i as f64);
+                    let x1 = px(x - 0.4 + bar_w * (i + 1) as f64);
+                    let (top, base) = (py(y), py(ya.lo.max(0.0)));
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}" fill-opacity="{}"><title>{} {}</title></rect>"#,
+                        top.min(base),
+                        (x1 - x0 - 1.0).max(1.0),
+                        (base - top).abs(),
+                        if se.dash == 0 { "0.9" } else { "0.45" },
+                        esc(&se.name),
+                        fmt_num(y)
+                    );
+                }
+                let ly = TOP + 10.0 + i as f64 * 18.0;
+                let lx = LEFT + pw + 12.0;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{lx}" y="{}" width="22" height="10" fill="{color}" fill-opacity="{}"/><text x="{}" y="{}">{}</text>"#,
+                    ly - 5.0,
+                    if se.dash == 0 { "0.9" } else { "0.45" },
+                    lx + 28.0,
+                    ly + 4.0,
+                    esc(&se.name)
+                );
+                continue;
+            }
             let dash = match se.dash {
                 0 => "",
                 1 => r#" stroke-dasharray="7,4""#,
@@ -289,6 +327,7 @@ mod tests {
             x_log: true,
             y_log: true,
             x_categories: None,
+            bars: false,
             series: vec![Series {
                 name: "a".into(),
                 points: vec![(100.0, 0.5), (10_000.0, 40.0)],
@@ -301,6 +340,26 @@ mod tests {
         assert!(svg.contains("polyline"));
         assert!(svg.contains("t &lt;x&gt;"));
         assert!(svg.contains(">10k<"));
+    }
+
+    #[test]
+    fn renders_grouped_bars() {
+        let series = |name: &str, group| Series {
+            name: name.into(),
+            points: vec![(0.0, 2.0), (1.0, 8.0)],
+            dash: 0,
+            group,
+        };
+        let c = Chart {
+            x_categories: Some(vec!["quiet".into(), "subs".into()]),
+            bars: true,
+            series: vec![series("a", 0), series("b", 1)],
+            ..Default::default()
+        };
+        let svg = c.render();
+        assert_eq!(svg.matches("<rect x=").count(), 2 * 2 + 2 + 1, "{svg}");
+        assert!(!svg.contains("polyline"));
+        assert!(svg.contains(">subs<"));
     }
 
     #[test]

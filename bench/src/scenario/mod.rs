@@ -1,4 +1,4 @@
-//! The five scenarios and what they share: the client pool (thousands of subscribed
+//! The six scenarios and what they share: the client pool (thousands of subscribed
 //! receivers, each one task), the cost meter (server CPU/RSS, client CPU, machine busy
 //! beside every figure), and the `Outcome` each scenario hands back to `main`.
 //!
@@ -8,6 +8,8 @@
 pub mod churn;
 pub mod conns;
 pub mod fanout;
+pub mod honest;
+pub mod hostile;
 pub mod steady;
 pub mod writes;
 
