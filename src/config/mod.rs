@@ -21,11 +21,16 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_EMBEDDED_DATA_DIR: &str = "/var/tmp/rowcast";
 /// Enough for REST concurrency on a small machine; Postgres's default max_connections is 100.
 pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
-/// Replays and snapshots get a pool of their own. A replay page or a snapshot is one indexed
-/// read of milliseconds, so 4 connections serve hundreds of resumes a second (a reconnect storm
-/// after a restart drains in seconds), while REST keeps its 16 and an instance stays at 23 of
-/// Postgres's default 100 (with the 2 background connections and the LISTEN connection).
-pub const DEFAULT_DB_HISTORY_CONNECTIONS: u32 = 4;
+/// Replays and snapshots get a pool of their own, of one connection per two CPU cores (at least
+/// one, at most 4). A replay page or a snapshot is one indexed read of milliseconds, so even one
+/// connection serves hundreds of resumes a second; more would let clients that replay in a loop
+/// (`"since":0`, snapshots) keep more of the database's CPU busy than REST can spare when it
+/// runs on the same machine: measured in BENCHMARKS.md ("Hostile"), 4 connections on 2 cores
+/// made REST p99 6x slower under a snapshot flood, 1 kept it within 1.6x.
+pub fn default_db_history_connections() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    u32::try_from(cores / 2).unwrap_or(u32::MAX).clamp(1, 4)
+}
 /// History reads that may wait for a connection or run at once: a reconnect storm of a few
 /// hundred clients (as many as `--max-concurrent-upgrades` lets in at once) queues, while a
 /// larger crowd is told at once to come back later (close 1013) instead of each holding a
@@ -246,9 +251,9 @@ pub struct Limits {
 /// front of it; REST and the background tasks have pools of their own.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct HistorySettings {
-    /// Size of the history connection pool.
+    /// Size of the history connection pool (default: one per two CPU cores, from 1 to 4).
     #[arg(long = "db-history-connections", env = "ROWCAST_DB_HISTORY_CONNECTIONS",
-          default_value_t = DEFAULT_DB_HISTORY_CONNECTIONS,
+          default_value_t = default_db_history_connections(),
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub connections: u32,
 

@@ -15,7 +15,11 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(cli.config.limits.max_frame_bytes, 256 * 1024);
     assert_eq!(cli.config.hardening.write_timeout, Duration::from_secs(30));
     assert_eq!(cli.config.db_max_connections, 16);
-    assert_eq!(cli.config.history.connections, 4);
+    assert_eq!(
+        cli.config.history.connections,
+        crate::config::default_db_history_connections()
+    );
+    assert!((1..=4).contains(&cli.config.history.connections));
     assert_eq!(cli.config.history.queue, 256);
     assert_eq!(cli.config.history.acquire_timeout, Duration::from_secs(5));
 }
