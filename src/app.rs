@@ -20,7 +20,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::access::{self, Access};
+use crate::access::{self, Access, AllowedHosts};
 use crate::api;
 use crate::config::{Budgets, Config, Heartbeat, Limits, TlsSettings};
 use crate::db::{self, HistoryReader, PoolSizes, Pools, changelog};
@@ -311,7 +311,7 @@ impl Start {
 }
 
 /// Every route, its guards and limits, and the layers around them all.
-fn router(state: AppState, access: &Access, config: &Config) -> Router {
+fn router(state: AppState, access: &Access, hosts: AllowedHosts, config: &Config) -> Router {
     let hardening = &config.hardening;
     let metrics = state.metrics.clone();
     // Layers added later run first: the access guards refuse before a concurrency slot is
@@ -351,7 +351,10 @@ fn router(state: AppState, access: &Access, config: &Config) -> Router {
         // Static pages and the API description: no data, so never guarded.
         .merge(crate::web::router())
         .fallback(api::not_found)
-        .method_not_allowed_fallback(api::method_not_allowed);
+        .method_not_allowed_fallback(api::method_not_allowed)
+        // Around every route and the fallbacks, inside the outer layers so the refusal gets the
+        // same security headers and JSON rewriting as any answer.
+        .layer(from_fn_with_state(hosts, access::guard_host));
     hardening::outer_layers(
         router,
         config.limits.max_body_bytes,
@@ -371,13 +374,14 @@ fn router(state: AppState, access: &Access, config: &Config) -> Router {
 }
 
 /// What the plain HTTP listener serves: redirects to the HTTPS port `redirect_to`, when set,
-/// else the router itself.
-fn plain_router(router: &Router, redirect_to: Option<u16>) -> Router {
+/// else the router itself. Redirects are for rowcast's own names only, like everything else.
+fn plain_router(router: &Router, hosts: AllowedHosts, redirect_to: Option<u16>) -> Router {
     match redirect_to {
         Some(port) => serve::redirect_to_https(port)
             // Load balancers probe health over plain HTTP and do not follow redirects.
             .route_service("/healthz", router.clone().into_service())
-            .route_service("/readyz", router.clone().into_service()),
+            .route_service("/readyz", router.clone().into_service())
+            .layer(from_fn_with_state(hosts, access::guard_host)),
         None => router.clone(),
     }
 }
@@ -406,6 +410,11 @@ impl App {
             _ => None,
         };
         let access = Access::from_settings(&config.access)?;
+        // The configured addresses, not the bound ones: the same IPs, known before TLS binds.
+        let listening: Vec<SocketAddr> = std::iter::once(config.listen)
+            .chain(config.tls.enabled().then_some(config.tls.listen))
+            .collect();
+        let hosts = AllowedHosts::from_settings(&config.access, &listening);
         let connect = ConnectOptions::parse(&url, &config.listener)?;
         // Everything committed after this position is published, by notification or by the
         // listener's catch-up from the changelog.
@@ -421,8 +430,8 @@ impl App {
             transport: connections.stats(),
         };
         let state = start.spawn(&config, &shutdown);
-        let router = router(state, &access, &config);
-        let plain_router = plain_router(&router, redirect_to);
+        let router = router(state, &access, hosts.clone(), &config);
+        let plain_router = plain_router(&router, hosts, redirect_to);
         Ok(Self {
             tcp,
             https,

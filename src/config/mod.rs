@@ -12,7 +12,7 @@ mod budgets;
 mod values;
 
 pub use budgets::Budgets;
-pub use values::{IpPrefix, Origin, Secret, split_host_port};
+pub use values::{HostName, IpPrefix, Origin, Secret, split_host_port};
 
 /// Loopback only: a fresh install must not expose an unauthenticated write API to the network.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -428,7 +428,8 @@ impl TlsSettings {
     }
 }
 
-/// Who may use the server: the WebSocket origin check and the optional API token.
+/// Who may use the server: the Host allowlist, the WebSocket origin check and the optional API
+/// token.
 #[derive(Debug, Clone, Args)]
 #[command(group(clap::ArgGroup::new("token_source").multiple(false)))]
 pub struct AccessSettings {
@@ -438,6 +439,14 @@ pub struct AccessSettings {
     #[arg(long = "allowed-origin", env = "ROWCAST_ALLOWED_ORIGINS", value_delimiter = ',',
           value_parser = Origin::parse)]
     pub allowed_origins: Vec<Origin>,
+
+    /// Host name requests may be addressed to (`Host`, or HTTP/2 `:authority`; the port is not
+    /// compared), e.g. rowcast.example.com (repeatable, or comma-separated in the variable);
+    /// localhost, 127.0.0.1 and [::1] are always allowed. Default: on a loopback --listen only
+    /// those; on any other address no check, since rowcast cannot know its public names.
+    #[arg(long = "allowed-host", env = "ROWCAST_ALLOWED_HOSTS", value_delimiter = ',',
+          value_parser = HostName::parse)]
+    pub allowed_hosts: Vec<HostName>,
 
     /// Token REST writes must carry as `Authorization: Bearer <token>` (at least 16 characters).
     /// Off by default: anyone who reaches the port may write.

@@ -1,5 +1,5 @@
-//! Value types read from flags and from requests: browser origins, address prefixes, host
-//! and port, and secrets that never print. Parsed once here (by `http`'s `Authority` and
+//! Value types read from flags and from requests: browser origins, host names, address
+//! prefixes, host and port, and secrets that never print. Parsed once here (by `http`'s `Authority` and
 //! `ipnet`), compared everywhere else. Imports nothing of ours.
 
 use std::net::IpAddr;
@@ -66,6 +66,66 @@ pub fn split_host_port(authority: &str) -> Option<(String, Option<u16>)> {
         return None;
     }
     Some((host.to_ascii_lowercase(), port))
+}
+
+/// A host name as the allowlist compares it: lower case, without a port or a final dot, IPv6
+/// literals in brackets in their shortest form, so `LocalHost.`, `localhost:8080` and
+/// `localhost` are one name, and so are `[0:0::1]` and `[::1]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostName(String);
+
+impl HostName {
+    /// Parses a name for `--allowed-host`: a bare IPv6 address (`::1`) is accepted too; a port
+    /// is refused, because ports are not compared and accepting one would suggest they were.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let bracketed;
+        let text = if text.parse::<std::net::Ipv6Addr>().is_ok() {
+            bracketed = format!("[{text}]");
+            bracketed.as_str()
+        } else {
+            text
+        };
+        match split_host_port(text) {
+            Some((_, Some(_))) => Err(format!(
+                "{text:?}: give the host name without a port (ports are not compared)"
+            )),
+            Some((host, None)) => {
+                Self::normalize(&host).ok_or_else(|| format!("{text:?} is not a host name"))
+            }
+            None => Err(format!(
+                "{text:?} is not a host name; use e.g. rowcast.example.com"
+            )),
+        }
+    }
+
+    /// The host a request names in its authority (`Host` header or HTTP/2 `:authority`), port
+    /// dropped; None if it is not a plain authority.
+    pub fn from_authority(authority: &str) -> Option<Self> {
+        let (host, _port) = split_host_port(authority)?;
+        Self::normalize(&host)
+    }
+
+    fn normalize(host: &str) -> Option<Self> {
+        if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            let ip: std::net::Ipv6Addr = inner.parse().ok()?;
+            return Some(Self(format!("[{ip}]")));
+        }
+        // `example.com.` is the same name written fully qualified.
+        let host = host.strip_suffix('.').unwrap_or(host);
+        (!host.is_empty()).then(|| Self(host.to_owned()))
+    }
+
+    /// The name in its normal form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for HostName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// An address prefix (`10.0.0.0/8`, `::1/128`, `::ffff:10.0.0.0/104`, or one address).
@@ -174,6 +234,29 @@ mod tests {
             Some(("example.com".to_owned(), Some(8080)))
         );
         assert_eq!(split_host_port("[::1]"), Some(("[::1]".to_owned(), None)));
+        let name = |text| HostName::parse(text).map(|name| name.to_string());
+        assert_eq!(
+            name("Rowcast.Example.COM."),
+            Ok("rowcast.example.com".to_owned())
+        );
+        assert_eq!(name("::1"), Ok("[::1]".to_owned()));
+        assert_eq!(name("[0:0::1]"), Ok("[::1]".to_owned()));
+        assert_eq!(name("127.0.0.1"), Ok("127.0.0.1".to_owned()));
+        for bad in [
+            "",
+            "example.com:8080",
+            "[::1]:80",
+            "u@x",
+            "x/p",
+            ".",
+            "[nope]",
+        ] {
+            assert!(HostName::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            HostName::from_authority("LocalHost.:8080").map(|name| name.to_string()),
+            Some("localhost".to_owned())
+        );
         for bad in ["", "x:", "u@x", "x/p", "x:99999", "x y"] {
             assert_eq!(split_host_port(bad), None, "{bad:?}");
         }

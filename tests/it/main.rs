@@ -12,6 +12,7 @@ mod browser;
 mod budgets;
 mod delivery;
 mod faults;
+mod hosts;
 mod integrity;
 mod isolation;
 mod listener_recovery;

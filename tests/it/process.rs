@@ -106,7 +106,7 @@ async fn shutdown_waits_one_grace_period_for_requests_and_sessions_together() {
     let addr = app.base_url.trim_start_matches("http://").to_owned();
     let mut hung = tokio::net::TcpStream::connect(&addr).await.unwrap();
     hung.write_all(
-        b"POST /products HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        b"POST /products HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
     )
     .await
     .unwrap();

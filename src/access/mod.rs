@@ -1,5 +1,7 @@
-//! Who may use the server, as axum middleware that `app` applies with `route_layer`:
+//! Who may use the server, as axum middleware that `app` applies:
 //!
+//! - **Host allowlist** (`hosts`, applied around the whole router): a request addressed to a
+//!   name that is not rowcast's (DNS rebinding) gets 421 before any route sees it.
 //! - **Origin check** on the WebSocket upgrade (cross-site WebSocket hijacking: a page on
 //!   another site must not open a socket with the user's network position or cookies). A
 //!   browser always sends `Origin`; it must be one of `--allowed-origin`, or by default name the
@@ -20,8 +22,8 @@
 //!   scrapers get their own credential and the public cannot read (or hammer) them. Without it
 //!   they are reads like any other.
 //!
-//! Health checks (`/healthz`, `/readyz`) are never guarded: load balancers probe them without
-//! credentials.
+//! The others are applied per route group with `route_layer`. Health checks (`/healthz`,
+//! `/readyz`) are never guarded: load balancers probe them without credentials, by address.
 //! Imports `config` and `http_error`.
 
 use std::collections::HashMap;
@@ -41,10 +43,14 @@ use tokio::time::Instant;
 
 use crate::config::{AccessSettings, Origin, Secret, split_host_port};
 
+mod hosts;
+
+pub use hosts::{AllowedHosts, UnknownHost, guard_host};
+
 /// Unused tickets held at once. Only token holders can create them, so this bounds a buggy or
 /// compromised client's memory use, not an anonymous attacker's; expired ones are dropped first.
 const MAX_OUTSTANDING_TICKETS: usize = 10_000;
-/// Paths that are never guarded.
+/// Paths that are never guarded, by any check here.
 const HEALTH_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
 /// Why a start-up setting could not be used.
