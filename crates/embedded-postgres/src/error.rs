@@ -55,6 +55,48 @@ pub enum EmbeddedError {
         /// One entry that is not ours.
         entry: String,
     },
+    /// The data dir is a symbolic link.
+    #[error(
+        "data dir {} is a symbolic link; the embedded PostgreSQL does not follow one there (another local user could point it at any dir): pass the real path, or remove the link",
+        .dir.display()
+    )]
+    DataDirIsSymlink {
+        /// The data dir as given.
+        dir: PathBuf,
+    },
+    /// Something in the data dir is a symbolic link.
+    #[error(
+        "{} is a symbolic link; the embedded PostgreSQL never writes or removes files through one (it could point at any file or cluster on the machine): remove the link (check who made it), or use a new data dir",
+        .path.display()
+    )]
+    SymlinkInDataDir {
+        /// The link.
+        path: PathBuf,
+    },
+    /// The data dir, or something in it, belongs to a user that is not trusted with it.
+    #[error(
+        "{} is owned by uid {owner}, not by {expected}; another local user may have made it to take over the embedded PostgreSQL: remove it (after checking what is in it), or use a new data dir",
+        .path.display()
+    )]
+    ForeignOwner {
+        /// The data dir or the entry.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Who may own it, in words.
+        expected: String,
+    },
+    /// The data dir is writable by users other than its owner.
+    #[error(
+        "data dir {} is writable by users other than its owner (mode {mode:04o}), so others may have put files in it: check what is in it, then `chmod 700` it, or use a new data dir",
+        .dir.display()
+    )]
+    WritableByOthers {
+        /// The data dir.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// `pgdata` exists but is not a PostgreSQL cluster.
     #[error(
         "{} exists but is not a PostgreSQL data directory (it has no PG_VERSION); move it away so that a new cluster can be created",

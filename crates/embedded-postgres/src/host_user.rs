@@ -2,7 +2,8 @@
 //! as root, so when this process's effective uid is 0 they run as the
 //! `postgres` OS user through `runuser`; otherwise as ourselves. Owns the
 //! effective-uid check and the user lookup (both through `nix`: `geteuid`, and
-//! `getpwnam_r`, which honours NSS) and finding `runuser`.
+//! `getpwnam_r`, which honours NSS), who may own the data dir, and finding
+//! `runuser`.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,22 @@ impl RunAs {
             Self::Postgres { runuser, .. } => {
                 vec![runuser.into(), "-u".into(), OS_USER.into(), "--".into()]
             }
+        }
+    }
+
+    /// Whether `uid` may own the data dir and what is in it: this process's user (root, when
+    /// it is root) and the user PostgreSQL runs as. Anyone else could have prepared it to make
+    /// us write, chown or delete through it.
+    pub(crate) fn may_own(&self, uid: u32) -> bool {
+        uid == geteuid().as_raw()
+            || matches!(self, Self::Postgres { uid: postgres, .. } if postgres.as_raw() == uid)
+    }
+
+    /// The users [`Self::may_own`] accepts, in words for an error message.
+    pub(crate) fn owners(&self) -> String {
+        match self {
+            Self::CurrentUser => format!("this process's user (uid {})", geteuid()),
+            Self::Postgres { uid, .. } => format!("root or the `{OS_USER}` user (uid {uid})"),
         }
     }
 

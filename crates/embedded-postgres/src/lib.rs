@@ -23,7 +23,7 @@
 //! clusters) laid out as:
 //!
 //! ```text
-//! <data_dir>/            mode 0700; owned by `postgres` when rowcast runs as root
+//! <data_dir>/            mode 0700 from creation; owned by `postgres` when rowcast runs as root
 //!     pgdata/            the cluster (PGDATA), made by `initdb -U postgres --auth=trust -E UTF8`
 //!     postgres.log       the server's stderr (postgres.log.old after 10 MiB)
 //!     .s.PGSQL.5432      the Unix socket; the server listens on nothing else
@@ -68,7 +68,8 @@
 //! - `watchdog`: the `/bin/sh` processes that tie the server's life to ours.
 //! - `host_user`: who runs PostgreSQL (ourselves, or `postgres` when we are root).
 //! - `filesystem`: creating the data dir, its ownership and permissions, and the
-//!   checks that keep us from touching a dir that is not ours.
+//!   checks that keep us from touching a dir that is not ours, or one another
+//!   local user prepared (symlinks, foreign owners, group or world write).
 //! - `error` and `options`: the public [`EmbeddedError`] and [`EmbeddedOptions`].
 
 #![forbid(unsafe_code)]

@@ -1,10 +1,13 @@
 //! The server log (`postgres.log` in the data dir): opening it for the
-//! server's stderr (rotated past 10 MiB) and reading the lines of this start
-//! back for error messages.
+//! server's stderr (rotated past 10 MiB; never through a symlink) and reading
+//! the lines of this start back for error messages.
 
 use std::fs::{self, File};
 use std::io::{self, Read as _, Seek as _, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
+
+use nix::libc::{ELOOP, O_NOFOLLOW};
 
 use crate::error::EmbeddedError;
 
@@ -18,21 +21,38 @@ pub(super) const LOG_TAIL_LINES: usize = 20;
 /// Opens the log for appending (rotating a large one) and returns it with a
 /// read handle and its current length, where this start's lines begin.
 pub(super) fn open_log(dir: &Path, log_file: &Path) -> Result<(File, File, u64), EmbeddedError> {
-    if fs::metadata(log_file).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
+    if fs::symlink_metadata(log_file).is_ok_and(|m| m.len() > LOG_ROTATE_BYTES) {
         let old = dir.join(OLD_LOG_FILE);
         if let Err(e) = fs::rename(log_file, &old) {
             tracing::warn!(error = %e, log = %log_file.display(), "could not rotate the PostgreSQL log");
         }
     }
+    // O_NOFOLLOW: as root, appending through a planted link would write to any file.
+    // `filesystem::check_existing` refuses such a link first; this holds if one appears later.
     let file = fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(O_NOFOLLOW)
         .open(log_file)
-        .map_err(|e| EmbeddedError::io("open the PostgreSQL log", log_file, e))?;
-    let reader = File::open(log_file)
-        .map_err(|e| EmbeddedError::io("read the PostgreSQL log", log_file, e))?;
+        .map_err(|e| open_error("open the PostgreSQL log", log_file, e))?;
+    let reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NOFOLLOW)
+        .open(log_file)
+        .map_err(|e| open_error("read the PostgreSQL log", log_file, e))?;
     let offset = file.metadata().map_or(0, |m| m.len());
     Ok((file, reader, offset))
+}
+
+/// A failed open; ELOOP is O_NOFOLLOW meeting a link.
+fn open_error(action: &'static str, path: &Path, error: io::Error) -> EmbeddedError {
+    if error.raw_os_error() == Some(ELOOP) {
+        EmbeddedError::SymlinkInDataDir {
+            path: path.to_path_buf(),
+        }
+    } else {
+        EmbeddedError::io(action, path, error)
+    }
 }
 
 /// The last lines written to the log since `offset`, joined into one line.

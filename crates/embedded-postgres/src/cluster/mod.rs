@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::error::EmbeddedError;
 use crate::filesystem::{
-    self, absolute, canonicalize, check_dedicated, create_dirs, create_unique_dir, prepare_dirs,
+    self, absolute, canonicalize, check_existing, create_dirs, create_unique_dir, prepare_dirs,
     remove_dir_if_exists,
 };
 use crate::host_user::RunAs;
@@ -49,8 +49,10 @@ impl EmbeddedPostgres {
     /// port, so it never clashes with a system PostgreSQL on 5432). Waits until
     /// it accepts connections (at most 30 s).
     ///
-    /// `data_dir` is created if missing; it must be new, empty, or one used
-    /// before by this crate. Data is kept (normal fsync). When running as
+    /// `data_dir` is created if missing (mode 0700); it must be new, empty, or
+    /// one used before by this crate, and an existing one must not be a
+    /// symlink, hold symlinks, be owned by another user than this process's or
+    /// the server's, or be writable by group or others. Data is kept (normal fsync). When running as
     /// root, pass a dir under `/tmp` or `/var/tmp`, not under `/root` (see the
     /// crate docs). A second process starting the same dir gets
     /// [`EmbeddedError::AlreadyRunning`].
@@ -76,10 +78,12 @@ impl EmbeddedPostgres {
         let run_as = RunAs::detect()?;
         let abs = absolute(data_dir)?;
         let created = create_dirs(&abs)?;
-        let dir = canonicalize(&abs)?;
+        // A dir we did not just create (0700) is checked as given, before any link in it
+        // is resolved.
         if created.last().is_none_or(|last| *last != abs) {
-            check_dedicated(&dir)?;
+            check_existing(&run_as, &abs)?;
         }
+        let dir = canonicalize(&abs)?;
         prepare_dirs(&run_as, &created, &dir)?;
         launch(dir, false, &run_as, options).await
     }
