@@ -6,6 +6,10 @@
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -113,6 +117,39 @@ async fn a_rebound_name_is_refused_on_http1_and_http2_but_health_checks_answer()
     // The page's Origin names its own (rebound) host, so the origin check alone lets it in.
     assert_eq!(ws_status(&app, REBOUND).await, 421);
     assert_eq!(ws_status(&app, "localhost").await, 101);
+}
+
+/// A WebSocket over HTTP/2 (h2c prior knowledge, extended CONNECT as RFC 8441): the name is
+/// only in `:authority`.
+#[tokio::test]
+async fn a_websocket_over_http2_for_a_rebound_name_is_refused() {
+    let app = spawn_app().await;
+    let port = addr(&app).port();
+    let tcp = TcpStream::connect(addr(&app)).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    // A first exchange brings the server's SETTINGS, which allow extended CONNECT.
+    let health = Request::get(format!("http://localhost:{port}/healthz"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(health).await.unwrap().status(), 200);
+    let connect = |host: &str| {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("http://{host}:{port}/websocket"))
+            .header("sec-websocket-version", "13")
+            .header("origin", format!("http://{host}:{port}"))
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let refused = sender.send_request(connect(REBOUND)).await.unwrap();
+    assert_eq!(refused.status(), 421);
+    let accepted = sender.send_request(connect("localhost")).await.unwrap();
+    assert_eq!(accepted.status(), 200, "the stream is a WebSocket now");
 }
 
 #[tokio::test]
