@@ -88,7 +88,7 @@ impl AllowedHosts {
 pub enum UnknownHost {
     /// A name that is not one of rowcast's.
     #[error(
-        "this server does not answer to the host {0:?}; if that is its name, start rowcast with --allowed-host {0}"
+        "this server does not answer to the host \"{0}\"; if that is its name, start rowcast with --allowed-host {0}"
     )]
     Named(HostName),
     /// No `Host` header and no authority.
@@ -166,6 +166,11 @@ mod tests {
         let refused = hosts.check(&request("/products", Some("rebind.example:8080")));
         assert!(
             matches!(&refused, Err(UnknownHost::Named(name)) if name.as_str() == "rebind.example")
+        );
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "this server does not answer to the host \"rebind.example\"; if that is its name, \
+             start rowcast with --allowed-host rebind.example"
         );
         assert_eq!(
             hosts.check(&request("/products", None)),
