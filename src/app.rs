@@ -70,6 +70,8 @@ pub struct AppState {
     budgets: Budgets,
     /// Ping cadence and patience.
     heartbeat: Heartbeat,
+    /// When authenticated event streams end to renew their credential (`Access`).
+    stream_rotation: Option<std::time::Duration>,
 }
 
 /// `/stats` and `/metrics`.
@@ -145,6 +147,7 @@ impl FromRef<AppState> for SseState {
             shutdown: state.shutdown.clone(),
             max_subscriptions: state.limits.max_subscriptions,
             metrics: state.metrics.clone(),
+            rotate_after: state.stream_rotation,
         }
     }
 }
@@ -246,7 +249,7 @@ struct Start {
 impl Start {
     /// Spawns the distributor and every background task (each under a named span), and returns
     /// the state the handlers share.
-    fn spawn(self, config: &Config, shutdown: &Shutdown) -> AppState {
+    fn spawn(self, config: &Config, access: &Access, shutdown: &Shutdown) -> AppState {
         let Self {
             pools,
             connect,
@@ -306,6 +309,7 @@ impl Start {
             limits: config.limits,
             budgets: config.budgets,
             heartbeat: config.heartbeat,
+            stream_rotation: access.stream_rotation(),
         }
     }
 }
@@ -336,7 +340,13 @@ fn router(state: AppState, access: &Access, config: &Config) -> Router {
         .route("/products/events", get(sse::events))
         .route_layer(from_fn_with_state(
             access.clone(),
-            access::guard_subscription,
+            access::guard_event_stream,
+        ))
+        // Added last, so it runs first: a request the handler would refuse (400) is refused
+        // before the guard consumes its single-use ticket.
+        .route_layer(from_fn_with_state(
+            SseState::from_ref(&state),
+            sse::check_request,
         ));
     let router = Router::new()
         .merge(rest)
@@ -405,7 +415,7 @@ impl App {
             Some(https) if config.tls.http_redirect => Some(https.tcp.local_addr()?.port()),
             _ => None,
         };
-        let access = Access::from_settings(&config.access)?;
+        let access = Access::from_settings(&config.access, pools.rest.clone())?;
         let connect = ConnectOptions::parse(&url, &config.listener)?;
         // Everything committed after this position is published, by notification or by the
         // listener's catch-up from the changelog.
@@ -420,7 +430,7 @@ impl App {
             reload: reload.flatten(),
             transport: connections.stats(),
         };
-        let state = start.spawn(&config, &shutdown);
+        let state = start.spawn(&config, &access, &shutdown);
         let router = router(state, &access, &config);
         let plain_router = plain_router(&router, redirect_to);
         Ok(Self {
