@@ -164,7 +164,9 @@ impl Access {
         let token = token.map(|token| sha256(token.expose().as_bytes()));
         Ok(Self(Arc::new(Inner {
             allowed_origins: settings.allowed_origins.clone(),
-            stream: token.as_ref().map(StreamCredentials::new),
+            stream: token
+                .as_ref()
+                .map(|token| StreamCredentials::new(token, settings.stream_credential_ttl)),
             token,
             auth_reads: settings.auth_reads,
             ops_token: settings
@@ -213,7 +215,8 @@ impl Access {
     /// How long an event stream may last before it ends so that its reconnect renews the
     /// stream credential: only when streams need credentials (`--auth-reads`).
     pub fn stream_rotation(&self) -> Option<Duration> {
-        (self.0.auth_reads && self.0.stream.is_some()).then_some(stream::ROTATE_AFTER)
+        let stream = self.0.stream.as_ref().filter(|_| self.0.auth_reads)?;
+        Some(stream.rotate_after())
     }
 
     /// Credentials for a subscription (WebSocket or event stream): a presented ticket must be

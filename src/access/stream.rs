@@ -3,10 +3,10 @@
 //!
 //! An event stream opened with a valid ticket (or the bearer token) is answered with a cookie
 //! `rowcast_stream` — HttpOnly, SameSite=Strict, Path=/products/events, Max-Age
-//! [`LIFETIME`] — holding `v1.<expiry unix seconds>.<HMAC-SHA256 tag>`. `EventSource` reconnects
+//! `--stream-credential-ttl` (10 minutes) — holding `v1.<expiry unix seconds>.<HMAC-SHA256 tag>`. `EventSource` reconnects
 //! with the same URL (whose ticket is spent) and sends the cookie; a valid cookie is accepted in
-//! place of the ticket and renewed in the answer. Streams opened under `--auth-reads` end after
-//! [`ROTATE_AFTER`] (`sse`), so a long-lived stream reconnects, and renews its cookie, while the
+//! place of the ticket and renewed in the answer. Streams opened under `--auth-reads` end after half
+//! of that lifetime (`sse`), so a long-lived stream reconnects, and renews its cookie, while the
 //! old one is still valid; `Last-Event-ID` makes that reconnect gapless.
 //!
 //! Why signed and not stored: every instance shares the API token, so a key derived from it
@@ -15,7 +15,7 @@
 //! every stream credential at once; single ones cannot be revoked (they expire instead).
 //!
 //! Threat model: the cookie opens only event streams (read-only, the same data `--auth-reads`
-//! guards), only on this path, for at most [`LIFETIME`] after the last (re)connect. HttpOnly
+//! guards), only on this path, for at most its lifetime after the last (re)connect. HttpOnly
 //! keeps it from page scripts; SameSite=Strict keeps other sites' pages from sending it (and
 //! they could not read the stream anyway: no CORS headers). It is not marked Secure, because
 //! rowcast cannot tell whether a TLS-terminating proxy sits in front; over plain HTTP it travels
@@ -31,13 +31,9 @@ use ring::hmac;
 const COOKIE: &str = "rowcast_stream";
 /// The only path the browser sends it to, and the only route that accepts it.
 const PATH: &str = "/products/events";
-/// How long a credential stays valid after it was minted: long enough to ride out a restart or
-/// a dropped connection (EventSource retries after a few seconds), short enough that a copy
-/// taken from a machine is useless soon after.
-pub(super) const LIFETIME: Duration = Duration::from_secs(10 * 60);
-/// An authenticated stream ends after this, so its reconnect renews the cookie with half of its
-/// lifetime to spare.
-pub(super) const ROTATE_AFTER: Duration = Duration::from_secs(5 * 60);
+/// Streams end after at least this, whatever the lifetime: a stream that ended at once would
+/// only make its client reconnect in a loop.
+const MIN_ROTATION: Duration = Duration::from_secs(1);
 /// Version prefix, so the format can change without old cookies being misread.
 const VERSION: &str = "v1";
 
@@ -45,21 +41,30 @@ const VERSION: &str = "v1";
 #[derive(Debug)]
 pub(super) struct StreamCredentials {
     key: hmac::Key,
+    /// How long a credential stays valid after it was minted.
+    lifetime: Duration,
 }
 
 impl StreamCredentials {
     /// `token_digest` is the SHA-256 of the API token, identical on every instance.
-    pub(super) fn new(token_digest: &[u8; 32]) -> Self {
+    pub(super) fn new(token_digest: &[u8; 32], lifetime: Duration) -> Self {
         // A key of its own (domain-separated), so a tag never doubles as anything else.
         let root = hmac::Key::new(hmac::HMAC_SHA256, token_digest);
         let derived = hmac::sign(&root, b"rowcast stream credential key v1");
         Self {
             key: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
+            lifetime,
         }
     }
 
+    /// When an authenticated stream ends: with half of its credential's lifetime to spare, so
+    /// the reconnect that renews it comes in time even if the first attempt fails.
+    pub(super) fn rotate_after(&self) -> Duration {
+        (self.lifetime / 2).max(MIN_ROTATION)
+    }
+
     fn mint(&self, now: SystemTime) -> String {
-        let expiry = unix_seconds(now).saturating_add(LIFETIME.as_secs());
+        let expiry = unix_seconds(now).saturating_add(self.lifetime.as_secs());
         let body = format!("{VERSION}.{expiry}");
         let tag = hmac::sign(&self.key, body.as_bytes());
         let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref());
@@ -101,7 +106,7 @@ impl StreamCredentials {
         let cookie = format!(
             "{COOKIE}={}; Max-Age={}; Path={PATH}; HttpOnly; SameSite=Strict",
             self.mint(now),
-            LIFETIME.as_secs()
+            self.lifetime.as_secs()
         );
         // Only ASCII digits, letters, '-', '_', '.', '=', ';' and spaces: always a valid value.
         HeaderValue::from_str(&cookie).ok()
@@ -118,6 +123,8 @@ fn unix_seconds(time: SystemTime) -> u64 {
 mod tests {
     use super::*;
 
+    const LIFETIME: Duration = Duration::from_secs(600);
+
     fn headers(cookie: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, HeaderValue::from_str(cookie).unwrap());
@@ -127,12 +134,12 @@ mod tests {
     #[test]
     fn credentials_verify_until_they_expire_and_only_with_their_key() {
         let now = SystemTime::now();
-        let credentials = StreamCredentials::new(&[7; 32]);
+        let credentials = StreamCredentials::new(&[7; 32], LIFETIME);
         let minted = credentials.mint(now);
         assert!(credentials.verify(&minted, now));
         assert!(credentials.verify(&minted, now + LIFETIME - Duration::from_secs(1)));
         assert!(!credentials.verify(&minted, now + LIFETIME + Duration::from_secs(1)));
-        assert!(!StreamCredentials::new(&[8; 32]).verify(&minted, now));
+        assert!(!StreamCredentials::new(&[8; 32], LIFETIME).verify(&minted, now));
         // A longer expiry with the old tag is refused.
         let (body, tag) = minted.rsplit_once('.').unwrap();
         let forged = format!("{body}9.{tag}");
@@ -145,7 +152,7 @@ mod tests {
     #[test]
     fn the_cookie_is_found_among_others_and_is_scoped() {
         let now = SystemTime::now();
-        let credentials = StreamCredentials::new(&[7; 32]);
+        let credentials = StreamCredentials::new(&[7; 32], LIFETIME);
         let set = credentials.set_cookie(now).unwrap();
         let set = set.to_str().unwrap();
         for attribute in ["HttpOnly", "SameSite=Strict", "Path=/products/events"] {

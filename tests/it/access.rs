@@ -535,3 +535,22 @@ async fn an_event_stream_opened_with_a_ticket_reconnects_with_its_cookie() {
     let missed = next_sse_change(&mut sse).await;
     assert_eq!(missed.id, Some(seen.id.unwrap() + 1), "no gap");
 }
+
+#[tokio::test]
+async fn an_authenticated_stream_ends_to_renew_its_cookie_before_it_expires() {
+    let flags = ["--api-token", TOKEN, "--auth-reads"];
+    let app = spawn_app_with(&[&flags[..], &["--stream-credential-ttl", "2s"]].concat()).await;
+    let events = format!("{}/products/events?ids=1", app.base_url);
+    let first = app.http.get(&events).send().await.unwrap();
+    let cookie = first.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    // Ends after half the lifetime (1 s), so EventSource reconnects while the cookie is valid.
+    let mut stream = crate::support::SseClient::from_response(first);
+    assert_eq!(stream.next_event().await.data["type"], "subscribed");
+    stream.expect_end().await;
+    let anonymous = reqwest::Client::new();
+    let with_cookie = || anonymous.get(&events).header("cookie", &cookie).send();
+    assert_eq!(with_cookie().await.unwrap().status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(with_cookie().await.unwrap().status(), 401, "expired");
+}
