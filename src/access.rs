@@ -222,6 +222,7 @@ impl Access {
     /// Credentials for a subscription (WebSocket or event stream): a presented ticket must be
     /// valid; with `--auth-reads` a ticket or the token is required. Ok(true) when credentials
     /// were presented and valid (an event stream then gets a stream cookie).
+    ///
     /// Takes the parts, not the `Request`: its body is not `Sync`, and a borrow of it held
     /// across the ticket query would make the middleware's future not `Send`.
     async fn check_subscription(&self, uri: &Uri, headers: &HeaderMap) -> Result<bool, Denied> {

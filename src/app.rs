@@ -378,6 +378,12 @@ fn router(state: AppState, access: &Access, config: &Config) -> Router {
             axum::http::header::COOKIE,
         ]),
     )
+    // The event-stream credential (`access`) travels out in `Set-Cookie`.
+    .layer(
+        tower_http::sensitive_headers::SetSensitiveResponseHeadersLayer::new([
+            axum::http::header::SET_COOKIE,
+        ]),
+    )
 }
 
 /// What the plain HTTP listener serves: redirects to the HTTPS port `redirect_to`, when set,

@@ -15,11 +15,13 @@
 //! every stream credential at once; single ones cannot be revoked (they expire instead).
 //!
 //! Threat model: the cookie opens only event streams (read-only, the same data `--auth-reads`
-//! guards), only on this path, for at most its lifetime after the last (re)connect. HttpOnly
+//! guards), only on this path, for at most its lifetime after the last (re)connect — a holder
+//! who keeps reconnecting keeps renewing it, as the page it was set for does. HttpOnly
 //! keeps it from page scripts; SameSite=Strict keeps other sites' pages from sending it (and
 //! they could not read the stream anyway: no CORS headers). It is not marked Secure, because
 //! rowcast cannot tell whether a TLS-terminating proxy sits in front; over plain HTTP it travels
-//! as readable as the ticket. It is never logged (`Cookie` is a sensitive header in the trace).
+//! as readable as the ticket. It is never logged (`Cookie` and `Set-Cookie` are sensitive
+//! headers in the trace).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
