@@ -70,6 +70,8 @@ pub struct AppState {
     budgets: Budgets,
     /// Ping cadence and patience.
     heartbeat: Heartbeat,
+    /// When authenticated event streams end to renew their credential (`Access`).
+    stream_rotation: Option<std::time::Duration>,
 }
 
 /// `/stats` and `/metrics`.
@@ -145,6 +147,7 @@ impl FromRef<AppState> for SseState {
             shutdown: state.shutdown.clone(),
             max_subscriptions: state.limits.max_subscriptions,
             metrics: state.metrics.clone(),
+            rotate_after: state.stream_rotation,
         }
     }
 }
@@ -246,7 +249,7 @@ struct Start {
 impl Start {
     /// Spawns the distributor and every background task (each under a named span), and returns
     /// the state the handlers share.
-    fn spawn(self, config: &Config, shutdown: &Shutdown) -> AppState {
+    fn spawn(self, config: &Config, access: &Access, shutdown: &Shutdown) -> AppState {
         let Self {
             pools,
             connect,
@@ -306,6 +309,7 @@ impl Start {
             limits: config.limits,
             budgets: config.budgets,
             heartbeat: config.heartbeat,
+            stream_rotation: access.stream_rotation(),
         }
     }
 }
@@ -336,7 +340,13 @@ fn router(state: AppState, access: &Access, hosts: AllowedHosts, config: &Config
         .route("/products/events", get(sse::events))
         .route_layer(from_fn_with_state(
             access.clone(),
-            access::guard_subscription,
+            access::guard_event_stream,
+        ))
+        // Added last, so it runs first: a request the handler would refuse (400) is refused
+        // before the guard consumes its single-use ticket.
+        .route_layer(from_fn_with_state(
+            SseState::from_ref(&state),
+            sse::check_request,
         ));
     let router = Router::new()
         .merge(rest)
@@ -369,6 +379,12 @@ fn router(state: AppState, access: &Access, hosts: AllowedHosts, config: &Config
         tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([
             axum::http::header::AUTHORIZATION,
             axum::http::header::COOKIE,
+        ]),
+    )
+    // The event-stream credential (`access`) travels out in `Set-Cookie`.
+    .layer(
+        tower_http::sensitive_headers::SetSensitiveResponseHeadersLayer::new([
+            axum::http::header::SET_COOKIE,
         ]),
     )
 }
@@ -409,7 +425,7 @@ impl App {
             Some(https) if config.tls.http_redirect => Some(https.tcp.local_addr()?.port()),
             _ => None,
         };
-        let access = Access::from_settings(&config.access)?;
+        let access = Access::from_settings(&config.access, pools.rest.clone())?;
         // The configured addresses, not the bound ones: the same IPs, known before TLS binds.
         let listening: Vec<SocketAddr> = std::iter::once(config.listen)
             .chain(config.tls.enabled().then_some(config.tls.listen))
@@ -429,7 +445,7 @@ impl App {
             reload: reload.flatten(),
             transport: connections.stats(),
         };
-        let state = start.spawn(&config, &shutdown);
+        let state = start.spawn(&config, &access, &shutdown);
         let router = router(state, &access, hosts.clone(), &config);
         let plain_router = plain_router(&router, hosts, redirect_to);
         Ok(Self {

@@ -26,6 +26,10 @@
 //! the whole connection from here would take its other streams down with it, which a
 //! multiplexing browser shares between tabs.
 //!
+//! Under `--auth-reads` a stream opened with credentials ends after the rotation `access` asks
+//! for ([`SseState::rotate_after`]): `EventSource` reconnects by itself, resumes after
+//! `Last-Event-ID`, and its reconnect renews the stream cookie before that expires.
+//!
 //! A stream whose replay or snapshot finds the change history busy gets one `history_busy`
 //! error message and ends: the browser's `EventSource` reconnects by itself (after its retry
 //! delay) and resumes after `Last-Event-ID`, as after any dropped stream.
@@ -41,8 +45,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use axum::Extension;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
@@ -70,14 +75,69 @@ pub struct SseState {
     pub max_subscriptions: usize,
     /// Where delivered events and bytes are counted.
     pub metrics: Metrics,
+    /// Streams end after this (credential rotation, see `access`); None: they do not.
+    pub rotate_after: Option<std::time::Duration>,
 }
 
-/// `?ids=1,2,3&since=N`.
+/// `?ids=1,2,3&since=N[&ticket=…]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     ids: Option<String>,
     since: Option<String>,
+    /// The credential `access` checked (and consumed) before the handler runs: accepted here so
+    /// a ticketed request is not refused as an unknown field after its ticket is spent.
+    #[serde(default, rename = "ticket")]
+    _ticket: Option<serde::de::IgnoredAny>,
+}
+
+/// What a valid request asks for.
+struct StreamRequest {
+    ids: Vec<ProductId>,
+    start: SubscriptionStart,
+}
+
+/// Parses the query and `Last-Event-ID`; what is wrong with them (the 400's message) when they
+/// are not valid.
+fn parse_request(
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    headers: &HeaderMap,
+    max_subscriptions: usize,
+) -> Result<StreamRequest, String> {
+    let Ok(Query(query)) = query else {
+        return Err("expected ?ids=1,2,3 and optionally &since=<seq>".to_owned());
+    };
+    let Some(raw_ids) = query.ids.filter(|ids| !ids.trim().is_empty()) else {
+        return Err("`ids` is required: a comma-separated list of product ids".to_owned());
+    };
+    let ids = parse_ids(&raw_ids, max_subscriptions)?;
+    // The browser's reconnect position wins over the one in the URL it first opened.
+    let position = match headers.get("last-event-id") {
+        Some(value) => Some((
+            String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            "Last-Event-ID",
+        )),
+        None => query.since.map(|since| (since, "`since`")),
+    };
+    let start = match position.filter(|(raw, _)| !raw.trim().is_empty()) {
+        Some((raw, what)) => SubscriptionStart::Since(parse_seq(&raw, what)?),
+        None => SubscriptionStart::Live,
+    };
+    Ok(StreamRequest { ids, start })
+}
+
+/// Middleware that refuses an invalid request (400) before the access guard runs, so a request
+/// the handler would refuse does not consume its single-use ticket.
+pub async fn check_request(
+    State(state): State<SseState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let query = Query::<EventsQuery>::try_from_uri(request.uri());
+    if let Err(message) = parse_request(query, request.headers(), state.max_subscriptions) {
+        return bad_request(&message);
+    }
+    next.run(request).await
 }
 
 fn bad_request(message: &str) -> Response {
@@ -125,11 +185,13 @@ fn parse_seq(raw: &str, what: &str) -> Result<Seq, String> {
         ("ids" = String, Query, description = "Comma-separated product ids, e.g. `1,2,3`"),
         ("since" = Option<i64>, Query, description = "Resume after this seq (first connection; reconnects send `Last-Event-ID`)", minimum = 0),
         ("Last-Event-ID" = Option<String>, Header, description = "Set by a reconnecting `EventSource`: the seq of the last change seen"),
+        ("ticket" = Option<String>, Query, description = "Under `--auth-reads`: a single-use ticket from `POST /ws-ticket`; the answer sets the `rowcast_stream` cookie that lets reconnects in without it"),
     ),
     responses(
         (status = 200, description = "An event stream: each `data:` is one message of docs/protocol.md; changes carry `id: <seq>`",
          content_type = "text/event-stream", body = String),
         (status = 400, description = "Bad `ids` or `since` (`invalid_query`)", body = crate::http_error::ErrorBody),
+        (status = 401, description = "Under `--auth-reads`: no valid ticket, token or stream cookie (`invalid_ticket`, `unauthorized`)", body = crate::http_error::ErrorBody),
         (status = 429, description = "Your address holds its share of sessions (`too_many_sessions_from_address`)", body = crate::http_error::ErrorBody),
         (status = 503, description = "The server holds all the sessions it may (`too_many_sessions`), or is stopping", body = crate::http_error::ErrorBody),
     ))]
@@ -140,30 +202,10 @@ pub async fn events(
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
-    let Ok(Query(query)) = query else {
-        return bad_request("expected ?ids=1,2,3 and optionally &since=<seq>");
-    };
-    let Some(raw_ids) = query.ids.filter(|ids| !ids.trim().is_empty()) else {
-        return bad_request("`ids` is required: a comma-separated list of product ids");
-    };
-    let ids = match parse_ids(&raw_ids, state.max_subscriptions) {
-        Ok(ids) => ids,
+    let StreamRequest { ids, start } = match parse_request(query, &headers, state.max_subscriptions)
+    {
+        Ok(request) => request,
         Err(message) => return bad_request(&message),
-    };
-    // The browser's reconnect position wins over the one in the URL it first opened.
-    let position = match headers.get("last-event-id") {
-        Some(value) => Some((
-            String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            "Last-Event-ID",
-        )),
-        None => query.since.map(|since| (since, "`since`")),
-    };
-    let start = match position.filter(|(raw, _)| !raw.trim().is_empty()) {
-        Some((raw, what)) => match parse_seq(&raw, what) {
-            Ok(seq) => SubscriptionStart::Since(seq),
-            Err(message) => return bad_request(&message),
-        },
-        None => SubscriptionStart::Live,
     };
     let registration = match state.distributor.register(peer.map(|p| p.ip())).await {
         Ok(registration) => registration,
@@ -189,6 +231,9 @@ pub async fn events(
         shutdown: state.shutdown.clone(),
         queue: VecDeque::new(),
         ended: false,
+        rotate_at: state
+            .rotate_after
+            .map(|after| tokio::time::Instant::now() + after),
         _guard: guard,
     };
     Sse::new(stream.into_stream())
@@ -203,6 +248,8 @@ struct EventStream {
     queue: VecDeque<Outgoing>,
     /// The last event was sent: the stream ends at the next poll.
     ended: bool,
+    /// When the stream ends so that the client reconnects and renews its credential.
+    rotate_at: Option<tokio::time::Instant>,
     metrics: Metrics,
     /// Disconnects from the distributor when the client goes away and the stream is dropped.
     _guard: SessionGuard<Frame>,
@@ -225,7 +272,9 @@ impl EventStream {
             // this stream for a long while (its socket or stream window was full), and a stream
             // that was evicted or is stopping in the meantime sends nothing more, as a
             // WebSocket sends nothing after its close frame.
-            if self.shutdown.is_triggered() || self.evicted.is_cancelled() {
+            let rotate_at = self.rotate_at;
+            let rotated = rotate_at.is_some_and(|at| tokio::time::Instant::now() >= at);
+            if self.shutdown.is_triggered() || self.evicted.is_cancelled() || rotated {
                 return None;
             }
             if let Some(outgoing) = self.queue.pop_front() {
@@ -264,8 +313,17 @@ impl EventStream {
                 biased;
                 () = self.shutdown.cancelled() => return None,
                 () = self.evicted.cancelled() => return None,
+                () = rotation(rotate_at) => return None,
                 more = self.feed.recv() => if !more { return None },
             }
         }
+    }
+}
+
+/// Completes at `at`, or never.
+async fn rotation(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -11,11 +11,17 @@
 //!   `Authorization: Bearer <token>`, and with `--auth-reads` so do reads and subscriptions.
 //!   Compared in constant time (SHA-256 of both sides, then `subtle`), so neither the token's
 //!   bytes nor its length leak through timing. Refused: 401.
-//! - **WebSocket tickets**: browsers cannot set headers on a WebSocket, so `POST /ws-ticket`
-//!   (with the token) returns a random single-use ticket, valid for `--ws-ticket-ttl`, that the
-//!   page passes as `/websocket?ticket=…`. A used, expired or unknown ticket is refused with 401
-//!   before the upgrade. Tickets are stored as SHA-256 digests and never logged: request spans
+//! - **WebSocket tickets** (`tickets`): browsers cannot set headers on a WebSocket, so
+//!   `POST /ws-ticket` (with the token) returns a random single-use ticket, valid for
+//!   `--ws-ticket-ttl`, that the page passes as `/websocket?ticket=…` (or
+//!   `/products/events?ticket=…`). A used, expired or unknown ticket is refused with 401 before
+//!   the upgrade. Tickets are stored in the database as SHA-256 digests, so any instance on it
+//!   honours a ticket once, whichever instance issued it; they are never logged: request spans
 //!   carry the path, not the query ([`request_span`]).
+//! - **Stream credentials** (`stream`): an event stream opened with a ticket or the token gets a
+//!   short-lived HttpOnly cookie scoped to `/products/events`, which lets `EventSource`'s
+//!   automatic reconnect (same URL, spent ticket) in without a new ticket; the threat model is in
+//!   that module.
 //!
 //! - **Operator token** (optional, `--ops-token`): `/stats` and `/metrics` then need
 //!   `Authorization: Bearer <ops token>`, whatever `--auth-reads` says, so dashboards and
@@ -24,32 +30,31 @@
 //!
 //! The others are applied per route group with `route_layer`. Health checks (`/healthz`,
 //! `/readyz`) are never guarded: load balancers probe them without credentials, by address.
-//! Imports `config` and `http_error`.
+//! Imports `config`, `db` (the ticket table) and `http_error`.
 
-use std::collections::HashMap;
+mod hosts;
+mod stream;
+mod tickets;
+
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use base64::Engine as _;
+use sqlx::PgPool;
 use subtle::ConstantTimeEq as _;
-use tokio::time::Instant;
 
 use crate::config::{AccessSettings, Origin, Secret, split_host_port};
-
-mod hosts;
+use stream::StreamCredentials;
+use tickets::Tickets;
 
 pub use hosts::{AllowedHosts, UnknownHost, guard_host};
 
-/// Unused tickets held at once. Only token holders can create them, so this bounds a buggy or
-/// compromised client's memory use, not an anonymous attacker's; expired ones are dropped first.
-const MAX_OUTSTANDING_TICKETS: usize = 10_000;
 /// Paths that are never guarded, by any check here.
 const HEALTH_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
@@ -92,6 +97,9 @@ pub enum Denied {
     /// Too many unused tickets: 503.
     #[error("too many unused tickets; retry shortly")]
     TooManyTickets,
+    /// The ticket store (the database) did not answer: 503.
+    #[error("tickets cannot be checked right now; retry shortly")]
+    Unavailable,
 }
 
 impl IntoResponse for Denied {
@@ -101,6 +109,7 @@ impl IntoResponse for Denied {
             Self::MissingToken | Self::WrongToken => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::BadTicket => (StatusCode::UNAUTHORIZED, "invalid_ticket"),
             Self::TooManyTickets => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         let mut response = crate::http_error::respond(status, code, self.to_string());
         // RFC 6750: tell the client which scheme to use, and whether the token was the problem.
@@ -132,11 +141,14 @@ struct Inner {
     /// SHA-256 of the operator token, when one is configured.
     ops_token: Option<[u8; 32]>,
     tickets: Tickets,
+    /// Stream credentials, when a token is configured (their key derives from it).
+    stream: Option<StreamCredentials>,
 }
 
 impl Access {
-    /// Builds the policy; reads the token file if one is given.
-    pub fn from_settings(settings: &AccessSettings) -> Result<Self, AccessError> {
+    /// Builds the policy; reads the token file if one is given. Tickets are kept through
+    /// `pool` (the REST pool: one short query per ticket).
+    pub fn from_settings(settings: &AccessSettings, pool: PgPool) -> Result<Self, AccessError> {
         let token = match (&settings.api_token, &settings.api_token_file) {
             (Some(token), _) => Some(token.clone()),
             (None, Some(path)) => {
@@ -154,18 +166,19 @@ impl Access {
             }
             (None, None) => None,
         };
+        let token = token.map(|token| sha256(token.expose().as_bytes()));
         Ok(Self(Arc::new(Inner {
             allowed_origins: settings.allowed_origins.clone(),
-            token: token.map(|token| sha256(token.expose().as_bytes())),
+            stream: token
+                .as_ref()
+                .map(|token| StreamCredentials::new(token, settings.stream_credential_ttl)),
+            token,
             auth_reads: settings.auth_reads,
             ops_token: settings
                 .ops_token
                 .as_ref()
                 .map(|token| sha256(token.expose().as_bytes())),
-            tickets: Tickets {
-                ttl: settings.ws_ticket_ttl,
-                issued: Mutex::new(HashMap::new()),
-            },
+            tickets: Tickets::new(settings.ws_ticket_ttl, pool),
         })))
     }
 
@@ -204,20 +217,48 @@ impl Access {
         if allowed { Ok(()) } else { Err(Denied::Origin) }
     }
 
+    /// How long an event stream may last before it ends so that its reconnect renews the
+    /// stream credential: only when streams need credentials (`--auth-reads`).
+    pub fn stream_rotation(&self) -> Option<Duration> {
+        let stream = self.0.stream.as_ref().filter(|_| self.0.auth_reads)?;
+        Some(stream.rotate_after())
+    }
+
     /// Credentials for a subscription (WebSocket or event stream): a presented ticket must be
-    /// valid; with `--auth-reads` a ticket or the token is required.
-    fn check_subscription(&self, request: &Request) -> Result<(), Denied> {
-        match query_param(request.uri().query(), "ticket") {
+    /// valid; with `--auth-reads` a ticket or the token is required. Ok(true) when credentials
+    /// were presented and valid (an event stream then gets a stream cookie).
+    ///
+    /// Takes the parts, not the `Request`: its body is not `Sync`, and a borrow of it held
+    /// across the ticket query would make the middleware's future not `Send`.
+    async fn check_subscription(&self, uri: &Uri, headers: &HeaderMap) -> Result<bool, Denied> {
+        match query_param(uri.query(), "ticket") {
             Some(ticket) => {
-                if self.0.tickets.redeem(&ticket) {
-                    Ok(())
+                if self.0.tickets.redeem(&ticket).await? {
+                    Ok(true)
                 } else {
                     Err(Denied::BadTicket)
                 }
             }
-            None if self.0.auth_reads => self.check_token(request.headers()),
-            None => Ok(()),
+            None if self.0.auth_reads => self.check_token(headers).map(|()| true),
+            None => Ok(false),
         }
+    }
+
+    /// Credentials for an event stream: a valid stream cookie first — a reconnecting
+    /// `EventSource` repeats the URL of its first request, spent ticket included — then as for
+    /// any subscription.
+    async fn check_event_stream(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Result<bool, Denied> {
+        if let Some(stream) = &self.0.stream {
+            if stream.presented(headers, now) {
+                return Ok(true);
+            }
+        }
+        self.check_subscription(uri, headers).await
     }
 }
 
@@ -285,28 +326,45 @@ pub async fn guard_websocket(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Err(denied) = access
-        .check_origin(&request)
-        .and_then(|()| access.check_subscription(&request))
-    {
+    let checked = match access.check_origin(&request) {
+        Ok(()) => access
+            .check_subscription(request.uri(), request.headers())
+            .await
+            .map(|_| ()),
+        Err(denied) => Err(denied),
+    };
+    if let Err(denied) = checked {
         tracing::debug!(reason = %denied, "WebSocket upgrade refused");
         return denied.into_response();
     }
     next.run(request).await
 }
 
-/// Middleware for other subscription routes (the event stream): credentials as for WebSockets.
-/// No origin check: a cross-origin page cannot read a response rowcast sends without CORS
-/// headers.
-pub async fn guard_subscription(
+/// Middleware for the event stream: a stream cookie, else credentials as for WebSockets; a
+/// stream opened with credentials gets a fresh stream cookie (see `stream`). No origin check: a
+/// cross-origin page cannot read a response rowcast sends without CORS headers. `app` runs the
+/// stream's query check before this, so a request the handler would refuse (400) does not
+/// consume its ticket.
+pub async fn guard_event_stream(
     State(access): State<Access>,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Err(denied) = access.check_subscription(&request) {
-        return denied.into_response();
+    let now = SystemTime::now();
+    let checked = access
+        .check_event_stream(request.uri(), request.headers(), now)
+        .await;
+    let authenticated = match checked {
+        Ok(authenticated) => authenticated,
+        Err(denied) => return denied.into_response(),
+    };
+    let mut response = next.run(request).await;
+    if authenticated && response.status().is_success() {
+        if let Some(cookie) = access.0.stream.as_ref().and_then(|s| s.set_cookie(now)) {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
     }
-    next.run(request).await
+    response
 }
 
 /// Middleware for REST and operator routes: with a token configured, writes need it, and with
@@ -350,7 +408,7 @@ async fn issue_ticket(State(access): State<Access>, headers: HeaderMap) -> Respo
     if let Err(denied) = access.check_token(&headers) {
         return denied.into_response();
     }
-    match access.0.tickets.issue() {
+    match access.0.tickets.issue().await {
         Ok(ticket) => (
             // A ticket is a credential: no cache may keep it.
             [(header::CACHE_CONTROL, "no-store")],
@@ -374,44 +432,6 @@ pub fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
     )
 }
 
-/// Issued, unused tickets by the SHA-256 of their text, with their expiry.
-#[derive(Debug)]
-struct Tickets {
-    ttl: Duration,
-    issued: Mutex<HashMap<[u8; 32], Instant>>,
-}
-
-impl Tickets {
-    fn issue(&self) -> Result<String, Denied> {
-        // 256 bits from the thread-local CSPRNG (ChaCha, seeded by the OS): unguessable.
-        let bytes: [u8; 32] = rand::random();
-        let ticket = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        let now = Instant::now();
-        let mut issued = self.lock();
-        if issued.len() >= MAX_OUTSTANDING_TICKETS {
-            issued.retain(|_, expiry| *expiry > now);
-            if issued.len() >= MAX_OUTSTANDING_TICKETS {
-                return Err(Denied::TooManyTickets);
-            }
-        }
-        issued.insert(sha256(ticket.as_bytes()), now + self.ttl);
-        Ok(ticket)
-    }
-
-    /// Consumes the ticket: true if it was issued, unused and unexpired.
-    fn redeem(&self, ticket: &str) -> bool {
-        let expiry = self.lock().remove(&sha256(ticket.as_bytes()));
-        expiry.is_some_and(|expiry| Instant::now() < expiry)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Instant>> {
-        // Every update is a single insert, remove or retain: a poisoned map is still whole.
-        self.issued
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,7 +441,17 @@ mod tests {
             std::iter::once("rowcast").chain(args.iter().copied()),
         )
         .unwrap();
-        Access::from_settings(&cli.config.access).unwrap()
+        Access::from_settings(&cli.config.access, lazy_pool()).unwrap()
+    }
+
+    /// A pool that never connects: these tests do not touch tickets (tests/it/access.rs does).
+    fn lazy_pool() -> PgPool {
+        // No idle timeout nor lifetime: no maintenance task, so no runtime is needed.
+        sqlx::postgres::PgPoolOptions::new()
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap()
     }
 
     fn request(authority_header: &str, origin: Option<&str>) -> Request {
@@ -537,24 +567,15 @@ mod tests {
             .config
             .access
         };
-        let short = Access::from_settings(&settings(&["--api-token-file", path]));
+        let short = Access::from_settings(&settings(&["--api-token-file", path]), lazy_pool());
         assert!(matches!(short, Err(AccessError::BadToken { .. })));
         let missing = dir.join("missing");
-        let missing =
-            Access::from_settings(&settings(&["--api-token-file", missing.to_str().unwrap()]));
+        let missing = Access::from_settings(
+            &settings(&["--api-token-file", missing.to_str().unwrap()]),
+            lazy_pool(),
+        );
         assert!(matches!(missing, Err(AccessError::TokenFile { .. })));
         let _ = std::fs::remove_dir_all(dir);
-    }
-
-    #[test]
-    fn tickets_are_single_use() {
-        let access = access(&["--api-token", "0123456789abcdef"]);
-        let tickets = &access.0.tickets;
-        let ticket = tickets.issue().unwrap();
-        assert_eq!(ticket.len(), 43);
-        assert!(!tickets.redeem("not-a-ticket"));
-        assert!(tickets.redeem(&ticket));
-        assert!(!tickets.redeem(&ticket));
     }
 
     #[test]

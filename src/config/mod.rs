@@ -368,6 +368,10 @@ pub const DEFAULT_PER_IP_LIMIT_EXEMPT: &str = "127.0.0.0/8,::1/128";
 /// Long enough for a page to fetch a ticket and open its WebSocket on a slow link; short enough
 /// that a ticket leaked through a URL in a screenshot or history is useless soon after.
 pub const DEFAULT_WS_TICKET_TTL: &str = "30s";
+/// Long enough to ride out a server restart or a dropped network (EventSource retries every few
+/// seconds); short enough that a copied cookie is useless soon after. Streams end at half of it
+/// so that their reconnect renews the cookie in time.
+pub const DEFAULT_STREAM_CREDENTIAL_TTL: &str = "10m";
 /// Shortest accepted API token: below 16 characters a token is guessable online.
 pub const MIN_API_TOKEN_LEN: usize = 16;
 
@@ -481,6 +485,12 @@ pub struct AccessSettings {
     #[arg(long = "ws-ticket-ttl", env = "ROWCAST_WS_TICKET_TTL",
           default_value = DEFAULT_WS_TICKET_TTL, value_parser = parse_duration)]
     pub ws_ticket_ttl: Duration,
+
+    /// How long the event-stream cookie (set when a stream opens with a ticket or the token)
+    /// lets `EventSource` reconnect; authenticated streams end at half of it to renew it.
+    #[arg(long = "stream-credential-ttl", env = "ROWCAST_STREAM_CREDENTIAL_TTL",
+          default_value = DEFAULT_STREAM_CREDENTIAL_TTL, value_parser = parse_duration)]
+    pub stream_credential_ttl: Duration,
 }
 
 /// Timeouts and limits that bound what abusive or broken clients can hold.

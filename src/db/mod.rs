@@ -1,6 +1,7 @@
 //! Database access: the connection pools ([`Pools`]: one per kind of work, so that none can
 //! starve another), migrations, the product queries (`products`), the changelog queries
-//! (`changelog`) and the bounded queue clients' history reads wait in (`history`). The private
+//! (`changelog`), the bounded queue clients' history reads wait in (`history`), and the
+//! WebSocket tickets every instance shares (`tickets`). The private
 //! cluster used when no `DATABASE_URL` is given is the `rowcast-embedded-postgres` crate
 //! (`crates/embedded-postgres`), started by `app`. Imports `product` only (callers pass plain
 //! values such as [`PoolSizes`], not `config`); knows nothing of sessions, the distributor,
@@ -9,6 +10,7 @@
 pub mod changelog;
 pub mod history;
 pub mod products;
+pub mod tickets;
 
 use std::str::FromStr;
 use std::time::Duration;

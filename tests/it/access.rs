@@ -431,3 +431,126 @@ async fn rest_requests_over_the_concurrency_limit_get_503_and_slow_ones_time_out
         .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_ticket_from_one_instance_opens_a_websocket_on_another_once() {
+    let flags = [
+        "--api-token",
+        TOKEN,
+        "--auth-reads",
+        "--ws-ticket-ttl",
+        "2s",
+    ];
+    let a = spawn_app_with(&flags).await;
+    let b = crate::support::spawn_instance(&a.database_url, &flags).await;
+    let issue = |app: &TestApp| {
+        let request = app.http.post(format!("{}/ws-ticket", app.base_url));
+        async move {
+            let body: Value = request.send().await.unwrap().json().await.unwrap();
+            body["ticket"].as_str().unwrap().to_owned()
+        }
+    };
+    let with = |app: &TestApp, ticket: &str| format!("{}?ticket={ticket}", app.ws_url);
+
+    let ticket = issue(&a).await;
+    let mut ws = WsClient::connect(&with(&b, &ticket)).await;
+    ws.subscribe(&[1]).await;
+    a.create_product(product("shared")).await;
+    assert_eq!(ws.next_change().await["product"]["productName"], "shared");
+    // Spent on B: refused by both.
+    assert_eq!(ws_status(&with(&a, &ticket), None, None).await, 401);
+    assert_eq!(ws_status(&with(&b, &ticket), None, None).await, 401);
+
+    let stale = issue(&b).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(ws_status(&with(&a, &stale), None, None).await, 401);
+}
+
+/// The next event that is a change (it carries an id).
+async fn next_sse_change(sse: &mut crate::support::SseClient) -> crate::support::sse::SseEvent {
+    loop {
+        let event = sse.next_event().await;
+        if event.id.is_some() {
+            return event;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_event_stream_opened_with_a_ticket_reconnects_with_its_cookie() {
+    let app = spawn_app_with(&["--api-token", TOKEN, "--auth-reads"]).await;
+    let id = app.create_product(product("streamed")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let anonymous = reqwest::Client::new();
+    let issue = || async {
+        let response = app.http.post(format!("{}/ws-ticket", app.base_url));
+        let body: Value = response.send().await.unwrap().json().await.unwrap();
+        body["ticket"].as_str().unwrap().to_owned()
+    };
+    let events =
+        |ticket: &str| format!("{}/products/events?ids={id}&ticket={ticket}", app.base_url);
+
+    // A request the handler refuses does not spend its ticket.
+    let ticket = issue().await;
+    let bad = anonymous
+        .get(format!(
+            "{}/products/events?ids=x&ticket={ticket}",
+            app.base_url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    let first = anonymous.get(events(&ticket)).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let set_cookie = first.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/products/events"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let mut sse = crate::support::SseClient::from_response(first);
+    crate::support::add_one_unit(&app.pool, id).await;
+    let seen = next_sse_change(&mut sse).await;
+    drop(sse);
+
+    // A change while disconnected, then EventSource's reconnect: same URL (spent ticket).
+    crate::support::add_one_unit(&app.pool, id).await;
+    let reconnect = |cookie: Option<&str>| {
+        let mut request = anonymous
+            .get(events(&ticket))
+            .header("last-event-id", seen.id.unwrap().to_string());
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send()
+    };
+    assert_eq!(reconnect(None).await.unwrap().status(), 401);
+    let forged = "rowcast_stream=v1.99999999999.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    assert_eq!(reconnect(Some(forged)).await.unwrap().status(), 401);
+    let again = reconnect(Some(&cookie)).await.unwrap();
+    assert!(again.headers().contains_key("set-cookie"), "renewed");
+    let mut sse = crate::support::SseClient::from_response(again);
+    let missed = next_sse_change(&mut sse).await;
+    assert_eq!(missed.id, Some(seen.id.unwrap() + 1), "no gap");
+}
+
+#[tokio::test]
+async fn an_authenticated_stream_ends_to_renew_its_cookie_before_it_expires() {
+    let flags = ["--api-token", TOKEN, "--auth-reads"];
+    let app = spawn_app_with(&[&flags[..], &["--stream-credential-ttl", "2s"]].concat()).await;
+    let events = format!("{}/products/events?ids=1", app.base_url);
+    let first = app.http.get(&events).send().await.unwrap();
+    let cookie = first.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    // Ends after half the lifetime (1 s), so EventSource reconnects while the cookie is valid.
+    let mut stream = crate::support::SseClient::from_response(first);
+    assert_eq!(stream.next_event().await.data["type"], "subscribed");
+    stream.expect_end().await;
+    let anonymous = reqwest::Client::new();
+    let with_cookie = || anonymous.get(&events).header("cookie", &cookie).send();
+    assert_eq!(with_cookie().await.unwrap().status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(with_cookie().await.unwrap().status(), 401, "expired");
+}

@@ -2,6 +2,8 @@
 //! through a server restart and bursts of changes, the dashboard shows edits from another
 //! tab and survives a restart (reconnecting → resumed, missed change applied), and a page served
 //! over HTTPS/HTTP2 with the self-signed certificate receives changes on a WebSocket over HTTP/2.
+//! Under `--auth-reads`, an `EventSource` opened with a single-use ticket reconnects by itself
+//! after a restart (its stream cookie stands in for the spent ticket) and misses nothing.
 //! A screenshot of the dashboard is saved as `target/dashboard.png`.
 //!
 //! rowcast runs as the real binary on a fixed port, so the page can reconnect to the same
@@ -33,7 +35,13 @@ struct Server {
 
 impl Server {
     async fn start(database_url: &str, port: u16) -> Self {
+        Self::start_with(database_url, port, &[]).await
+    }
+
+    /// With extra command-line flags.
+    async fn start_with(database_url: &str, port: u16, flags: &[&str]) -> Self {
         let child = rowcast(port)
+            .args(flags)
             .env("DATABASE_URL", database_url)
             .spawn()
             .unwrap();
@@ -418,4 +426,98 @@ async fn a_page_over_h2_gets_both_changes_on_a_websocket_over_h2() {
     let transport = &stats["transport"];
     assert_eq!(transport["websocketUpgradesHttp2"], 1, "{transport}");
     assert_eq!(transport["websocketUpgradesHttp1"], 0, "{transport}");
+}
+
+#[tokio::test]
+async fn an_event_source_opened_with_a_ticket_reconnects_by_itself_under_auth_reads() {
+    if skip_without_chromedriver() {
+        return;
+    }
+    const TOKEN: &str = "browser-token-0123456789";
+    let flags = ["--api-token", TOKEN, "--auth-reads"];
+    let database = TestDatabase::create().await;
+    let server = Server::start_with(&database.url, free_port(), &flags).await;
+    let base = server.base();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TOKEN}").parse().unwrap(),
+    );
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    let id = create(&http, &base, "Ticketed").await;
+    // What a backend holding the token does for its page.
+    let ticket: Value = http
+        .post(format!("{base}/ws-ticket"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ticket = ticket["ticket"].as_str().unwrap();
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("{base}/healthz")).await;
+    browser
+        .eval(&format!(
+            r#"window.seen = []; window.opens = 0;
+            const source = new EventSource("/products/events?ids={id}&ticket={ticket}");
+            source.onopen = () => window.opens++;
+            source.onmessage = (m) => {{
+              if (m.lastEventId) window.seen.push([Number(m.lastEventId), JSON.parse(m.data).product.unitsAvailable]);
+            }};
+            window.source = source;
+            return true;"#
+        ))
+        .await;
+    browser
+        .wait_for("return window.opens === 1;", "the stream opens", LIMIT)
+        .await;
+    patch(&http, &base, id, 1).await;
+    browser
+        .wait_for(
+            "return window.seen.length === 1;",
+            "the first change arrives",
+            LIMIT,
+        )
+        .await;
+
+    // Crash the server, change the product while it is down, restart it: the page does nothing.
+    let (database_url, port, _) = server.kill().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    sqlx::query("UPDATE products SET units_available = 2 WHERE product_id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let _server = Server::start_with(&database_url, port, &flags).await;
+    browser
+        .wait_for(
+            "return window.opens >= 2 && window.seen.length >= 2;",
+            "EventSource reconnects with its cookie and gets the missed change",
+            LIMIT,
+        )
+        .await;
+    patch(&http, &base, id, 3).await;
+    browser
+        .wait_for(
+            "return window.seen.length >= 3;",
+            "live changes flow again",
+            LIMIT,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen: Vec<(u64, i64)> =
+        serde_json::from_value(browser.eval("return window.seen;").await).unwrap();
+    let units: Vec<i64> = seen.iter().map(|(_, units)| *units).collect();
+    assert_eq!(units, [1, 2, 3], "every change once, none missed: {seen:?}");
+    assert!(
+        seen.windows(2).all(|pair| pair[0].0 < pair[1].0),
+        "{seen:?}"
+    );
+    assert_eq!(browser.eval("return window.source.readyState;").await, 1);
+    drop(database);
 }

@@ -28,7 +28,11 @@ impl SseClient {
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }
-        let response = request.send().await.expect("SSE request");
+        Self::from_response(request.send().await.expect("SSE request"))
+    }
+
+    /// Reads events from a response the test made itself (with its own headers).
+    pub fn from_response(response: reqwest::Response) -> Self {
         assert_eq!(response.status(), 200);
         assert!(
             response.headers()["content-type"]
