@@ -18,6 +18,10 @@
 //! | `verify-ca`    | always                           | chain to `sslrootcert` (or Mozilla roots) |
 //! | `verify-full`  | always                           | chain and host name               |
 //!
+//! Under `verify-ca` the pools check the name too: sqlx 0.8.6's verifier forgives only rustls's
+//! old `NotValidForName`, not the `NotValidForNameContext` rustls 0.23 reports (see README).
+//! The listener's verifier forgives both.
+//!
 //! Imports `db::tls` only.
 
 use std::path::PathBuf;

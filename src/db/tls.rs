@@ -227,12 +227,14 @@ where
 {
     type Stream = RustlsStream<S>;
     type TlsConnect = RustlsConnect;
-    type Error = rustls::pki_types::InvalidDnsNameError;
+    type Error = std::convert::Infallible;
 
+    /// tokio-postgres asks for a connector before it knows whether TLS will be used, with an
+    /// empty `domain` for a Unix socket; the name is therefore checked only in `connect`.
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, Self::Error> {
         Ok(RustlsConnect {
             config: self.0.clone(),
-            server_name: ServerName::try_from(domain.to_owned())?,
+            domain: domain.to_owned(),
         })
     }
 }
@@ -241,7 +243,7 @@ where
 #[derive(Debug)]
 pub struct RustlsConnect {
     config: Arc<ClientConfig>,
-    server_name: ServerName<'static>,
+    domain: String,
 }
 
 impl<S> TlsConnect<S> for RustlsConnect
@@ -254,8 +256,10 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            let server_name = ServerName::try_from(self.domain)
+                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
             let connector = tokio_rustls::TlsConnector::from(self.config);
-            let stream = connector.connect(self.server_name, stream).await?;
+            let stream = connector.connect(server_name, stream).await?;
             Ok(RustlsStream(stream))
         })
     }
@@ -310,7 +314,7 @@ pub fn describe_failure(
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(current) = cause {
         if let Some(rustls) = rustls_error(current) {
-            return Some(describe_rustls(rustls, host, root_cert));
+            return Some(describe_rustls(rustls, host, sslmode, root_cert));
         }
         // Neither library types this case: sqlx says "server does not support TLS",
         // tokio-postgres "server does not support TLS" too (both answer the server's 'N').
@@ -334,13 +338,26 @@ fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a ru
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
-fn describe_rustls(err: &rustls::Error, host: &str, root_cert: Option<&Path>) -> String {
+fn describe_rustls(
+    err: &rustls::Error,
+    host: &str,
+    sslmode: &str,
+    root_cert: Option<&Path>,
+) -> String {
+    // sqlx 0.8.6's verify-ca verifier forgives only rustls's old `NotValidForName`, not the
+    // `NotValidForNameContext` rustls 0.23 now reports, so the pools check the name anyway.
+    let verify_ca_note = if sslmode == "verify-ca" {
+        " (the pools' TLS, sqlx 0.8, checks the name even under sslmode=verify-ca: connect by \
+         a name the certificate holds)"
+    } else {
+        ""
+    };
     match err {
         rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
             presented,
             ..
         }) => format!(
-            "certificate for '{}' does not match host '{host}'",
+            "certificate for '{}' does not match host '{host}'{verify_ca_note}",
             presented
                 .iter()
                 .map(|name| bare_name(name))
@@ -348,7 +365,7 @@ fn describe_rustls(err: &rustls::Error, host: &str, root_cert: Option<&Path>) ->
                 .join("', '")
         ),
         rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => {
-            format!("the server's certificate does not match host '{host}'")
+            format!("the server's certificate does not match host '{host}'{verify_ca_note}")
         }
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => match root_cert {
             Some(path) => format!(

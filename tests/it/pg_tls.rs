@@ -170,3 +170,25 @@ async fn require_refuses_a_server_without_tls() {
         "{err}"
     );
 }
+
+/// Pins a limitation rather than the wish: sqlx 0.8.6's verify-ca verifier forgives only
+/// rustls's old `NotValidForName`, not `NotValidForNameContext`, so the pools check the name
+/// under verify-ca too and the start is refused, with the reason given. When a sqlx upgrade
+/// fixes that, this test fails: then assert that the app starts instead.
+#[tokio::test]
+async fn verify_ca_with_a_certificate_for_another_name_is_refused_with_the_reason() {
+    let ca = TestCa::new();
+    let address = loopback_address();
+    let cert = ca.issue_for("postgres", &["db.internal"]);
+    let _cluster = cluster_on(address, Some(&cert)).await;
+    let database_url = url(
+        &address.to_string(),
+        &format!("sslmode=verify-ca&{}", root_cert(&ca.ca_file())),
+    );
+
+    let err = build_error(&database_url).await;
+    assert!(
+        err.contains("checks the name even under sslmode=verify-ca"),
+        "{err}"
+    );
+}
