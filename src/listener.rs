@@ -38,7 +38,8 @@
 //!
 //! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`, `metrics`, and
 //! `db::changelog` (the same queries clients' resumes use; its own LISTEN connection stays
-//! tokio-postgres).
+//! tokio-postgres), `db::PgTarget` and `db::tls` (it connects from the pools' parse of the
+//! database URL, with the same TLS rules, so the two cannot disagree).
 
 use std::pin::pin;
 use std::time::Duration;
