@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::access::{self, Access, AllowedHosts};
 use crate::api;
 use crate::config::{Budgets, Config, Heartbeat, Limits, TlsSettings};
-use crate::db::{self, HistoryReader, PoolSizes, Pools, changelog};
+use crate::db::{self, HistoryReader, PgTarget, PoolSizes, Pools, changelog};
 use crate::distributor::DistributorHandle;
 use crate::hardening;
 use crate::health::{self, ViewsCache};
@@ -408,8 +408,9 @@ impl App {
     /// nothing running.
     pub async fn build(config: Config, shutdown: Shutdown) -> anyhow::Result<Self> {
         let (url, embedded) = database(&config).await?;
+        let target = PgTarget::parse(&url)?;
         let pools = Pools::connect(
-            &url,
+            &target,
             PoolSizes {
                 rest: config.db_max_connections,
                 history: config.history.connections,
@@ -431,7 +432,7 @@ impl App {
             .chain(config.tls.enabled().then_some(config.tls.listen))
             .collect();
         let hosts = AllowedHosts::from_settings(&config.access, &listening);
-        let connect = ConnectOptions::parse(&url, &config.listener)?;
+        let connect = ConnectOptions::new(&target, &config.listener);
         // Everything committed after this position is published, by notification or by the
         // listener's catch-up from the changelog.
         let position = changelog::latest_seq(&pools.background).await?;

@@ -38,19 +38,20 @@
 //!
 //! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`, `metrics`, and
 //! `db::changelog` (the same queries clients' resumes use; its own LISTEN connection stays
-//! tokio-postgres).
+//! tokio-postgres), `db::PgTarget` and `db::tls` (it connects from the pools' parse of the
+//! database URL, with the same TLS rules, so the two cannot disagree).
 
 use std::pin::pin;
-use std::str::FromStr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Notification};
 use tracing::Instrument;
 
 use crate::config::ListenerSettings;
 use crate::db::changelog::{self, ChangelogError};
+use crate::db::{PgTarget, tls::MakeRustlsConnect};
 use crate::distributor::DistributorHandle;
 use crate::metrics::Metrics;
 use crate::product::{Change, ResetCause, Seq, notification_hint};
@@ -105,6 +106,11 @@ enum ReadCause {
 enum ConnectionEnded {
     #[error("connecting failed: {0}")]
     Connect(#[source] tokio_postgres::Error),
+    #[error("connecting failed over TLS: {message}")]
+    Tls {
+        message: String,
+        source: tokio_postgres::Error,
+    },
     #[error("the connection failed: {0}")]
     Lost(#[source] tokio_postgres::Error),
     #[error("the connection closed")]
@@ -126,7 +132,7 @@ impl From<crate::distributor::DistributorGone> for ConnectionEnded {
 /// The LISTEN task's inputs.
 #[derive(Debug)]
 pub struct Listener {
-    config: tokio_postgres::Config,
+    connect: ConnectOptions,
     settings: ListenerSettings,
     distributor: DistributorHandle<Frame>,
     /// The background pool: the changelog reads of catch-ups and history checks.
@@ -139,21 +145,19 @@ pub struct Listener {
     metrics: Metrics,
 }
 
-/// The database URL could not be read by tokio-postgres.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid database URL for the LISTEN connection: {0}")]
-pub struct InvalidUrl(#[source] tokio_postgres::Error);
-
-/// How the LISTEN connection connects: the database URL, parsed, with the listener's name,
-/// timeouts and keepalives. Parsing is the one step of building the listener that can fail,
-/// so `app` does it before it starts anything.
+/// How the LISTEN connection connects: the parsed database URL (the pools' own [`PgTarget`],
+/// TLS included) with the listener's name, timeouts and keepalives.
 #[derive(Debug, Clone)]
-pub struct ConnectOptions(tokio_postgres::Config);
+pub struct ConnectOptions {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    target: PgTarget,
+}
 
 impl ConnectOptions {
-    /// Reads `database_url` as tokio-postgres does.
-    pub fn parse(database_url: &str, settings: &ListenerSettings) -> Result<Self, InvalidUrl> {
-        let mut config = tokio_postgres::Config::from_str(database_url).map_err(InvalidUrl)?;
+    /// The LISTEN connection to `target`.
+    pub fn new(target: &PgTarget, settings: &ListenerSettings) -> Self {
+        let mut config = target.listen_config();
         config
             .application_name("rowcast-listener")
             .connect_timeout(settings.health_timeout)
@@ -161,7 +165,34 @@ impl ConnectOptions {
             .keepalives_idle(settings.health_interval)
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(3);
-        Ok(Self(config))
+        Self {
+            config,
+            tls: target.connector(),
+            target: target.clone(),
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<
+                tokio_postgres::Socket,
+                crate::db::tls::RustlsStream<tokio_postgres::Socket>,
+            >,
+        ),
+        ConnectionEnded,
+    > {
+        self.config.connect(self.tls.clone()).await.map_err(|err| {
+            match self.target.describe_tls_failure(&err) {
+                Some(message) => ConnectionEnded::Tls {
+                    message,
+                    source: err,
+                },
+                None => ConnectionEnded::Connect(err),
+            }
+        })
     }
 }
 
@@ -183,7 +214,7 @@ impl Listener {
         });
         (
             Self {
-                config: connect.0,
+                connect,
                 settings,
                 distributor,
                 pool,
@@ -240,9 +271,9 @@ impl Listener {
 
     /// One connection's life. Returns whether it caught up, and why it ended.
     async fn listen_once(&mut self) -> (bool, ConnectionEnded) {
-        let (client, mut connection) = match self.config.connect(NoTls).await {
+        let (client, mut connection) = match self.connect.connect().await {
             Ok(pair) => pair,
-            Err(err) => return (false, ConnectionEnded::Connect(err)),
+            Err(err) => return (false, err),
         };
         // The connection object must be polled for the client to work; it also yields the
         // notifications. It runs beside this loop and hands notifications over a channel.

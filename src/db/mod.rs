@@ -3,22 +3,26 @@
 //! (`changelog`), the bounded queue clients' history reads wait in (`history`), and the
 //! WebSocket tickets every instance shares (`tickets`). The private
 //! cluster used when no `DATABASE_URL` is given is the `rowcast-embedded-postgres` crate
-//! (`crates/embedded-postgres`), started by `app`. Imports `product` only (callers pass plain
-//! values such as [`PoolSizes`], not `config`); knows nothing of sessions, the distributor,
-//! schedules or shutdown (`retention` runs the prune query).
+//! (`crates/embedded-postgres`), started by `app`. The database URL is parsed once into a
+//! [`PgTarget`] (`target`), which the pools and the LISTEN connection both connect from, with
+//! TLS to PostgreSQL set up in `tls`. Imports `product` only (callers pass plain values such as
+//! [`PoolSizes`], not `config`); knows nothing of sessions, the distributor, schedules or
+//! shutdown (`retention` runs the prune query).
 
 pub mod changelog;
 pub mod history;
 pub mod products;
+pub mod target;
 pub mod tickets;
+pub mod tls;
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 
 pub use history::{Busy, HistoryError, HistoryReader, HistoryStats};
+pub use target::PgTarget;
 
 /// The migrations in `migrations/`, embedded at build time (`build.rs` reruns on changes).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -41,6 +45,17 @@ pub enum DbError {
     /// The database could not be reached.
     #[error("cannot connect to the database: {0}")]
     Connect(#[source] sqlx::Error),
+    /// The TLS files the URL names (`sslrootcert`, `sslcert`, `sslkey`) are unusable.
+    #[error("cannot set up TLS to the database: {0}")]
+    TlsSetup(#[source] tls::TlsSetupError),
+    /// The TLS connection was refused; the message says why in plain words.
+    #[error("cannot connect to the database over TLS: {message}")]
+    Tls {
+        /// What went wrong, e.g. "certificate signed by an unknown CA; set sslrootcert".
+        message: String,
+        /// The error as sqlx reported it.
+        source: sqlx::Error,
+    },
     /// A migration failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -77,18 +92,17 @@ pub struct Pools {
 
 impl Pools {
     /// Opens every pool; fails fast if the database cannot be reached.
-    pub async fn connect(url: &str, sizes: PoolSizes) -> Result<Self, DbError> {
-        let options = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
-        let rest = open(options.clone(), "rowcast", sizes.rest, ACQUIRE_TIMEOUT).await?;
+    pub async fn connect(target: &PgTarget, sizes: PoolSizes) -> Result<Self, DbError> {
+        let rest = open(target, "rowcast", sizes.rest, ACQUIRE_TIMEOUT).await?;
         let history = open(
-            options.clone(),
+            target,
             "rowcast-history",
             sizes.history,
             sizes.history_acquire_timeout,
         )
         .await?;
         let background = open(
-            options,
+            target,
             "rowcast-background",
             BACKGROUND_CONNECTIONS,
             ACQUIRE_TIMEOUT,
@@ -114,12 +128,12 @@ impl Pools {
 /// Opens one pool of `max_connections` (the embedded cluster's setup and `rowcast migrate` use
 /// one connection); fails fast if the database cannot be reached.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let options = PgConnectOptions::from_str(url).map_err(DbError::InvalidUrl)?;
-    open(options, "rowcast", max_connections, ACQUIRE_TIMEOUT).await
+    let target = PgTarget::parse(url)?;
+    open(&target, "rowcast", max_connections, ACQUIRE_TIMEOUT).await
 }
 
 async fn open(
-    options: PgConnectOptions,
+    target: &PgTarget,
     application_name: &str,
     max_connections: u32,
     acquire_timeout: Duration,
@@ -127,9 +141,15 @@ async fn open(
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
-        .connect_with(options.application_name(application_name))
+        .connect_with(target.pool_options().application_name(application_name))
         .await
-        .map_err(DbError::Connect)
+        .map_err(|err| match target.describe_tls_failure(&err) {
+            Some(message) => DbError::Tls {
+                message,
+                source: err,
+            },
+            None => DbError::Connect(err),
+        })
 }
 
 /// Applies pending migrations (idempotent; safe with several instances starting at once, since

@@ -17,6 +17,7 @@ mod integrity;
 mod isolation;
 mod listener_recovery;
 mod observability;
+mod pg_tls;
 mod ordering;
 mod process;
 mod products_api;

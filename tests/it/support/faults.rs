@@ -482,12 +482,21 @@ pub struct PrivateCluster {
 
 impl PrivateCluster {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A cluster with extra server settings (`-c name=value`, after ours), e.g. a TCP
+    /// `listen_addresses` and `ssl=on` for the TLS tests.
+    pub async fn start_with(settings: &[(&str, &str)]) -> Self {
         let dir =
             std::env::temp_dir().join(format!("rowcast-faults-{:016x}", rand::random::<u64>()));
-        let options = EmbeddedOptions::new()
+        let mut options = EmbeddedOptions::new()
             .setting("fsync", "off")
             .setting("full_page_writes", "off")
             .setting("synchronous_commit", "on");
+        for (name, value) in settings {
+            options = options.setting(*name, *value);
+        }
         let embedded = EmbeddedPostgres::start_with(&dir, &options)
             .await
             .expect("a private PostgreSQL cluster");
@@ -565,6 +574,21 @@ impl Drop for PrivateCluster {
         let _ = self.pg_ctl(&["stop", "-m", "immediate", "-w"]).output();
         drop(self.embedded.take());
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Makes `path` readable by the cluster's user only, as PostgreSQL demands of `ssl_key_file`
+/// (the cluster runs as `postgres` when the tests run as root).
+pub fn give_key_to_cluster_user(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if is_root() {
+        let status = std::process::Command::new("chown")
+            .arg("postgres:")
+            .arg(path)
+            .status()
+            .expect("run chown");
+        assert!(status.success(), "chown postgres {}", path.display());
     }
 }
 

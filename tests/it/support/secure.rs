@@ -59,7 +59,12 @@ impl TestCa {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, "rowcast test CA");
+            // A name of its own: a client trusting another test CA must not find this one's
+            // issuer by name.
+            .push(
+                rcgen::DnType::CommonName,
+                format!("rowcast test CA {:08x}", rand::random::<u32>()),
+            );
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         let dir = std::env::temp_dir().join(format!("rowcast-ca-{:016x}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -69,9 +74,15 @@ impl TestCa {
     /// Issues a certificate for localhost and 127.0.0.1 and writes `<name>.crt` (chain) and
     /// `<name>.key` (PKCS#8).
     pub fn issue(&self, name: &str) -> ServerCert {
+        self.issue_for(name, &["localhost", "127.0.0.1"])
+    }
+
+    /// Issues a certificate for `names` (DNS names or IP addresses), written as [`Self::issue`]
+    /// writes.
+    pub fn issue_for(&self, name: &str, names: &[&str]) -> ServerCert {
         let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let params = CertificateParams::new(names).unwrap();
         let leaf = params.signed_by(&key, &self.issuer).unwrap();
         let cert_path = self.dir.join(format!("{name}.crt"));
         let key_path = self.dir.join(format!("{name}.key"));
@@ -82,6 +93,13 @@ impl TestCa {
             key: key_path,
             leaf: leaf.der().clone(),
         }
+    }
+
+    /// Writes the CA certificate to `ca.pem` (for `sslrootcert`) and returns its path.
+    pub fn ca_file(&self) -> PathBuf {
+        let path = self.dir.join("ca.pem");
+        std::fs::write(&path, self.issuer.pem()).unwrap();
+        path
     }
 
     /// A rustls client that trusts this CA only and offers `alpn`.
