@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::access::{self, Access, AllowedHosts};
+use crate::acme::Renewal;
 use crate::api;
 use crate::config::{Budgets, Config, Heartbeat, Limits, TlsSettings};
 use crate::db::{self, HistoryReader, PgTarget, PoolSizes, Pools, changelog};
@@ -221,17 +222,24 @@ async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
 impl Https {
     /// Loads (or generates) the certificate, binds the HTTPS port and registers for SIGHUP, in
     /// that order: a bad file stops the start with the file named, before its port is taken.
-    /// None when TLS is not configured.
-    async fn bind(settings: &TlsSettings) -> anyhow::Result<Option<(Self, Option<SighupReload>)>> {
+    /// None when TLS is not configured. With ACME, serves the cached certificate, if any.
+    async fn bind(settings: &TlsSettings) -> anyhow::Result<Option<(Self, Background)>> {
         let Some(tls) = ServerTls::from_settings(settings)? else {
             return Ok(None);
         };
+        let acme = Renewal::new(&settings.acme, &tls)?;
         let tcp = bind(settings.listen).await?;
         let reload = tls
             .watch_sighup()
             .context("cannot watch SIGHUP for certificate reloads")?;
-        Ok(Some((Self { tcp, tls }, reload)))
+        Ok(Some((Self { tcp, tls }, Background { reload, acme })))
     }
+}
+
+/// The certificate's background tasks: SIGHUP reloads (files) or ACME renewal.
+struct Background {
+    reload: Option<SighupReload>,
+    acme: Option<Renewal>,
 }
 
 /// What `App::build` starts once nothing can fail any more.
@@ -241,8 +249,8 @@ struct Start {
     connect: ConnectOptions,
     /// The last seq committed before the start: the distributor publishes everything after it.
     position: Seq,
-    /// The certificate reloads, when TLS is served from files.
-    reload: Option<SighupReload>,
+    /// The certificate reloads (TLS from files) or renewals (ACME), when TLS is on.
+    background: Option<Background>,
     transport: TransportStats,
 }
 
@@ -254,7 +262,7 @@ impl Start {
             pools,
             connect,
             position,
-            reload,
+            background,
             transport,
         } = self;
         let distributor = DistributorHandle::<Frame>::spawn(
@@ -290,6 +298,16 @@ impl Start {
             retention::run(pools.background.clone(), config.changelog, shutdown.clone())
                 .instrument(tracing::info_span!("changelog_retention")),
         );
+        let Background { reload, acme } = background.unwrap_or(Background {
+            reload: None,
+            acme: None,
+        });
+        if let Some(acme) = acme {
+            shutdown.spawn(
+                acme.run(shutdown.clone())
+                    .instrument(tracing::info_span!("acme_renewal")),
+            );
+        }
         if let Some(reload) = reload {
             shutdown.spawn(
                 reload
@@ -421,7 +439,7 @@ impl App {
         .await?;
         db::migrate(&pools.rest).await?;
         let tcp = bind(config.listen).await?;
-        let (https, reload) = Https::bind(&config.tls).await?.unzip();
+        let (https, background) = Https::bind(&config.tls).await?.unzip();
         let redirect_to = match &https {
             Some(https) if config.tls.http_redirect => Some(https.tcp.local_addr()?.port()),
             _ => None,
@@ -443,7 +461,7 @@ impl App {
             pools: pools.clone(),
             connect,
             position,
-            reload: reload.flatten(),
+            background,
             transport: connections.stats(),
         };
         let state = start.spawn(&config, &access, &shutdown);

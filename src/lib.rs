@@ -14,7 +14,7 @@
 //!
 //! Commands flow the other way only from sessions to the distributor (subscribe, unsubscribe,
 //! disconnect). `retention` prunes the changelog on a schedule. Around that path: `config` (flags), `http_error` (the one error shape),
-//! `access` and `hardening` (who may do what, and how much), `serve` and `tls` (connections),
+//! `access` and `hardening` (who may do what, and how much), `serve`, `tls` and `acme` (connections and their certificates),
 //! `health` and `metrics` (what operators see), `openapi` and `web` (documents and pages),
 //! `memory`, `shutdown` and `telemetry`. `app` wires them; `main` runs it.
 
@@ -37,6 +37,7 @@ pub mod access;
 pub mod hardening;
 pub mod serve;
 pub mod tls;
+pub mod acme;
 pub mod health;
 pub mod metrics;
 pub mod openapi;

@@ -7,10 +7,17 @@
 //! open (and the WebSockets on them) are not touched. A reload that fails (missing file, key that
 //! does not match) logs the cause and keeps serving the old certificate.
 //!
+//! With `--acme-domain` the certificate comes from the `acme` module, which swaps it in through
+//! [`ServerTls::install`] exactly as a reload does, and answers TLS-ALPN-01 (RFC 8737)
+//! validations through [`ServerTls::set_challenge`]: a handshake offering only `acme-tls/1`
+//! gets the challenge certificate for its SNI name instead of the served one. Until the first
+//! certificate is issued, a self-signed one for the domains is served.
+//!
 //! One crypto provider, *ring*, is used explicitly for the server and installed as the process
 //! default once: rustls panics when two dependencies enable different providers and nobody
 //! chose. Imports `config` and `shutdown`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once, RwLock};
@@ -29,6 +36,9 @@ use crate::shutdown::Shutdown;
 
 /// Names the self-signed certificate is valid for: what a developer types on this machine.
 const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes (RFC 8737).
+const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Why the TLS setup or a reload failed. Every variant names the file involved.
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +87,15 @@ fn provider() -> Arc<CryptoProvider> {
 /// Where the certificate comes from.
 #[derive(Debug, Clone)]
 enum Source {
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
     SelfSigned,
+    /// Issued by an ACME CA; until then self-signed for these names.
+    Acme {
+        names: Vec<String>,
+    },
 }
 
 /// The HTTPS side of the server: the acceptor for new connections and the certificate behind it.
@@ -102,12 +119,16 @@ impl ServerTls {
                 key: key.clone(),
             },
             (_, _, true) => Source::SelfSigned,
+            _ if !settings.acme.domains.is_empty() => Source::Acme {
+                names: settings.acme.domains.clone(),
+            },
             // clap requires cert and key together; anything else means TLS is off.
             _ => return Ok(None),
         };
         let key = load(&source, &provider)?;
         let cert = Arc::new(ReloadableCert {
             current: RwLock::new(Arc::new(key)),
+            challenges: RwLock::default(),
         });
         let mut config = ServerConfig::builder_with_provider(provider)
             // Modern TLS only: 1.2 and 1.3. The ring provider's suites are all ECDHE + AEAD
@@ -118,6 +139,11 @@ impl ServerTls {
             .with_cert_resolver(cert.clone());
         // h2 first: a client offering both gets HTTP/2 (and WebSockets over it, RFC 8441).
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if matches!(source, Source::Acme { .. }) {
+            // Last: rustls picks by server preference among what the client offers, and only a
+            // validating CA offers this one (alone).
+            config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+        }
         let tls = Self {
             config: Arc::new(config),
             cert,
@@ -136,6 +162,10 @@ impl ServerTls {
                 sha256_fingerprint = %tls.fingerprint(),
                 "TLS certificate loaded; send SIGHUP to reload it"
             ),
+            Source::Acme { names } => tracing::info!(
+                ?names,
+                "HTTPS certificates come from ACME; a self-signed one serves until the first"
+            ),
         }
         Ok(Some(tls))
     }
@@ -149,12 +179,40 @@ impl ServerTls {
     /// old certificate stays. A self-signed certificate is kept as it is (a new one would only
     /// break the trust a developer gave the old one).
     pub fn reload(&self) -> Result<(), TlsError> {
-        if matches!(self.source, Source::SelfSigned) {
+        if matches!(self.source, Source::SelfSigned | Source::Acme { .. }) {
             return Ok(());
         }
         let key = load(&self.source, &self.config.crypto_provider().clone())?;
         self.cert.replace(key);
         Ok(())
+    }
+
+    /// Serves `key` to new handshakes from now on; open connections keep theirs (as a reload).
+    pub fn install(&self, key: CertifiedKey) {
+        self.cert.replace(key);
+    }
+
+    /// The crypto provider the server uses, for building certified keys that fit it.
+    pub fn crypto_provider(&self) -> &Arc<CryptoProvider> {
+        self.config.crypto_provider()
+    }
+
+    /// Answers TLS-ALPN-01 validations for `name` with `key` (None: stop answering them).
+    pub fn set_challenge(&self, name: &str, key: Option<CertifiedKey>) {
+        let mut challenges = self
+            .cert
+            .challenges
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match key {
+            Some(key) => challenges.insert(name.to_ascii_lowercase(), Arc::new(key)),
+            None => challenges.remove(&name.to_ascii_lowercase()),
+        };
+    }
+
+    /// The current leaf certificate (DER).
+    pub fn leaf(&self) -> CertificateDer<'static> {
+        CertificateDer::from(leaf_der(&self.cert.current()).to_vec())
     }
 
     /// SHA-256 of the current leaf certificate, as browsers show it (`AB:CD:…`).
@@ -261,8 +319,11 @@ fn load(source: &Source, provider: &CryptoProvider) -> Result<CertifiedKey, TlsE
             })?;
             (chain, der, key.as_path())
         }
-        Source::SelfSigned => {
-            let names = SELF_SIGNED_NAMES.map(str::to_owned).to_vec();
+        Source::SelfSigned | Source::Acme { .. } => {
+            let names = match source {
+                Source::Acme { names } => names.clone(),
+                _ => SELF_SIGNED_NAMES.map(str::to_owned).to_vec(),
+            };
             let generated = rcgen::generate_simple_self_signed(names)?;
             let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
             (
@@ -298,6 +359,8 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 #[derive(Debug)]
 struct ReloadableCert {
     current: RwLock<Arc<CertifiedKey>>,
+    /// TLS-ALPN-01 challenge certificates by lowercase SNI name, while an order is pending.
+    challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl ReloadableCert {
@@ -319,7 +382,21 @@ impl ReloadableCert {
 }
 
 impl ResolvesServerCert for ReloadableCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let validating = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|proto| proto == ACME_TLS_ALPN));
+        if validating {
+            // RFC 8737: a validation gets the challenge certificate or no handshake at all,
+            // never the served certificate.
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self
+                .challenges
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&name)
+                .cloned();
+        }
         Some(self.current())
     }
 }

@@ -16,6 +16,8 @@ command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
 # Debian's Chromium and its WebDriver, for tests/it/browser.rs (never a downloaded browser build).
 command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_packages+=(chromium-driver)
+# Debian's pebble (Let's Encrypt's test ACME server), for tests/it/acme.rs.
+command -v pebble >/dev/null 2>&1 || need_packages+=(pebble)
 # schemathesis (PyPI) runs from a venv under target/.
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_packages+=(python3-venv)
 if ((${#need_packages[@]})); then

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod acme;
 mod budgets;
 mod values;
 
+pub use acme::AcmeSettings;
 pub use budgets::Budgets;
 pub use values::{HostName, IpPrefix, Origin, Secret, split_host_port};
 
@@ -423,12 +425,16 @@ pub struct TlsSettings {
         requires = "tls_source"
     )]
     pub http_redirect: bool,
+
+    /// Certificates from an ACME CA, when `--acme-domain` is given.
+    #[command(flatten)]
+    pub acme: AcmeSettings,
 }
 
 impl TlsSettings {
     /// True when an HTTPS listener is configured.
     pub fn enabled(&self) -> bool {
-        self.cert.is_some() || self.self_signed
+        self.cert.is_some() || self.self_signed || !self.acme.domains.is_empty()
     }
 }
 

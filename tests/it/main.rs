@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod access;
+mod acme;
 mod bad_input;
 mod browser;
 mod budgets;

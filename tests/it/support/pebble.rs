@@ -1,0 +1,111 @@
+//! A private pebble (Let's Encrypt's test ACME server, Debian package `pebble`) for one test:
+//! free ports, a generated config and HTTPS certificate (the package ships none), killed when
+//! dropped. Validation is real: pebble's TLS-ALPN-01 port is the one rowcast's HTTPS listener
+//! is told to bind.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::process::{Child, Command};
+
+use super::process::{free_port, test_log};
+use super::secure::TestCa;
+
+/// Where Debian installs the binary.
+const PEBBLE: &str = "/usr/bin/pebble";
+
+pub struct Pebble {
+    child: Child,
+    /// Signs pebble's own HTTPS certificate (not the ones it issues).
+    pub https_ca: TestCa,
+    pub directory: String,
+    management: u16,
+}
+
+impl Pebble {
+    /// False (the test then skips) when pebble is not installed; `tests/run-all.sh` installs it.
+    pub fn available() -> bool {
+        Path::new(PEBBLE).exists()
+    }
+
+    /// Starts pebble validating TLS-ALPN-01 on `tls_port` of 127.0.0.1.
+    pub async fn start(tls_port: u16) -> Self {
+        let https_ca = TestCa::new();
+        let cert = https_ca.issue_for("pebble", &["localhost", "127.0.0.1"]);
+        let (listen, management) = (free_port(), free_port());
+        let config = serde_json::json!({
+            "pebble": {
+                "listenAddress": format!("127.0.0.1:{listen}"),
+                "managementListenAddress": format!("127.0.0.1:{management}"),
+                "certificate": cert.cert,
+                "privateKey": cert.key,
+                // Nothing listens there: rowcast answers TLS-ALPN-01 only.
+                "httpPort": free_port(),
+                "tlsPort": tls_port,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false,
+            }
+        });
+        let config_path = https_ca.dir.join("pebble.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let child = Command::new(PEBBLE)
+            .arg("-config")
+            .arg(&config_path)
+            // Validate at once instead of after a random 0-15 s, and never reject a nonce
+            // (pebble rejects 5 % by default to exercise clients' retries).
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdin(Stdio::null())
+            .stdout(test_log())
+            .stderr(test_log())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("pebble starts");
+        let pebble = Self {
+            child,
+            https_ca,
+            directory: format!("https://127.0.0.1:{listen}/dir"),
+            management,
+        };
+        let http = pebble.https_ca.https_client(true);
+        super::wait_until(
+            Duration::from_secs(20),
+            "pebble serves its directory",
+            || {
+                let request = http.get(&pebble.directory).send();
+                async move { request.await.is_ok_and(|r| r.status().is_success()) }
+            },
+        )
+        .await;
+        pebble
+    }
+
+    /// The file rowcast's `--acme-directory-ca` takes.
+    pub fn directory_ca(&self) -> PathBuf {
+        self.https_ca.ca_file()
+    }
+
+    /// The root pebble issues under (generated at each start).
+    pub async fn issuing_root(&self) -> CertificateDer<'static> {
+        let url = format!("https://127.0.0.1:{}/roots/0", self.management);
+        let pem = self
+            .https_ca
+            .https_client(true)
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        CertificateDer::from_pem_slice(&pem).unwrap()
+    }
+
+    /// Stops pebble now (a CA that went away).
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
