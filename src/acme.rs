@@ -10,7 +10,8 @@
 //!
 //! A certificate is swapped in through [`ServerTls::install`], as the SIGHUP reload does, so
 //! open connections keep theirs. A failed order is logged and retried with backoff while the old
-//! certificate keeps serving. Imports `config`, `tls` and `shutdown`.
+//! certificate keeps serving. [`TlsWatch`] is what `health` reads for `/stats` and `/metrics`.
+//! Imports `config`, `tls` and `shutdown`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +43,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 const MIN_AFTER_SUCCESS: Duration = Duration::from_secs(3600);
 /// How long to wait for the CA to validate and to issue.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// RFC 8555 §6.7: the request's account key is not registered with the CA.
+const ACCOUNT_GONE: &str = "urn:ietf:params:acme:error:accountDoesNotExist";
 
 const ACCOUNT_FILE: &str = "account.json";
 const CERT_FILE: &str = "cert.pem";
@@ -226,7 +230,20 @@ impl Renewal {
             .iter()
             .map(|name| Identifier::Dns(name.clone()))
             .collect();
-        let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+        let new_order = NewOrder::new(&identifiers);
+        let mut order = match account.new_order(&new_order).await {
+            Err(instant_acme::Error::Api(problem))
+                if problem.r#type.as_deref() == Some(ACCOUNT_GONE) =>
+            {
+                // The CA no longer knows the cached account (deactivated, or a test CA that
+                // was reset): register a new one rather than fail forever.
+                tracing::warn!("the CA does not know the cached ACME account; creating a new one");
+                let path = self.settings.cache_dir.join(ACCOUNT_FILE);
+                std::fs::remove_file(&path).map_err(|source| AcmeError::Io { path, source })?;
+                self.account().await?.new_order(&new_order).await?
+            }
+            other => other?,
+        };
         // Removes the challenge certificates however this order ends.
         let _cleanup = ChallengeCleanup {
             tls: &self.tls,
@@ -427,4 +444,76 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), AcmeError> {
     file.write_all(contents).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&temporary, path).map_err(io)
+}
+
+/// What `/stats` and `/metrics` read about the served certificate; cheap to clone. Empty
+/// without TLS.
+#[derive(Debug, Clone, Default)]
+pub struct TlsWatch {
+    tls: Option<ServerTls>,
+    acme: Option<Arc<AcmeStatus>>,
+}
+
+/// `tls` in `/stats`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSnapshot {
+    /// When the served certificate expires, in Unix seconds.
+    certificate_expiry_unix: Option<u64>,
+    /// SHA-256 of the served leaf (`AB:CD:…`).
+    sha256_fingerprint: String,
+    /// Renewal state, with `--acme-domain`.
+    acme: Option<AcmeSnapshot>,
+}
+
+/// `tls.acme` in `/stats`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcmeSnapshot {
+    /// Orders started (the first certificate and every renewal or retry).
+    pub renewal_attempts: u64,
+    /// Orders that failed.
+    pub renewal_failures: u64,
+    /// Why the last order failed; null once one succeeded.
+    pub last_renewal_error: Option<String>,
+}
+
+impl TlsWatch {
+    /// Watches `tls` and, with ACME, the renewal counters.
+    pub fn new(tls: Option<&ServerTls>, acme: Option<&Renewal>) -> Self {
+        Self {
+            tls: tls.cloned(),
+            acme: acme.map(Renewal::status),
+        }
+    }
+
+    /// The state now; None without TLS.
+    pub fn snapshot(&self) -> Option<TlsSnapshot> {
+        let tls = self.tls.as_ref()?;
+        let expiry = not_after(&tls.leaf()).ok().and_then(|expiry| {
+            let since = expiry.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+            Some(since.as_secs())
+        });
+        Some(TlsSnapshot {
+            certificate_expiry_unix: expiry,
+            sha256_fingerprint: tls.fingerprint(),
+            acme: self.acme.as_ref().map(|status| AcmeSnapshot {
+                renewal_attempts: status.attempts.load(Ordering::Relaxed),
+                renewal_failures: status.failures.load(Ordering::Relaxed),
+                last_renewal_error: lock(&status.last_error).clone(),
+            }),
+        })
+    }
+}
+
+impl TlsSnapshot {
+    /// When the served certificate expires, in Unix seconds.
+    pub fn certificate_expiry_unix(&self) -> Option<u64> {
+        self.certificate_expiry_unix
+    }
+
+    /// Renewal state, with `--acme-domain`.
+    pub fn acme(&self) -> Option<&AcmeSnapshot> {
+        self.acme.as_ref()
+    }
 }

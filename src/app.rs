@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::access::{self, Access, AllowedHosts};
-use crate::acme::Renewal;
+use crate::acme::{Renewal, TlsWatch};
 use crate::api;
 use crate::config::{Budgets, Config, Heartbeat, Limits, TlsSettings};
 use crate::db::{self, HistoryReader, PgTarget, PoolSizes, Pools, changelog};
@@ -61,6 +61,8 @@ pub struct AppState {
     listener: ListenerWatch,
     /// Connection counters (open, refused, timeouts, WebSockets by HTTP version).
     transport: TransportStats,
+    /// The served certificate and its ACME renewals.
+    tls: TlsWatch,
     /// This App's metrics registry.
     metrics: Metrics,
     /// Process shutdown; sessions and event streams end on it.
@@ -111,6 +113,12 @@ impl FromRef<AppState> for ListenerWatch {
 }
 
 /// `/stats`.
+impl FromRef<AppState> for TlsWatch {
+    fn from_ref(state: &AppState) -> Self {
+        state.tls.clone()
+    }
+}
+
 impl FromRef<AppState> for TransportStats {
     fn from_ref(state: &AppState) -> Self {
         state.transport.clone()
@@ -252,6 +260,7 @@ struct Start {
     /// The certificate reloads (TLS from files) or renewals (ACME), when TLS is on.
     background: Option<Background>,
     transport: TransportStats,
+    tls: TlsWatch,
 }
 
 impl Start {
@@ -264,6 +273,7 @@ impl Start {
             position,
             background,
             transport,
+            tls,
         } = self;
         let distributor = DistributorHandle::<Frame>::spawn(
             config.limits,
@@ -322,6 +332,7 @@ impl Start {
             views: ViewsCache::default(),
             listener: listener_status,
             transport,
+            tls,
             metrics,
             shutdown: shutdown.clone(),
             limits: config.limits,
@@ -461,6 +472,10 @@ impl App {
             pools: pools.clone(),
             connect,
             position,
+            tls: TlsWatch::new(
+                https.as_ref().map(|https| &https.tls),
+                background.as_ref().and_then(|tasks| tasks.acme.as_ref()),
+            ),
             background,
             transport: connections.stats(),
         };

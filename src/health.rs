@@ -15,7 +15,7 @@
 //! late (after the reconnect's catch-up), so a load balancer should prefer another. Otherwise
 //! 503 with every failing check named.
 //!
-//! Imports `metrics`, `distributor`, `listener` and `serve` (state copied into bodies and gauges
+//! Imports `acme` (the served certificate's expiry and renewal counters), `metrics`, `distributor`, `listener` and `serve` (state copied into bodies and gauges
 //! at request time), `protocol` (the distributor's `Frame`), `product` (ids in `topProducts`),
 //! `db` (the readiness queries on the REST pool, the history reader's counters), `http_error`,
 //! and `shutdown` (the metrics upkeep task).
@@ -34,6 +34,7 @@ use tokio::time::Instant;
 
 use utoipa::ToSchema;
 
+use crate::acme::{TlsSnapshot, TlsWatch};
 use crate::db::{self, HistoryReader, HistoryStats};
 use crate::distributor::{DistributorGone, DistributorHandle, Stats, Views};
 use crate::listener::{ListenerStatus, ListenerWatch};
@@ -81,6 +82,9 @@ pub(crate) struct StatsBody {
     /// Clients' replays and snapshots: the history pool and its queue.
     history: HistoryStats,
     transport: TransportSnapshot,
+    /// The served certificate and its ACME renewals; absent without TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<TlsSnapshot>,
     /// Changes dispatched per second, averaged over the last 5 s.
     changes_per_second: f64,
     /// The most-subscribed products, most first (at most 10; at most a second old).
@@ -125,6 +129,7 @@ where
     ListenerWatch: FromRef<S>,
     HistoryReader: FromRef<S>,
     TransportStats: FromRef<S>,
+    TlsWatch: FromRef<S>,
     Metrics: FromRef<S>,
 {
     Router::new().route("/stats", get(stats))
@@ -157,6 +162,7 @@ pub(crate) async fn stats(
     State(listener): State<ListenerWatch>,
     State(history): State<HistoryReader>,
     State(transport): State<TransportStats>,
+    State(tls): State<TlsWatch>,
     State(metrics): State<Metrics>,
 ) -> Response {
     match views.get(&distributor).await {
@@ -167,6 +173,7 @@ pub(crate) async fn stats(
             listener: *listener.borrow(),
             history: history.stats(),
             transport: transport.snapshot(),
+            tls: tls.snapshot(),
             changes_per_second: metrics.changes_per_second(),
             top_products: views
                 .top_products
@@ -205,6 +212,7 @@ where
     ListenerWatch: FromRef<S>,
     HistoryReader: FromRef<S>,
     TransportStats: FromRef<S>,
+    TlsWatch: FromRef<S>,
     Metrics: FromRef<S>,
 {
     Router::new().route("/metrics", get(metrics))
@@ -284,6 +292,7 @@ pub(crate) async fn metrics(
     State(listener): State<ListenerWatch>,
     State(history): State<HistoryReader>,
     State(transport): State<TransportStats>,
+    State(tls): State<TlsWatch>,
     State(metrics): State<Metrics>,
 ) -> Response {
     let gauge = |name, value: usize| metrics.gauge(name, &[]).set(value as f64);
@@ -378,6 +387,18 @@ pub(crate) async fn metrics(
     metrics
         .counter("rowcast_write_timeouts_total", &[])
         .absolute(transport.snapshot().write_timeouts);
+    if let Some(tls) = tls.snapshot() {
+        if let Some(expiry) = tls.certificate_expiry_unix() {
+            metrics
+                .gauge("rowcast_tls_certificate_expiry_seconds", &[])
+                .set(expiry as f64);
+        }
+        if let Some(acme) = tls.acme() {
+            metrics
+                .counter("rowcast_acme_renewal_failures_total", &[])
+                .absolute(acme.renewal_failures);
+        }
+    }
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()).into_response()
 }
 

@@ -12,10 +12,11 @@ use rustls::pki_types::CertificateDer;
 use crate::support::TestDatabase;
 use crate::support::pebble::Pebble;
 use crate::support::process::free_port;
-use crate::support::secure::tls_connect;
+use crate::support::secure::{tls_connect, wss_http1_with};
 
 /// rowcast built in this process with ACME flags.
 struct Running {
+    plain: SocketAddr,
     tls: SocketAddr,
     shutdown: rowcast::shutdown::Shutdown,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -56,6 +57,7 @@ async fn start(
         .await
         .unwrap();
     Running {
+        plain: app.local_addr().unwrap(),
         tls: app.tls_addr().unwrap(),
         shutdown,
         server: tokio::spawn(app.run()),
@@ -63,6 +65,30 @@ async fn start(
 }
 
 impl Running {
+    async fn stats(&self) -> serde_json::Value {
+        let url = format!("http://{}/stats", self.plain);
+        crate::support::get_json(&reqwest::Client::new(), &url).await
+    }
+
+    async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.plain);
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    }
+
+    /// Waits until `/stats` shows at least `failures` failed renewals.
+    async fn wait_for_failures(&self, failures: u64) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let stats = self.stats().await;
+            let seen = stats["tls"]["acme"]["renewalFailures"].as_u64().unwrap();
+            if seen >= failures {
+                return stats;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{stats}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn stop(self) {
         self.shutdown.trigger();
         tokio::time::timeout(Duration::from_secs(10), self.server)
@@ -175,6 +201,123 @@ async fn a_restart_serves_the_cached_certificate_without_the_ca() {
     .await;
     // At once: served from the cache before the listener accepted anything.
     assert_eq!(verified_leaf(app.tls, &root).await, Some(leaf));
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(cache);
+}
+
+/// Longer than pebble's certificate lifetime (5 years): the cached certificate is due at once.
+const RENEW_NOW: [&str; 2] = ["--acme-renew-before", "2000d"];
+
+#[tokio::test]
+async fn a_ca_down_at_renewal_leaves_the_old_certificate_serving_and_counts_retries() {
+    if !Pebble::available() {
+        eprintln!("skipped: no pebble (apt-get install pebble)");
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let cache = cache_dir();
+    let (mut pebble, app, root, leaf) = issued(&database, &cache).await;
+    app.stop().await;
+    pebble.stop().await;
+
+    let (directory, directory_ca) = (pebble.directory.clone(), pebble.directory_ca());
+    let app = start(
+        &database,
+        free_port(),
+        &directory,
+        &directory_ca,
+        &cache,
+        &RENEW_NOW,
+    )
+    .await;
+    // Attempts at 0, 1 and 3 s (backoff doubling): two failures within a few seconds.
+    let stats = app.wait_for_failures(2).await;
+    let acme = &stats["tls"]["acme"];
+    assert!(acme["renewalAttempts"].as_u64().unwrap() >= 2, "{stats}");
+    assert!(acme["lastRenewalError"].is_string(), "{stats}");
+    assert!(
+        stats["tls"]["certificateExpiryUnix"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert_eq!(verified_leaf(app.tls, &root).await, Some(leaf));
+
+    let metrics = app.metrics().await;
+    let samples = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned())))
+        .unwrap()
+        .samples;
+    let value = |name: &str| match samples.iter().find(|s| s.metric == name).map(|s| &s.value) {
+        Some(prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v)) => *v,
+        other => panic!("{name}: {other:?}\n{metrics}"),
+    };
+    assert!(value("rowcast_acme_renewal_failures_total") >= 2.0);
+    assert!(value("rowcast_tls_certificate_expiry_seconds") > 1.7e9);
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(cache);
+}
+
+#[tokio::test]
+async fn renewal_swaps_the_certificate_under_an_open_websocket() {
+    if !Pebble::available() {
+        eprintln!("skipped: no pebble (apt-get install pebble)");
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let cache = cache_dir();
+    let (mut pebble, app, old_root, old_leaf) = issued(&database, &cache).await;
+    let tls_port = app.tls.port();
+    app.stop().await;
+    // Down while rowcast starts, so the WebSocket below is open before the renewal can succeed.
+    pebble.stop().await;
+
+    let (directory, directory_ca) = (pebble.directory.clone(), pebble.directory_ca());
+    let app = start(
+        &database,
+        tls_port,
+        &directory,
+        &directory_ca,
+        &cache,
+        &RENEW_NOW,
+    )
+    .await;
+    let mut ws = wss_http1_with(app.tls, client_trusting(&old_root), "/websocket", None)
+        .await
+        .unwrap();
+    ws.subscribe(&[7]).await;
+    app.wait_for_failures(1).await;
+
+    // Back, forgetting everything: rowcast registers a new account and renews.
+    pebble.restart().await;
+    let new_root = pebble.issuing_root().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let new_leaf = loop {
+        if let Some(leaf) = verified_leaf(app.tls, &new_root).await {
+            break leaf;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no renewal within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(new_leaf, old_leaf);
+    let stats = app.stats().await;
+    assert!(
+        stats["tls"]["acme"]["lastRenewalError"].is_null(),
+        "{stats}"
+    );
+
+    // The WebSocket opened under the old certificate still receives.
+    let mut body = crate::support::product("renewed");
+    body["productId"] = 7.into();
+    let created = reqwest::Client::new()
+        .post(format!("http://{}/products", app.plain))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let change = ws.next_change().await;
+    assert_eq!(change["product"]["productId"], 7);
     app.stop().await;
     let _ = std::fs::remove_dir_all(cache);
 }

@@ -23,6 +23,7 @@ pub struct Pebble {
     pub https_ca: TestCa,
     pub directory: String,
     management: u16,
+    config: PathBuf,
 }
 
 impl Pebble {
@@ -51,36 +52,36 @@ impl Pebble {
         });
         let config_path = https_ca.dir.join("pebble.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
-        let child = Command::new(PEBBLE)
-            .arg("-config")
-            .arg(&config_path)
-            // Validate at once instead of after a random 0-15 s, and never reject a nonce
-            // (pebble rejects 5 % by default to exercise clients' retries).
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .stdin(Stdio::null())
-            .stdout(test_log())
-            .stderr(test_log())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("pebble starts");
         let pebble = Self {
-            child,
+            child: spawn(&config_path),
             https_ca,
             directory: format!("https://127.0.0.1:{listen}/dir"),
             management,
+            config: config_path,
         };
-        let http = pebble.https_ca.https_client(true);
+        pebble.wait_until_serving().await;
+        pebble
+    }
+
+    /// Starts pebble again on the same ports after [`Self::stop`]. It remembers nothing: new
+    /// roots, no accounts (a CA that was reset).
+    pub async fn restart(&mut self) {
+        self.child = spawn(&self.config);
+        self.wait_until_serving().await;
+    }
+
+    async fn wait_until_serving(&self) {
+        let http = self.https_ca.https_client(true);
+        let directory = self.directory.clone();
         super::wait_until(
             Duration::from_secs(20),
             "pebble serves its directory",
             || {
-                let request = http.get(&pebble.directory).send();
+                let request = http.get(&directory).send();
                 async move { request.await.is_ok_and(|r| r.status().is_success()) }
             },
         )
         .await;
-        pebble
     }
 
     /// The file rowcast's `--acme-directory-ca` takes.
@@ -108,4 +109,20 @@ impl Pebble {
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+fn spawn(config: &Path) -> Child {
+    Command::new(PEBBLE)
+        .arg("-config")
+        .arg(config)
+        // Validate at once instead of after a random 0-15 s, and never reject a nonce
+        // (pebble rejects 5 % by default to exercise clients' retries).
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .stdin(Stdio::null())
+        .stdout(test_log())
+        .stderr(test_log())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("pebble starts")
 }

@@ -174,9 +174,23 @@ pub async fn wss_http1(
     path_and_query: &str,
     origin: Option<&str>,
 ) -> Result<SecureWs, StatusCode> {
-    let tls = tls_connect(addr, ca.client_config(&[b"http/1.1"]))
-        .await
-        .expect("TLS handshake");
+    wss_http1_with(
+        addr,
+        ca.client_config(&[b"http/1.1"]),
+        path_and_query,
+        origin,
+    )
+    .await
+}
+
+/// [`wss_http1`] with a client configuration of the caller's (which must offer `http/1.1`).
+pub async fn wss_http1_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    path_and_query: &str,
+    origin: Option<&str>,
+) -> Result<SecureWs, StatusCode> {
+    let tls = tls_connect(addr, config).await.expect("TLS handshake");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let url = format!("wss://localhost:{}{path_and_query}", addr.port());
     let mut request = url.into_client_request().unwrap();
