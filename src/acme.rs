@@ -108,6 +108,8 @@ pub struct AcmeStatus {
 #[derive(Debug)]
 pub struct Renewal {
     settings: AcmeSettings,
+    /// `--acme-cache-dir/<key>`: see [`cache_key`].
+    cache: PathBuf,
     tls: ServerTls,
     status: Arc<AcmeStatus>,
     /// When the served ACME certificate expires; None until one is served.
@@ -121,15 +123,18 @@ impl Renewal {
         if settings.domains.is_empty() {
             return Ok(None);
         }
+        let cache = settings.cache_dir.join(cache_key(settings));
         create_private_dir(&settings.cache_dir)?;
+        create_private_dir(&cache)?;
         let mut renewal = Self {
             settings: settings.clone(),
+            cache: cache.clone(),
             tls: tls.clone(),
             status: Arc::default(),
             expiry: None,
         };
-        let cert = settings.cache_dir.join(CERT_FILE);
-        let key = settings.cache_dir.join(KEY_FILE);
+        let cert = cache.join(CERT_FILE);
+        let key = cache.join(KEY_FILE);
         if cert.exists() && key.exists() {
             match load_cached(&cert, &key, tls.crypto_provider()) {
                 Ok((certified, expiry)) => {
@@ -238,7 +243,7 @@ impl Renewal {
                 // The CA no longer knows the cached account (deactivated, or a test CA that
                 // was reset): register a new one rather than fail forever.
                 tracing::warn!("the CA does not know the cached ACME account; creating a new one");
-                let path = self.settings.cache_dir.join(ACCOUNT_FILE);
+                let path = self.cache.join(ACCOUNT_FILE);
                 std::fs::remove_file(&path).map_err(|source| AcmeError::Io { path, source })?;
                 self.account().await?.new_order(&new_order).await?
             }
@@ -282,7 +287,7 @@ impl Renewal {
         let chain_pem = order.poll_certificate(&retries).await?;
         let key_pem = key_pair.serialize_pem();
         let (certified, expiry) = parse(&chain_pem, &key_pem, self.tls.crypto_provider())?;
-        let dir = &self.settings.cache_dir;
+        let dir = &self.cache;
         write_private(&dir.join(KEY_FILE), key_pem.as_bytes())?;
         write_private(&dir.join(CERT_FILE), chain_pem.as_bytes())?;
         Ok((certified, expiry))
@@ -294,7 +299,7 @@ impl Renewal {
             Some(root) => Account::builder_with_root(root),
             None => Account::builder(),
         };
-        let path = self.settings.cache_dir.join(ACCOUNT_FILE);
+        let path = self.cache.join(ACCOUNT_FILE);
         if let Ok(json) = std::fs::read(&path) {
             let credentials: AccountCredentials =
                 serde_json::from_slice(&json).map_err(|source| AcmeError::Credentials {
@@ -327,6 +332,28 @@ impl Renewal {
         write_private(&path, &json)?;
         Ok(account)
     }
+}
+
+/// The cache subdirectory for this CA and set of names: switching from a staging directory to
+/// production, or changing the names, must not serve (or reuse the account of) the other one.
+fn cache_key(settings: &AcmeSettings) -> String {
+    let mut names: Vec<String> = settings
+        .domains
+        .iter()
+        .map(|name| name.to_ascii_lowercase())
+        .collect();
+    names.sort();
+    names.dedup();
+    let identity = format!("{}\n{}", settings.directory, names.join("\n"));
+    let digest = ring::digest::digest(&ring::digest::SHA256, identity.as_bytes());
+    // 16 bytes: collisions between one operator's configurations are not a concern.
+    digest.as_ref()[..16]
+        .iter()
+        .fold(String::with_capacity(32), |mut hex, byte| {
+            use std::fmt::Write as _;
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
 }
 
 struct ChallengeCleanup<'a> {
@@ -515,5 +542,50 @@ impl TlsSnapshot {
     /// Renewal state, with `--acme-domain`.
     pub fn acme(&self) -> Option<&AcmeSnapshot> {
         self.acme.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> AcmeSettings {
+        let cli = <crate::config::Cli as clap::Parser>::try_parse_from(
+            std::iter::once("rowcast").chain(args.iter().copied()),
+        )
+        .unwrap();
+        cli.config.tls.acme
+    }
+
+    #[test]
+    fn the_cache_is_per_directory_and_set_of_names() {
+        let key = |args: &[&str]| cache_key(&settings(args));
+        let base = key(&["--acme-domain", "a.example", "--acme-domain", "B.example"]);
+        assert_eq!(base, key(&["--acme-domain", "b.example,a.example"]));
+        assert_ne!(base, key(&["--acme-domain", "a.example"]));
+        assert_ne!(
+            base,
+            key(&[
+                "--acme-domain",
+                "a.example,b.example",
+                "--acme-directory",
+                "https://acme-staging-v02.api.letsencrypt.org/directory",
+            ])
+        );
+    }
+
+    #[test]
+    fn the_challenge_certificate_carries_the_critical_acme_identifier() {
+        let provider = rustls::crypto::ring::default_provider();
+        let key = challenge_key("example.com", &[7; 32], &provider).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(key.cert[0].as_ref()).unwrap();
+        // id-pe-acmeIdentifier, RFC 8737 §3.
+        let extension = cert
+            .extensions()
+            .iter()
+            .find(|ext| ext.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .unwrap();
+        assert!(extension.critical);
+        assert!(extension.value.ends_with(&[7; 32]));
     }
 }

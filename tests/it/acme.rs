@@ -163,14 +163,19 @@ async fn pebble_issues_the_certificate_https_serves() {
     let database = TestDatabase::create().await;
     let cache = cache_dir();
     let (_pebble, app, _root, _leaf) = issued(&database, &cache).await;
+    // One subdirectory for this directory URL and name; secrets readable by rowcast only.
+    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(entries.len(), 1);
+    let subdir = entries[0].as_ref().unwrap().path();
     #[cfg(unix)]
-    for file in ["account.json", "cert.pem", "key.pem"] {
+    {
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(cache.join(file))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600, "{file}");
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cache), 0o700);
+        assert_eq!(mode(&subdir), 0o700);
+        for file in ["account.json", "cert.pem", "key.pem"] {
+            assert_eq!(mode(&subdir.join(file)), 0o600, "{file}");
+        }
     }
     app.stop().await;
     let _ = std::fs::remove_dir_all(cache);
