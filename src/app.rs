@@ -1,12 +1,13 @@
 //! `App`: wiring. [`App::build`] does everything that can fail (database pools, migrations, both
-//! listening sockets, the certificate and its SIGHUP handler, access settings, the LISTEN URL)
-//! before anything is spawned, then starts the tasks and builds the router around one
-//! [`AppState`]; [`App::run`] serves until shutdown.
+//! listening sockets, the certificate with its SIGHUP handler or cached ACME certificate, access
+//! settings, the LISTEN URL) before anything is spawned, then starts the tasks and builds the
+//! router around one [`AppState`]; [`App::run`] serves until shutdown.
 //!
-//! Imports every module that has a part to build, start or route: `access`, `api`, `config`,
-//! `db`, `distributor`, `hardening`, `health`, `listener`, `memory`, `metrics`, `product`,
-//! `protocol`, `retention`, `serve`, `session`, `shutdown`, `sse`, `tls` and `web`. Nothing
-//! imports `app`; the routers below it are generic over the state (`FromRef`), so they need not.
+//! Imports every module that has a part to build, start or route: `access`, `acme`, `api`,
+//! `config`, `db`, `distributor`, `hardening`, `health`, `listener`, `memory`, `metrics`,
+//! `product`, `protocol`, `retention`, `serve`, `session`, `shutdown`, `sse`, `tls` and `web`.
+//! Nothing imports `app`; the routers below it are generic over the state (`FromRef`), so they
+//! need not.
 
 use std::net::SocketAddr;
 
