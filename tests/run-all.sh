@@ -39,7 +39,7 @@ echo "== cargo build (release binary for the live checks)"
 cargo build --release --locked
 echo "== cargo test (the whole workspace: rowcast and crates/*)"
 # Chromium is installed above, so the browser tests must run, not skip.
-ROWCAST_BROWSER_TEST=require cargo test --workspace --locked
+ROWCAST_BROWSER_TEST=require ROWCAST_ACME_TEST=require cargo test --workspace --locked
 
 echo "== .http request file against a live server"
 data_dir=$(mktemp -d /tmp/rowcast-http-XXXXXX)

@@ -27,9 +27,19 @@ pub struct Pebble {
 }
 
 impl Pebble {
-    /// False (the test then skips) when pebble is not installed; `tests/run-all.sh` installs it.
+    /// False (the test then skips) when pebble is not installed, unless
+    /// `ROWCAST_ACME_TEST=require` (set by `tests/run-all.sh`, which installs it): then a missing
+    /// pebble fails the test instead of letting it pass without checking anything.
     pub fn available() -> bool {
-        Path::new(PEBBLE).exists()
+        if Path::new(PEBBLE).exists() {
+            return true;
+        }
+        let required = std::env::var("ROWCAST_ACME_TEST").is_ok_and(|v| v == "require");
+        assert!(
+            !required,
+            "ROWCAST_ACME_TEST=require but {PEBBLE} is not installed"
+        );
+        false
     }
 
     /// Starts pebble validating TLS-ALPN-01 on `tls_port` of 127.0.0.1.
