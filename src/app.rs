@@ -357,8 +357,7 @@ fn router(state: AppState, access: &Access, hosts: AllowedHosts, config: &Config
     .route_layer(from_fn_with_state(access.clone(), access::guard_requests));
     // With `--ops-token`, only dashboards and scrapers holding it; else like any read.
     let operations = Router::new()
-        .merge(health::stats_router())
-        .merge(health::metrics_router())
+        .merge(health::operations_router())
         .route_layer(from_fn_with_state(access.clone(), access::guard_operations));
     let websocket = hardening::limit_concurrency(
         // `any`: HTTP/2 WebSockets arrive as CONNECT (RFC 8441), HTTP/1.1 ones as GET.

@@ -120,8 +120,8 @@ struct TopProduct {
     subscribers: usize,
 }
 
-/// `/healthz` and `/stats`.
-pub fn stats_router<S>() -> Router<S>
+/// `/stats` and `/metrics`: the operator routes, guarded together (`access::guard_operations`).
+pub fn operations_router<S>() -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
     DistributorHandle<Frame>: FromRef<S>,
@@ -132,7 +132,9 @@ where
     TlsWatch: FromRef<S>,
     Metrics: FromRef<S>,
 {
-    Router::new().route("/stats", get(stats))
+    Router::new()
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
 }
 
 /// `/healthz`: never guarded.
@@ -201,21 +203,6 @@ where
     ListenerWatch: FromRef<S>,
 {
     Router::new().route("/readyz", get(readyz))
-}
-
-/// `/metrics`.
-pub fn metrics_router<S>() -> Router<S>
-where
-    S: Clone + Send + Sync + 'static,
-    DistributorHandle<Frame>: FromRef<S>,
-    ViewsCache: FromRef<S>,
-    ListenerWatch: FromRef<S>,
-    HistoryReader: FromRef<S>,
-    TransportStats: FromRef<S>,
-    TlsWatch: FromRef<S>,
-    Metrics: FromRef<S>,
-{
-    Router::new().route("/metrics", get(metrics))
 }
 
 /// The body of `/readyz`.

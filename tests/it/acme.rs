@@ -157,7 +157,6 @@ async fn issued(
 #[tokio::test]
 async fn pebble_issues_the_certificate_https_serves() {
     if !Pebble::available() {
-        eprintln!("skipped: no pebble (apt-get install pebble)");
         return;
     }
     let database = TestDatabase::create().await;
@@ -184,7 +183,6 @@ async fn pebble_issues_the_certificate_https_serves() {
 #[tokio::test]
 async fn a_restart_serves_the_cached_certificate_without_the_ca() {
     if !Pebble::available() {
-        eprintln!("skipped: no pebble (apt-get install pebble)");
         return;
     }
     let database = TestDatabase::create().await;
@@ -216,7 +214,6 @@ const RENEW_NOW: [&str; 2] = ["--acme-renew-before", "2000d"];
 #[tokio::test]
 async fn a_ca_down_at_renewal_leaves_the_old_certificate_serving_and_counts_retries() {
     if !Pebble::available() {
-        eprintln!("skipped: no pebble (apt-get install pebble)");
         return;
     }
     let database = TestDatabase::create().await;
@@ -263,7 +260,6 @@ async fn a_ca_down_at_renewal_leaves_the_old_certificate_serving_and_counts_retr
 #[tokio::test]
 async fn renewal_swaps_the_certificate_under_an_open_websocket() {
     if !Pebble::available() {
-        eprintln!("skipped: no pebble (apt-get install pebble)");
         return;
     }
     let database = TestDatabase::create().await;

@@ -290,13 +290,9 @@ async fn pruning_that_overtakes_a_clients_replay_ends_in_reset_and_a_snapshot() 
         "120s",
     ])
     .await;
-    let mut body = product("Raced");
     // 64 KB per change (25 MB in all): more than the kernel buffers of a client that does not
     // read can hold, so its queue overflows into a gap that retention then overtakes.
-    body["productName"] = json!("r".repeat(64_000));
-    let id = app.create_product(body).await["productId"]
-        .as_i64()
-        .unwrap();
+    let id = app.create_heavy_product(64_000).await;
     let mut sleeper = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
     sleeper.subscribe(&[id]).await;
     // Far more than the socket buffers, the queue (16) and retention (50) hold.

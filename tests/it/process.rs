@@ -91,11 +91,7 @@ async fn shutdown_waits_one_grace_period_for_requests_and_sessions_together() {
         "120s",
     ])
     .await;
-    let mut body = product("Heavy");
-    body["productName"] = serde_json::json!("h".repeat(64_000));
-    let id = app.create_product(body).await["productId"]
-        .as_i64()
-        .unwrap();
+    let id = app.create_heavy_product(64_000).await;
     // A session that cannot take its close frame (it reads nothing, its buffers are full)...
     let mut stuck = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
     stuck.subscribe(&[id]).await;

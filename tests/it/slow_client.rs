@@ -16,12 +16,8 @@ async fn a_client_that_never_reads_is_evicted_and_others_keep_getting_changes() 
         "disconnect",
     ])
     .await;
-    let mut body = product("Heavy");
     // ~4 KB per change, so the stuck client's socket buffers fill after about a thousand.
-    body["productName"] = json!("x".repeat(4000));
-    let id = app.create_product(body).await["productId"]
-        .as_i64()
-        .unwrap();
+    let id = app.create_heavy_product(4000).await;
 
     let mut stuck = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
     stuck.subscribe(&[id]).await;
@@ -159,12 +155,8 @@ async fn a_batch_cut_short_by_eviction_is_not_counted_as_delivered() {
         "120s",
     ])
     .await;
-    let mut body = product("Heavy");
     // 64 KB per change: one batch is far more than the stuck client's socket buffers hold.
-    body["productName"] = json!("x".repeat(64_000));
-    let id = app.create_product(body).await["productId"]
-        .as_i64()
-        .unwrap();
+    let id = app.create_heavy_product(64_000).await;
     let mut stuck = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
     stuck.subscribe(&[id]).await;
     crate::support::commit_updates_one_by_one(&app.pool, 400).await;

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::support::{SseClient, TestApp, committed_changes, product, spawn_app_with, wait_until};
+use crate::support::{SseClient, TestApp, committed_changes, spawn_app_with, wait_until};
 
 /// Rounds of writes, and changes per round: the honest reader reads each round before the next
 /// is written, so it is never more than one round behind.
@@ -72,13 +72,9 @@ async fn a_stuck_sse_reader_is_closed_and_an_honest_one_gets_every_change(policy
     let mut flags = vec!["--write-timeout", "2s"];
     flags.extend_from_slice(policy);
     let app = spawn_app_with(&flags).await;
-    let mut body = product("Heavy");
     // 100 KB per change, 25 MB in all: far more than the kernel buffers of a reader that never
     // reads hold on both sides, so the server's writes to it block.
-    body["productName"] = json!("x".repeat(100_000));
-    let id = app.create_product(body).await["productId"]
-        .as_i64()
-        .unwrap();
+    let id = app.create_heavy_product(100_000).await;
     let events = format!("{}/products/events?ids={id}", app.base_url);
 
     let mut honest = SseClient::connect(&events, None).await;
@@ -192,11 +188,7 @@ async fn an_evicted_sse_stream_sends_nothing_more_once_its_reader_reads_again() 
         "5m",
     ])
     .await;
-    let mut body = product("Heavy");
-    body["productName"] = json!("x".repeat(100_000));
-    let id = app.create_product(body).await["productId"]
-        .as_i64()
-        .unwrap();
+    let id = app.create_heavy_product(100_000).await;
     // Several readers: what a stream did once polled again after its eviction used to be
     // decided at random, so one reader alone would let a regression pass by chance.
     const READERS: usize = 4;

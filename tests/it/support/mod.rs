@@ -280,6 +280,16 @@ impl TestApp {
         .await;
     }
 
+    /// Creates a product whose name is `name_bytes` long and returns its id: every change to it
+    /// is that large, so a few hundred overflow a client's kernel buffers and queue.
+    pub async fn create_heavy_product(&self, name_bytes: usize) -> i64 {
+        let mut body = product("Heavy");
+        body["productName"] = json!("h".repeat(name_bytes));
+        self.create_product(body).await["productId"]
+            .as_i64()
+            .expect("the created product has an id")
+    }
+
     /// Creates a product through the REST API and returns it once its INSERT has passed through
     /// the distributor, so a subscription made afterwards does not see that INSERT.
     pub async fn create_product(&self, body: Value) -> Value {
