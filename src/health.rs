@@ -294,6 +294,10 @@ pub(crate) async fn metrics(
             "rowcast_products_with_subscribers",
             stats.products_with_subscribers,
         );
+        metrics.publish_delivered(
+            stats.messages_written_directly,
+            stats.bytes_written_directly,
+        );
         metrics
             .counter("rowcast_changes_published_total", &[])
             .absolute(stats.changes_published);

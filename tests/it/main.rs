@@ -12,6 +12,7 @@ mod bad_input;
 mod browser;
 mod budgets;
 mod delivery;
+mod fanout;
 mod faults;
 mod hosts;
 mod integrity;
