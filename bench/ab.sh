@@ -15,7 +15,7 @@ after="$(realpath "${2:?usage: ab.sh BEFORE AFTER scenario [args]}")"
 scenario="${3:?usage: ab.sh BEFORE AFTER scenario [args]}"
 shift 3
 pg="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
-bench="$here/target/release/rowcast-bench"
+bench="${CARGO_TARGET_DIR:-$here/target}/release/rowcast-bench"
 (cd "$here" && cargo build --release --locked --quiet)
 
 pids=()

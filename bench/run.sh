@@ -14,7 +14,12 @@
 #   ROWCAST_BIN   rowcast binary to start (default ../target/release/rowcast; built if missing,
 #                 and the run warns — and says so in its note — if a source file is newer)
 #   NO_BASELINE=1 skip the Node.js baseline
+#   TLS=1         serve and measure every server over TLS (https/wss): a throw-away CA and a
+#                 127.0.0.1/localhost certificate from gen-cert.sh (in a temporary dir), rowcast on
+#                 --tls-listen 127.0.0.1:18443, Node on https://127.0.0.1:18070, the floor with
+#                 --floor-tls-cert; the client trusts the CA (--tls-ca). TAG defaults to `tls`.
 #   TAG           suffix for the result files
+#   CARGO_TARGET_DIR  where the bench is built (default bench/target)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,8 +28,11 @@ cd "$here"
 scenario="${1:?usage: run.sh fanout|steady|conns|churn|hostile|writes [args]}"
 shift
 pg="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
-bench="$here/target/release/rowcast-bench"
+bench="${CARGO_TARGET_DIR:-$here/target}/release/rowcast-bench"
 cargo build --release --locked --quiet
+tls="${TLS:-}"
+[[ "$tls" == 0 ]] && tls=""
+[[ -n "$tls" && -z "${TAG:-}" ]] && TAG=tls
 
 # What server state was measured, without asking git: a digest of the server's sources.
 fingerprint="$(cd "$repo" && find src migrations sql Cargo.toml Cargo.lock -type f 2>/dev/null | sort | xargs sha256sum | sha256sum | cut -c1-12)"
@@ -40,16 +48,29 @@ if [[ "$scenario" != writes && -z "${ROWCAST_URL:-}" ]]; then
     note="$note, OLDER than sources ($newer)"
   fi
 fi
+[[ -n "$tls" ]] && note="$note; TLS: every server over https/wss (HTTP/1.1) with a throw-away P-256 certificate from gen-cert.sh"
 out=(--out-dir "$here/results" --note "$note")
 [[ -n "${TAG:-}" ]] && out+=(--tag "$TAG")
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+tlsdir=""
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  [[ -n "$tlsdir" ]] && rm -rf "$tlsdir"
+  return 0
+}
 trap cleanup EXIT
+curl_tls=()
+if [[ -n "$tls" && "$scenario" != writes ]]; then
+  tlsdir="$(mktemp -d /tmp/rowcast-bench-tls-XXXXXX)"
+  "$here/gen-cert.sh" "$tlsdir" 2
+  curl_tls=(--cacert "$tlsdir/ca.pem")
+  out+=(--tls-ca "$tlsdir/ca.pem" --floor-tls-cert "$tlsdir/server.pem" --floor-tls-key "$tlsdir/server.key")
+fi
 
 ensure_db() { psql "$pg/postgres" -qAtc "SELECT 1 FROM pg_database WHERE datname = '$1'" | grep -q 1 || psql "$pg/postgres" -qc "CREATE DATABASE $1"; }
 
-wait_http() { for _ in $(seq 100); do curl -sf "$1/stats" >/dev/null && return 0; sleep 0.1; done; echo "no server at $1" >&2; return 1; }
+wait_http() { for _ in $(seq 100); do curl -sf "${curl_tls[@]}" "$1/stats" >/dev/null && return 0; sleep 0.1; done; echo "no server at $1" >&2; return 1; }
 
 if [[ "$scenario" == writes ]]; then
   wargs=(--writers 1,4,16 --secs 3 --warmup-secs 1 --repeats 3)
@@ -62,20 +83,30 @@ if [[ -n "${ROWCAST_URL:-}" ]]; then
   targets+=(--target "rowcast=$ROWCAST_URL")
 else
   ensure_db rowcast_bench
-  DATABASE_URL="$pg/rowcast_bench" "$rowcast_bin" --listen 127.0.0.1:18080 \
+  rowcast_tls=()
+  [[ -n "$tls" ]] && rowcast_tls=(--tls-listen 127.0.0.1:18443 --tls-cert "$tlsdir/server.pem" --tls-key "$tlsdir/server.key")
+  DATABASE_URL="$pg/rowcast_bench" "$rowcast_bin" --listen 127.0.0.1:18080 "${rowcast_tls[@]}" \
     >"$here/results/rowcast-$scenario.log" 2>&1 &
   pids+=($!)
-  wait_http http://127.0.0.1:18080
-  targets+=(--target "rowcast=http://127.0.0.1:18080,pid=${pids[-1]}")
+  if [[ -n "$tls" ]]; then
+    wait_http https://127.0.0.1:18443
+    targets+=(--target "rowcast=https://127.0.0.1:18443,pid=${pids[-1]}")
+  else
+    wait_http http://127.0.0.1:18080
+    targets+=(--target "rowcast=http://127.0.0.1:18080,pid=${pids[-1]}")
+  fi
 fi
 if [[ -z "${NO_BASELINE:-}" ]]; then
   [[ -d baseline-node/node_modules ]] || (cd baseline-node && npm ci --no-audit --no-fund --silent)
   ensure_db rowcast_baseline
-  DATABASE_URL="$pg/rowcast_baseline" node baseline-node/server.js --listen 127.0.0.1:18070 \
+  node_tls=()
+  scheme=http
+  [[ -n "$tls" ]] && node_tls=(--tls-cert "$tlsdir/server.pem" --tls-key "$tlsdir/server.key") && scheme=https
+  DATABASE_URL="$pg/rowcast_baseline" node baseline-node/server.js --listen 127.0.0.1:18070 "${node_tls[@]}" \
     >"$here/results/baseline-$scenario.log" 2>&1 &
   pids+=($!)
-  wait_http http://127.0.0.1:18070
-  targets+=(--target "baseline=http://127.0.0.1:18070,pid=${pids[-1]}")
+  wait_http "$scheme://127.0.0.1:18070"
+  targets+=(--target "baseline=$scheme://127.0.0.1:18070,pid=${pids[-1]}")
 fi
 
 case "$scenario" in

@@ -11,10 +11,13 @@
 // no batching, no backpressure beyond ws's own buffering — the idiomatic first version.
 //
 // Usage: DATABASE_URL=postgres://postgres@127.0.0.1:5432/rowcast_baseline node server.js --listen 127.0.0.1:18070
+//        [--tls-cert server.pem --tls-key server.key]   (HTTPS/WSS on the same port instead of plain:
+//        node's `https` server with the PEM chain and key; `ws` upgrades over it unchanged)
 
 'use strict';
 const fs = require('fs');
 const http = require('http');
+const https = require('https');
 const path = require('path');
 const { WebSocketServer } = require('ws');
 const { Pool, Client } = require('pg');
@@ -22,6 +25,10 @@ const { Pool, Client } = require('pg');
 const args = process.argv.slice(2);
 const listenArg = args[args.indexOf('--listen') + 1] || '127.0.0.1:18070';
 const [host, port] = [listenArg.slice(0, listenArg.lastIndexOf(':')), Number(listenArg.slice(listenArg.lastIndexOf(':') + 1))];
+const argValue = (name) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
+const tlsCert = argValue('--tls-cert');
+const tlsKey = argValue('--tls-key');
+if (!tlsCert !== !tlsKey) { console.error('--tls-cert and --tls-key go together'); process.exit(64); }
 const databaseUrl = process.env.DATABASE_URL || 'postgres://postgres@127.0.0.1:5432/rowcast_baseline';
 const MAX_BODY = 64 * 1024;
 
@@ -175,11 +182,14 @@ async function main() {
   listener.on('error', (e) => { console.error('listener failed:', e.message); process.exit(1); });
   await listener.query('LISTEN product_change');
 
-  const server = http.createServer((req, res) => { handle(req, res); });
+  const onRequest = (req, res) => { handle(req, res); };
+  const server = tlsCert
+    ? https.createServer({ cert: fs.readFileSync(tlsCert), key: fs.readFileSync(tlsKey), ALPNProtocols: ['http/1.1'] }, onRequest)
+    : http.createServer(onRequest);
   server.keepAliveTimeout = 60000;
   const wss = new WebSocketServer({ server, path: '/websocket', maxPayload: MAX_BODY });
   wss.on('connection', onConnection);
-  server.listen(port, host, () => console.log(`listening on ${host}:${server.address().port}`));
+  server.listen(port, host, () => console.log(`listening on ${tlsCert ? 'https' : 'http'}://${host}:${server.address().port}`));
   const stop = () => { server.close(); wss.clients.forEach((c) => c.terminate()); listener.end(); pool.end(); process.exit(0); };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);

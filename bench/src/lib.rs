@@ -13,8 +13,9 @@
 //! scenario::* (drives one scenario, samples procstat) ──► stats (percentiles) ──► report (JSON) + svg (plot)
 //! ```
 //!
-//! `clock`, `proto`, `fdlimit`, `procstat` and `progress` are leaves that import nothing of ours.
-//! The floor server (`src/bin/floor-server.rs`) reuses only `proto`.
+//! `clock`, `proto`, `fdlimit`, `procstat`, `progress` and `tls` are leaves that import nothing
+//! of ours (`tls`: rustls client and server configurations for `https`/`wss` targets). The floor
+//! server (`src/bin/floor-server.rs`) reuses `proto`, `fdlimit` and `tls`.
 
 pub mod clock;
 pub mod fdlimit;
@@ -28,4 +29,5 @@ pub mod scenario;
 pub mod stats;
 pub mod svg;
 pub mod target;
+pub mod tls;
 pub mod ws;

@@ -10,6 +10,7 @@ use rowcast_bench::report::{self, Machine, RunReport, TargetRun};
 use rowcast_bench::scenario::{self, Common, Outcome};
 use rowcast_bench::svg::{Chart, Series};
 use rowcast_bench::target::Target;
+use rowcast_bench::tls::Trust;
 use rowcast_bench::{clock, fdlimit, progress};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,21 @@ struct Cli {
     /// Path of the floor-server binary (default: next to this executable).
     #[arg(long, global = true)]
     floor_bin: Option<PathBuf>,
+    /// Start the floor with TLS, serving this PEM certificate chain (needs --floor-tls-key;
+    /// the floor target is then `https://`, trusted by --tls-ca or --tls-insecure).
+    #[arg(long, global = true, requires = "floor_tls_key")]
+    floor_tls_cert: Option<PathBuf>,
+    /// PEM key of --floor-tls-cert.
+    #[arg(long, global = true, requires = "floor_tls_cert")]
+    floor_tls_key: Option<PathBuf>,
+    /// Trust the CA certificate(s) in this PEM file for every https/wss target that does not
+    /// name its own (`,ca=PEM` in the target spec).
+    #[arg(long, global = true, conflicts_with = "tls_insecure")]
+    tls_ca: Option<PathBuf>,
+    /// Accept any certificate from https/wss targets without their own `,ca=` (benchmarks
+    /// against throw-away certificates only; signatures are still checked).
+    #[arg(long, global = true)]
+    tls_insecure: bool,
     /// WebSocket path on every target.
     #[arg(long, global = true, default_value = "/websocket")]
     ws_path: String,
@@ -119,8 +135,16 @@ async fn start_floor(cli: &Cli) -> anyhow::Result<(Floor, String)> {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("floor-server"),
     };
-    let mut child = tokio::process::Command::new(&bin)
-        .args(["--listen", "127.0.0.1:0"])
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let scheme = match (&cli.floor_tls_cert, &cli.floor_tls_key) {
+        (Some(cert), Some(key)) => {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            "https"
+        }
+        _ => "http",
+    };
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -139,7 +163,7 @@ async fn start_floor(cli: &Cli) -> anyhow::Result<(Floor, String)> {
         .to_owned();
     Ok((
         Floor { _child: child },
-        format!("floor=http://{addr},pid={pid}"),
+        format!("floor={scheme}://{addr},pid={pid}"),
     ))
 }
 
@@ -195,8 +219,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         if specs.is_empty() {
             specs.push("rowcast=http://127.0.0.1:8080".into());
         }
+        let trust = match (&cli.tls_ca, cli.tls_insecure) {
+            (Some(ca), _) => Some(Trust::Ca(ca.clone())),
+            (None, true) => Some(Trust::Insecure),
+            (None, false) => None,
+        };
         for (i, spec) in specs.iter().enumerate() {
-            let mut target = Target::parse(spec, &cli.ws_path)?;
+            let mut target = Target::parse_with(spec, &cli.ws_path, trust.as_ref())?;
             if i == 0 && target.pid.is_none() {
                 target.pid = cli.server_pid;
             }
@@ -257,7 +286,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Some(t) => format!("{name}-{t}"),
         None => name.to_owned(),
     };
-    let paths = report::write(&cli.out_dir, &stem, &report, Some(&chart.render()))?;
+    let mut paths = report::write(&cli.out_dir, &stem, &report, Some(&chart.render()))?;
+    if name == "fanout" {
+        let table = scenario::fanout::markdown(&report.targets);
+        println!("\n{table}");
+        let md = cli.out_dir.join(format!("{stem}.md"));
+        std::fs::write(&md, &table).with_context(|| format!("write {}", md.display()))?;
+        paths.push(md);
+    }
     for p in paths {
         progress::note(format!("wrote {}", p.display()));
     }

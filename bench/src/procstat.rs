@@ -1,5 +1,6 @@
-//! What the server process costs, read from /proc: CPU time (utime + stime from
-//! `/proc/<pid>/stat`), resident memory (`VmRSS` from `/proc/<pid>/status`) and open
+//! What the server process costs, read from /proc: CPU time (utime and stime from
+//! `/proc/<pid>/stat`, kept apart: user space is the server's own work, system time mostly
+//! the socket writes and on loopback the receivers' TCP path, the same for every server), resident memory (`VmRSS` from `/proc/<pid>/status`) and open
 //! descriptors; plus the whole machine's busy time from `/proc/stat`, which shows when a
 //! run is bound by the 2 shared cores rather than by the server.
 //!
@@ -14,6 +15,10 @@ use std::path::Path;
 pub struct ProcSample {
     /// utime + stime, in seconds (resolution: one clock tick, 10 ms here).
     pub cpu_s: f64,
+    /// utime alone: CPU spent in user space, seconds.
+    pub user_s: f64,
+    /// stime alone: CPU spent in the kernel on the process's behalf, seconds.
+    pub sys_s: f64,
     /// Resident set size, KiB.
     pub rss_kib: u64,
     /// Open file descriptors (0 if unreadable).
@@ -32,13 +37,16 @@ fn clk_tck() -> f64 {
 /// Reads CPU, RSS and fd count of `pid`. `None` if the process is gone.
 pub fn sample(pid: u32) -> Option<ProcSample> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let cpu_s = parse_stat_cpu_ticks(&stat)? as f64 / clk_tck();
+    let ticks = parse_stat_ticks(&stat)?;
+    let tck = clk_tck();
     let rss_kib = rss_kib(pid)?;
     let fds = fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count() as u64)
         .unwrap_or(0);
     Some(ProcSample {
-        cpu_s,
+        cpu_s: ticks.total() as f64 / tck,
+        user_s: ticks.user as f64 / tck,
+        sys_s: ticks.sys as f64 / tck,
         rss_kib,
         fds,
     })
@@ -57,15 +65,30 @@ pub fn sample_self() -> ProcSample {
     sample(std::process::id()).unwrap_or_default()
 }
 
-/// utime + stime in ticks. The command name (field 2) may contain spaces and parens, so
+/// CPU time of one process in clock ticks, as `/proc/<pid>/stat` gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatTicks {
+    /// utime (field 14): user mode.
+    user: u64,
+    /// stime (field 15): kernel mode.
+    sys: u64,
+}
+
+impl StatTicks {
+    fn total(self) -> u64 {
+        self.user + self.sys
+    }
+}
+
+/// utime and stime in ticks. The command name (field 2) may contain spaces and parens, so
 /// fields are counted from the last ')'.
-fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+fn parse_stat_ticks(stat: &str) -> Option<StatTicks> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     // After ')': field 3 (state) is index 0, so utime (field 14) is index 11.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    let user: u64 = fields.nth(11)?.parse().ok()?;
+    let sys: u64 = fields.next()?.parse().ok()?;
+    Some(StatTicks { user, sys })
 }
 
 fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
@@ -96,7 +119,7 @@ pub fn cpu_of_comm(comm: &str) -> f64 {
             let close = stat.rfind(')').unwrap_or(0);
             close > open && &stat[open + 1..close] == comm
         })
-        .filter_map(|stat| parse_stat_cpu_ticks(&stat))
+        .filter_map(|stat| parse_stat_ticks(&stat).map(StatTicks::total))
         .sum();
     ticks as f64 / clk_tck()
 }
@@ -191,7 +214,34 @@ mod tests {
     #[test]
     fn stat_cpu_survives_spaces_in_comm() {
         let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 1 1 1";
-        assert_eq!(parse_stat_cpu_ticks(stat), Some(10));
+        let t = parse_stat_ticks(stat).unwrap();
+        assert_eq!(t, StatTicks { user: 7, sys: 3 });
+        assert_eq!(t.total(), 10);
+    }
+
+    /// A full-length line shaped like the kernel's: utime is field 14 and stime field 15,
+    /// told apart; cutime/cstime (16, 17: waited-for children) are not counted.
+    #[test]
+    fn stat_user_and_system_are_fields_14_and_15() {
+        let stat = concat!(
+            "1234 (rowcast) S 1 1234 1234 0 -1 4194560 52001 0 3 0 4567 891 11 22 20 0 ",
+            "9 0 123456 987654321 12345 18446744073709551615 1 1 0 0 0 0 0 4096 17610 ",
+            "0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n",
+        );
+        assert_eq!(
+            parse_stat_ticks(stat),
+            Some(StatTicks {
+                user: 4567,
+                sys: 891
+            })
+        );
+        // Truncated or garbled lines are refused, not misread.
+        assert_eq!(parse_stat_ticks("1 (x) S 1 2 3"), None);
+        assert_eq!(
+            parse_stat_ticks("1 (x) S 1 1 1 0 -1 0 0 0 0 0 u 3 0 0"),
+            None
+        );
+        assert_eq!(parse_stat_ticks("no parens at all"), None);
     }
 
     #[test]
@@ -208,8 +258,16 @@ mod tests {
 
     #[test]
     fn self_sample_is_readable() {
+        // Burn a little user time so utime is not zero at a 10 ms tick.
+        let t0 = std::time::Instant::now();
+        let mut x = 1u64;
+        while t0.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
         let s = sample_self();
         assert!(s.rss_kib > 0);
         assert!(s.fds > 0);
+        assert!(s.user_s > 0.0, "{s:?}");
+        assert!((s.cpu_s - (s.user_s + s.sys_s)).abs() < 1e-9, "{s:?}");
     }
 }

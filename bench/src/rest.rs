@@ -1,7 +1,8 @@
 //! The writer side: a lean HTTP/1.1 keep-alive client (hyper's connection API, no pool)
 //! for the REST subset the bench uses: create, replace, read, stats.
 //!
-//! One `Rest` is one TCP connection with `TCP_NODELAY`, reconnected lazily if the server
+//! One `Rest` is one TCP connection with `TCP_NODELAY` (over rustls for an `https://`
+//! target, with the target's client configuration), reconnected lazily if the server
 //! closed it. A request is never retried once written (POST is not idempotent, and a
 //! retried PUT would skew latency); the caller counts the failure.
 
@@ -21,8 +22,15 @@ pub enum RestError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("https targets need the TLS client, which this build does not include yet")]
-    TlsUnsupported,
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("https target: `{0}` is not a name TLS can verify")]
+    TlsName(String),
+    #[error("https target `{0}` has no TLS client configuration")]
+    TlsConfig(String),
     #[error("http: {0}")]
     Http(#[from] hyper::Error),
     #[error("bad request: {0}")]
@@ -47,7 +55,7 @@ impl RestError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Connect { .. } => "connect",
-            Self::TlsUnsupported => "tls_unsupported",
+            Self::Tls { .. } | Self::TlsName(_) | Self::TlsConfig(_) => "tls",
             Self::Http(_) => "http_error",
             Self::Build(_) => "bad_request",
             Self::Status { .. } => "status",
@@ -82,9 +90,6 @@ impl Rest {
     }
 
     async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, RestError> {
-        if self.target.scheme == Scheme::Tls {
-            return Err(RestError::TlsUnsupported);
-        }
         let usable = match self.sender.as_mut() {
             Some(s) => !s.is_closed() && s.ready().await.is_ok(),
             None => false,
@@ -102,16 +107,32 @@ impl Rest {
                 addr: addr.to_string(),
                 source,
             })?;
-            let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(async move {
-                // The connection ends when the server closes it or `sender` drops; either
-                // way the next request reconnects, so its error needs no handling here.
-                let _ = conn.await;
-            });
-            self.sender = Some(sender);
+            let sender = match self.target.scheme {
+                Scheme::Plain => handshake(tcp).await?,
+                Scheme::Tls => {
+                    let config = self
+                        .target
+                        .tls
+                        .clone()
+                        .ok_or_else(|| RestError::TlsConfig(self.target.name.clone()))?;
+                    let name = crate::tls::server_name(&self.target.host)
+                        .ok_or_else(|| RestError::TlsName(self.target.host.clone()))?;
+                    let tls = tokio_rustls::TlsConnector::from(config)
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|source| RestError::Tls {
+                            addr: addr.to_string(),
+                            source,
+                        })?;
+                    handshake(tls).await?
+                }
+            };
+            return Ok(self.sender.insert(sender));
         }
-        // Set just above; the Option only models "not connected yet".
-        self.sender.as_mut().ok_or(RestError::TlsUnsupported)
+        // `usable` is false when there is none.
+        self.sender
+            .as_mut()
+            .ok_or_else(|| RestError::TlsConfig(self.target.name.clone()))
     }
 
     /// Sends one request; returns status and body.
@@ -209,6 +230,20 @@ impl Rest {
     }
 }
 
+/// HTTP/1.1 over `io`; the connection is driven by a task of its own.
+async fn handshake<T>(io: T) -> Result<SendRequest<Full<Bytes>>, RestError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        // The connection ends when the server closes it or `sender` drops; either way the
+        // next request reconnects, so its error needs no handling here.
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 /// Reads `sessions` from `/stats`, if the server reports it.
 pub async fn stats_sessions(target: &Target) -> Option<u64> {
     Rest::new(target)
@@ -254,5 +289,39 @@ mod tests {
             head.contains("authorization: bearer s3cret-token\r\n"),
             "{head}"
         );
+    }
+
+    /// The same over TLS: the writer reaches an `https://` target with the target's CA, and
+    /// asks for HTTP/1.1 by ALPN.
+    #[tokio::test]
+    async fn https_target_is_reached_over_tls() {
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata");
+        let config =
+            crate::tls::server_config(&data.join("server.pem"), &data.join("server.key")).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tls.read(&mut buf).await.unwrap();
+                assert!(n > 0, "client closed before its request head ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let body = br#"{"sessions":3}"#;
+            let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            tls.write_all(reply.as_bytes()).await.unwrap();
+            tls.write_all(body).await.unwrap();
+            tls.flush().await.unwrap();
+            alpn
+        });
+        let spec = format!("t=https://{addr},ca={}", data.join("ca.pem").display());
+        let target = Target::parse(&spec, "/websocket").unwrap();
+        assert_eq!(stats_sessions(&target).await, Some(3));
+        assert_eq!(server.await.unwrap().as_deref(), Some(&b"http/1.1"[..]));
     }
 }

@@ -8,17 +8,21 @@
 //!
 //! Buffers are small (8 KiB read, eager write): the client holds up to ~19 500
 //! connections that each receive a few hundred bytes at a time.
+//!
+//! `wss://` targets are reached over rustls with the target's client configuration (see
+//! `tls`); every socket is a `MaybeTlsStream`, plain or TLS, so scenarios need not care.
 
 use crate::proto::{self, ServerFrame};
 use crate::target::{Scheme, Target};
 use futures_util::{SinkExt, StreamExt};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message, protocol::WebSocketConfig};
+use tokio_tungstenite::{Connector as TlsConnector, MaybeTlsStream, WebSocketStream};
 
-pub type WsStream = WebSocketStream<TcpStream>;
+pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Ports usable per source address before we move to the next one (the ephemeral range
 /// is 28 232 ports; the rest is headroom for TIME_WAIT and other sockets).
@@ -30,8 +34,6 @@ pub enum WsError {
     FdLimit,
     #[error("connect: {0}")]
     Connect(std::io::Error),
-    #[error("wss targets need the TLS client, which this build does not include yet")]
-    TlsUnsupported,
     #[error("handshake: {0}")]
     Handshake(tungstenite::Error),
     #[error("timed out waiting for {0}")]
@@ -52,7 +54,6 @@ impl WsError {
         match self {
             Self::FdLimit => "client_fd_limit",
             Self::Connect(_) => "connect",
-            Self::TlsUnsupported => "tls_unsupported",
             Self::Handshake(_) => "handshake",
             Self::Timeout(_) => "timeout",
             Self::Server { .. } => "server_error_frame",
@@ -68,7 +69,8 @@ impl WsError {
 pub struct Connector {
     url: String,
     addr: SocketAddr,
-    scheme: Scheme,
+    /// The target's TLS client configuration (`wss://`), None for `ws://`.
+    tls: Option<Arc<rustls::ClientConfig>>,
     sources: Vec<Option<IpAddr>>,
     pub timeout: Duration,
 }
@@ -90,7 +92,10 @@ impl Connector {
         Self {
             url: target.ws_url.clone(),
             addr: target.addr,
-            scheme: target.scheme,
+            tls: match target.scheme {
+                Scheme::Plain => None,
+                Scheme::Tls => target.tls.clone(),
+            },
             sources,
             timeout: Duration::from_secs(10),
         }
@@ -108,9 +113,6 @@ impl Connector {
     /// Connects client number `index` (which picks its source address) and completes the
     /// WebSocket handshake, bounded by `self.timeout`.
     pub async fn connect(&self, index: usize) -> Result<WsStream, WsError> {
-        if self.scheme == Scheme::Tls {
-            return Err(WsError::TlsUnsupported);
-        }
         let source = self.sources[index % self.sources.len()];
         tokio::time::timeout(self.timeout, self.connect_inner(source))
             .await
@@ -138,15 +140,23 @@ impl Connector {
         let config = WebSocketConfig::default()
             .read_buffer_size(8 * 1024)
             .write_buffer_size(0);
-        let (ws, _resp) =
-            tokio_tungstenite::client_async_with_config(self.url.as_str(), tcp, Some(config))
-                .await
-                .map_err(|e| match e {
-                    tungstenite::Error::Io(io) if crate::fdlimit::is_fd_exhaustion(&io) => {
-                        WsError::FdLimit
-                    }
-                    other => WsError::Handshake(other),
-                })?;
+        // A TLS target always has a configuration (`Target::parse` refuses one without);
+        // `Plain` wraps the socket as it is.
+        let connector = match &self.tls {
+            Some(c) => TlsConnector::Rustls(c.clone()),
+            None => TlsConnector::Plain,
+        };
+        let (ws, _resp) = tokio_tungstenite::client_async_tls_with_config(
+            self.url.as_str(),
+            tcp,
+            Some(config),
+            Some(connector),
+        )
+        .await
+        .map_err(|e| match e {
+            tungstenite::Error::Io(io) if crate::fdlimit::is_fd_exhaustion(&io) => WsError::FdLimit,
+            other => WsError::Handshake(other),
+        })?;
         Ok(ws)
     }
 }
@@ -215,4 +225,80 @@ pub async fn close(ws: &mut WsStream, timeout: Duration) {
         while let Some(Ok(_)) = ws.next().await {}
     };
     let _ = tokio::time::timeout(timeout, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::Target;
+
+    fn testdata(file: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/testdata")
+            .join(file)
+    }
+
+    /// A one-connection `wss://` server: TLS with the test certificate, then a WebSocket that
+    /// acks one subscribe.
+    async fn one_shot_wss() -> SocketAddr {
+        let config =
+            crate::tls::server_config(&testdata("server.pem"), &testdata("server.key")).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // A client that refuses our certificate ends the handshake: nothing more to do.
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+            let mut ws = tokio_tungstenite::accept_async(tls).await.unwrap();
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Text(t) = msg {
+                    assert!(t.contains("subscribe"), "{t}");
+                    let ack = r#"{"type":"subscribed","productIDs":[7]}"#;
+                    ws.send(Message::text(ack)).await.unwrap();
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn wss_with_a_ca_file_connects_and_subscribes() {
+        let addr = one_shot_wss().await;
+        let ca = testdata("ca.pem");
+        let spec = format!("t=https://{addr},ca={}", ca.display());
+        let target = Target::parse(&spec, "/websocket").unwrap();
+        let mut ws = Connector::new(&target, 1).connect(0).await.unwrap();
+        assert!(matches!(ws.get_ref(), MaybeTlsStream::Rustls(_)));
+        subscribe(&mut ws, &[7], Duration::from_secs(5))
+            .await
+            .unwrap();
+        close(&mut ws, Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn wss_refuses_a_certificate_its_ca_did_not_sign_unless_insecure() {
+        // The leaf alone, not its CA, as the trust anchor: the chain does not verify.
+        let leaf_only =
+            std::env::temp_dir().join(format!("rowcast-bench-leaf-{}.pem", std::process::id()));
+        let pem = std::fs::read_to_string(testdata("server.pem")).unwrap();
+        let end = pem.find("-----END CERTIFICATE-----").unwrap() + 25;
+        std::fs::write(&leaf_only, &pem[..end]).unwrap();
+        let addr = one_shot_wss().await;
+        let spec = format!("t=https://{addr},ca={}", leaf_only.display());
+        let target = Target::parse(&spec, "/websocket").unwrap();
+        let err = Connector::new(&target, 1).connect(0).await.unwrap_err();
+        assert!(matches!(err, WsError::Handshake(_)), "{err}");
+        let _ = std::fs::remove_file(&leaf_only);
+
+        let addr = one_shot_wss().await;
+        let target = Target::parse(&format!("t=https://{addr},insecure"), "/websocket").unwrap();
+        let mut ws = Connector::new(&target, 1).connect(0).await.unwrap();
+        subscribe(&mut ws, &[7], Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
 }

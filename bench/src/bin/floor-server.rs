@@ -10,6 +10,9 @@
 //! connection that selects between its reader and its writer, each frame encoded once and
 //! shared as `Utf8Bytes`. A subscriber whose outbox is full is evicted (close 1013).
 //!
+//! With `--tls-cert`/`--tls-key` the listener speaks TLS (tokio-rustls on ring, ALPN
+//! `http/1.1`) for REST and WebSockets alike, so `https://`/`wss://` runs have a floor too.
+//!
 //! Prints `listening on ADDR` as its first stdout line (so `rowcast-bench --floor` can
 //! start it on port 0), then runs until SIGINT/SIGTERM.
 
@@ -31,6 +34,7 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -54,6 +58,12 @@ struct Args {
     /// Frames a subscriber may have queued before it is evicted as too slow.
     #[arg(long, default_value_t = 4096)]
     outbox: usize,
+    /// Serve TLS with this PEM certificate chain (leaf first); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Largest REST body or WebSocket message accepted; products are tiny.
@@ -144,6 +154,12 @@ impl Hub {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = rowcast_bench::fdlimit::raise();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+            rowcast_bench::tls::server_config(cert, key)?,
+        )),
+        _ => None,
+    };
     let listener = TcpListener::bind(args.listen).await?;
     let mut out = std::io::stdout();
     writeln!(out, "listening on {}", listener.local_addr()?)?;
@@ -172,16 +188,37 @@ async fn main() -> anyhow::Result<()> {
         };
         let _ = tcp.set_nodelay(true);
         let hub = hub.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, hub.clone(), outbox));
-            // Errors are client resets; nothing to do about them here.
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .with_upgrades()
-                .await;
+            match tls {
+                None => serve(tcp, hub, outbox).await,
+                Some(acceptor) => {
+                    // A handshake that fails or stalls is the client's problem; drop it.
+                    let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp));
+                    if let Ok(Ok(stream)) = handshake.await {
+                        serve(stream, hub, outbox).await;
+                    }
+                }
+            }
         });
     }
     Ok(())
+}
+
+/// Longest TLS handshake the floor waits for.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Serves HTTP/1.1 (with WebSocket upgrades) on one accepted connection, plain or TLS.
+async fn serve<S>(io: S, hub: Arc<Hub>, outbox: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let svc = service_fn(move |req| handle(req, hub.clone(), outbox));
+    // Errors are client resets; nothing to do about them here.
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
 }
 
 type Resp = Response<Full<Bytes>>;

@@ -11,7 +11,10 @@
 //! the PUT fans out directly, which is why it is the floor.
 //!
 //! Cost: server CPU over the update window ÷ deliveries = server CPU per delivery (the
-//! REST + database work of each update is included, amortised over N deliveries).
+//! REST + database work of each update is included, amortised over N deliveries), also
+//! split into user space (utime: the server's own work, what a faster server saves) and
+//! system (stime: socket writes and, on loopback, the receivers' TCP path — about the same
+//! for every server).
 
 use super::{ClientPool, Common, Meter, Outcome, check_fd_budget, counter_failures};
 use crate::clock;
@@ -171,15 +174,23 @@ pub async fn run(target: &Target, args: &FanoutArgs, common: &Common) -> anyhow:
             .extend(fails.iter().map(|f| format!("{n} subscribers: {f}")));
         let per_delivery = |cpu: f64| super::ratio(cpu * 1e6, counters.received as f64);
         let server_us = cost.server_cpu_s.and_then(per_delivery);
+        let server_user_us = cost.server_user_s.and_then(per_delivery);
+        let server_sys_us = cost.server_sys_s.and_then(per_delivery);
+        let per_server_cpu_s = cost
+            .server_cpu_s
+            .and_then(|c| super::ratio(counters.received as f64, c));
         let client_us = per_delivery(cost.client_cpu_s);
         out.summary.push(format!(
-            "{n:>6} subs: last p50 {:>8.3} ms max {:>8.3} | median p50 {:>8.3} | first p50 {:>7.3} | put rtt p50 {:>6.3} ms | server {} µs/delivery, client {} µs/delivery, rss {} KiB | {}",
+            "{n:>6} subs: last p50 {:>8.3} ms max {:>8.3} | median p50 {:>8.3} | first p50 {:>7.3} | put rtt p50 {:>6.3} ms | server {} µs/delivery (user {} + sys {}), {} deliveries/server CPU-s, client {} µs/delivery, rss {} KiB | {}",
             last.p50_ms,
             last.max_ms,
             median.p50_ms,
             first.p50_ms,
             rtt.summary().p50_ms,
             fmt_opt(server_us),
+            fmt_opt(server_user_us),
+            fmt_opt(server_sys_us),
+            per_server_cpu_s.map_or("?".into(), |v| format!("{v:.0}")),
             fmt_opt(client_us),
             cost.server_rss_kib_after.map_or("?".into(), |v| v.to_string()),
             if fails.is_empty() { "ok 0/0/0".to_owned() } else { fails.join("; ") }
@@ -212,8 +223,10 @@ pub async fn run(target: &Target, args: &FanoutArgs, common: &Common) -> anyhow:
             "put_rtt_ms": rtt.summary(),
             "cost": cost,
             "server_cpu_us_per_delivery": server_us,
+            "server_user_us_per_delivery": server_user_us,
+            "server_sys_us_per_delivery": server_sys_us,
             "client_cpu_us_per_delivery": client_us,
-            "deliveries_per_server_cpu_s": cost.server_cpu_s.and_then(|c| super::ratio(counters.received as f64, c)),
+            "deliveries_per_server_cpu_s": per_server_cpu_s,
         }));
     }
     pool.close_all(Duration::from_secs(20)).await;
@@ -234,4 +247,69 @@ pub async fn run(target: &Target, args: &FanoutArgs, common: &Common) -> anyhow:
 
 pub fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "?".to_owned(), |v| format!("{v:.2}"))
+}
+
+/// The cost side of a fanout run as a Markdown table, one row per target and size, targets
+/// side by side: deliveries per server CPU-second and server µs per delivery, all of it and
+/// split into user space (the server's own work) and system (kernel: socket writes and, on
+/// loopback, the receivers' TCP path). Written beside the JSON as `<stem>.md`.
+pub fn markdown(targets: &[crate::report::TargetRun]) -> String {
+    let num = |v: Option<&serde_json::Value>, digits: usize| {
+        v.and_then(serde_json::Value::as_f64)
+            .map_or_else(|| "?".to_owned(), |v| format!("{v:.digits$}"))
+    };
+    let mut out = String::from(
+        "| server | subscribers | deliveries per server CPU-s | server µs per delivery | **user-space** µs per delivery | system µs per delivery | send → last delivery p50 (ms) |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for t in targets {
+        let sizes = t.result.get("sizes").and_then(serde_json::Value::as_array);
+        for row in sizes.into_iter().flatten() {
+            let last_p50 = row
+                .get("per_update_ms")
+                .and_then(|p| p.get("last"))
+                .and_then(|l| l.get("p50_ms"));
+            out.push_str(&format!(
+                "| {} ({}) | {} | {} | {} | {} | {} | {} |\n",
+                t.name,
+                t.base_url.split("://").next().unwrap_or_default(),
+                num(row.get("subscribers"), 0),
+                num(row.get("deliveries_per_server_cpu_s"), 0),
+                num(row.get("server_cpu_us_per_delivery"), 2),
+                num(row.get("server_user_us_per_delivery"), 2),
+                num(row.get("server_sys_us_per_delivery"), 2),
+                num(last_p50, 1),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_has_one_row_per_target_and_size_with_the_cpu_split() {
+        let run = crate::report::TargetRun {
+            name: "floor".into(),
+            base_url: "https://127.0.0.1:1".into(),
+            pid: Some(1),
+            result: json!({"sizes": [
+                {"subscribers": 100, "deliveries_per_server_cpu_s": 125000.4,
+                 "server_cpu_us_per_delivery": 8.0, "server_user_us_per_delivery": 2.004,
+                 "server_sys_us_per_delivery": 5.996, "per_update_ms": {"last": {"p50_ms": 1.26}}},
+                {"subscribers": 1000, "server_cpu_us_per_delivery": null},
+            ]}),
+            failures: vec![],
+        };
+        let md = markdown(&[run]);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines.len(), 4, "{md}");
+        assert_eq!(
+            lines[2],
+            "| floor (https) | 100 | 125000 | 8.00 | 2.00 | 6.00 | 1.3 |"
+        );
+        assert_eq!(lines[3], "| floor (https) | 1000 | ? | ? | ? | ? | ? |");
+    }
 }

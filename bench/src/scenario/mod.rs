@@ -54,6 +54,10 @@ pub struct Cost {
     pub wall_s: f64,
     /// Server utime+stime over the window (None: pid unknown).
     pub server_cpu_s: Option<f64>,
+    /// The user-space part of it (utime): the server's own work.
+    pub server_user_s: Option<f64>,
+    /// The kernel part of it (stime): socket writes, and on loopback the receivers' TCP path.
+    pub server_sys_s: Option<f64>,
     pub server_rss_kib_before: Option<u64>,
     pub server_rss_kib_after: Option<u64>,
     pub server_fds_after: Option<u64>,
@@ -90,12 +94,15 @@ impl Meter {
     pub fn stop(&self, target: &Target) -> Cost {
         let server = target.sample();
         let client = procstat::sample_self();
+        let server_delta = |f: fn(&ProcSample) -> f64| match (&self.server, &server) {
+            (Some(a), Some(b)) => Some(f(b) - f(a)),
+            _ => None,
+        };
         Cost {
             wall_s: self.t0.elapsed().as_secs_f64(),
-            server_cpu_s: match (self.server, server) {
-                (Some(a), Some(b)) => Some(b.cpu_s - a.cpu_s),
-                _ => None,
-            },
+            server_cpu_s: server_delta(|s| s.cpu_s),
+            server_user_s: server_delta(|s| s.user_s),
+            server_sys_s: server_delta(|s| s.sys_s),
             server_rss_kib_before: self.server.map(|s| s.rss_kib),
             server_rss_kib_after: server.map(|s| s.rss_kib),
             server_fds_after: server.map(|s| s.fds),
