@@ -24,8 +24,7 @@
 //! commands, so `/stats` and `/metrics` cost the actor nothing however often they are asked;
 //! the views that walk its maps ([`Views`]) are asked for by one cache, at most once a second.
 //!
-//! Imports `product` (ids), `config` (limits and budgets) and `protocol` (only to say what a
-//! [`Frame`] writes on the direct lane).
+//! Imports `product` (ids) and `config` (limits and budgets) only.
 
 mod actor;
 mod counts;
@@ -40,7 +39,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Budgets, IpPrefix, Limits};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
-use crate::protocol::Frame;
 
 pub use outbox::{DirectSocket, LaneGate, OutboxReceiver};
 pub use subscriptions::{Budget, OverLimit, SessionId};
@@ -53,16 +51,6 @@ pub trait FrameBytes: Clone + Send + 'static {
 
     /// The bytes written into a socket on the direct lane (see [`outbox`]): the whole frame.
     fn wire(&self) -> &[u8];
-}
-
-impl FrameBytes for Frame {
-    fn byte_len(&self) -> usize {
-        self.wire().len()
-    }
-
-    fn wire(&self) -> &[u8] {
-        Frame::wire(self)
-    }
 }
 
 impl FrameBytes for &'static str {

@@ -107,6 +107,16 @@ impl Frame {
     }
 }
 
+impl crate::distributor::FrameBytes for Frame {
+    fn byte_len(&self) -> usize {
+        self.0.wire.len()
+    }
+
+    fn wire(&self) -> &[u8] {
+        &self.0.wire
+    }
+}
+
 impl From<String> for Frame {
     fn from(text: String) -> Self {
         Self::new(&text)

@@ -11,7 +11,8 @@
 //! `{"type":"change","seq":N,"action":…,"product":{…}}` per committed change, and
 //! `{"type":"error","error":<code>,"message":…}` for input the server could not use.
 //!
-//! Also names [`Frame`], the encoded message every transport sends. Imports `product`.
+//! Also names [`Frame`], the encoded message every transport sends. Imports `product`, and
+//! `distributor` for the one trait a `Frame` implements so the distributor can carry it.
 
 use serde::Serialize;
 use serde_json::Value;
