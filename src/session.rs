@@ -429,13 +429,21 @@ impl Session {
             Some(Ok(Message::Text(text))) => match ClientCommand::parse(text.as_str()) {
                 Ok(command) => {
                     let sent = match command {
-                        ClientCommand::Subscribe(products, start, versions) => {
+                        ClientCommand::Subscribe(products, start, versions, presence) => {
                             self.every_version |= versions == Versions::All;
+                            if presence && self.distributor.want_presence(id).await.is_err() {
+                                return Reply::End(SessionEnd::DistributorGone);
+                            }
                             self.distributor.subscribe(id, products, start).await
                         }
                         ClientCommand::Unsubscribe(products) => {
                             self.distributor.unsubscribe(id, products).await
                         }
+                        ClientCommand::SubscribeAll(start, versions) => {
+                            self.every_version |= versions == Versions::All;
+                            self.distributor.subscribe_all(id, start).await
+                        }
+                        ClientCommand::UnsubscribeAll => self.distributor.unsubscribe_all(id).await,
                     };
                     match sent {
                         Ok(()) => Reply::None,

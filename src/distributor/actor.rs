@@ -4,8 +4,12 @@
 //!
 //! Budgets: the session and subscription counts per client address live here too, beside the
 //! maps they count, so a budget check is a lookup the actor makes anyway, with no lock.
+//!
+//! The whole-catalog subscribers and presence live in the second `impl` block, additive to the
+//! by-id path: a publish walks the by-id subscribers, then the (few) all-subscribers that are
+//! not also by-id subscribers of that product, so each session gets each change once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -16,13 +20,18 @@ use tracing::Instrument;
 use super::counts::Counts;
 use super::outbox::{OutboxSender, Pushed, outbox};
 use super::subscriptions::{Budget, OverLimit, SessionId, Subscriptions};
-use super::{Command, Delivery, FrameBytes, Registration, Stats, Views};
+use super::{Command, Delivery, FrameBytes, PresenceChanges, Registration, Stats, Views};
 use crate::config::{Budgets, IpPrefix, Limits};
-use crate::product::{ProductId, Seq};
+use crate::product::{ProductId, Seq, SubscriptionStart};
 
 /// Commands handled before the totals are published again: enough to amortize the stores
 /// under load, few enough that an operator's view lags by microseconds.
 const BATCH: usize = 64;
+
+/// What one subscription to every product counts against the per-address and server
+/// subscription budgets: what subscribing to 1 024 ids, the way clients approximated "all"
+/// before it existed, cost. Not against the connection's own cap, which bounds the ids it holds.
+pub const ALL_SUBSCRIPTION_WEIGHT: usize = 1024;
 
 /// The sink kept per session: its outbox, the token that tells it it was evicted, and the
 /// address its budgets are counted against (None: exempt or unknown).
@@ -56,6 +65,15 @@ struct Distributor<F> {
     next_session: u64,
     stats: Stats,
     counts: Arc<Counts>,
+    /// Sessions subscribed to every product.
+    all: HashSet<SessionId>,
+    /// Sessions that asked for watcher counts.
+    presence_sessions: HashSet<SessionId>,
+    /// Products whose local subscriber count changed since the presence task last asked; None
+    /// until it first asks (no presence task: nothing is noted).
+    presence_dirty: Option<HashSet<ProductId>>,
+    /// Products a presence session just subscribed to (their count is due even if unchanged).
+    presence_fresh: HashSet<ProductId>,
 }
 
 pub(super) fn spawn<F: FrameBytes>(
@@ -74,6 +92,10 @@ pub(super) fn spawn<F: FrameBytes>(
             ..Stats::default()
         },
         counts,
+        all: HashSet::new(),
+        presence_sessions: HashSet::new(),
+        presence_dirty: None,
+        presence_fresh: HashSet::new(),
     };
     actor.publish_counts();
     tokio::spawn(
@@ -101,6 +123,7 @@ impl<F: FrameBytes> Distributor<F> {
             sessions: self.subscriptions.session_count(),
             subscriptions: self.subscriptions.subscription_count(),
             products_with_subscribers: self.subscriptions.product_count(),
+            all_subscribers: self.all.len(),
             ..self.stats
         });
     }
@@ -148,7 +171,7 @@ impl<F: FrameBytes> Distributor<F> {
 
     /// Removes a session and everything it held; its sink, if it was registered.
     fn remove_session(&mut self, id: SessionId) -> Option<SessionSink<F>> {
-        let held = self.subscriptions.session_subscriptions(id);
+        let held = self.subscriptions.session_subscriptions(id) + self.forget_all_and_presence(id);
         let sink = self.subscriptions.remove_session(id)?;
         self.release(sink.address, 1, held);
         Some(sink)
@@ -180,6 +203,7 @@ impl<F: FrameBytes> Distributor<F> {
                 for id in full {
                     self.evict(id);
                 }
+                self.publish_to_all(product, seq, &frame);
             }
             Command::Reset {
                 since,
@@ -194,11 +218,25 @@ impl<F: FrameBytes> Distributor<F> {
                     .map(|id| (id, self.subscriptions.session_products(id)))
                     .filter(|(_, products)| !products.is_empty())
                     .collect();
+                let mut reset_all: Vec<SessionId> = self.all.iter().copied().collect();
                 for (id, products) in sessions {
+                    reset_all.retain(|&all| all != id);
                     self.deliver(
                         id,
                         Delivery::Reset {
                             products,
+                            since,
+                            position,
+                            cause,
+                        },
+                    );
+                }
+                // The feed of an all-subscriber resets the whole catalog whatever the products.
+                for id in reset_all {
+                    self.deliver(
+                        id,
+                        Delivery::Reset {
+                            products: Vec::new(),
                             since,
                             position,
                             cause,
@@ -249,6 +287,7 @@ impl<F: FrameBytes> Distributor<F> {
                 products,
                 start,
             } => {
+                self.note_presence(id, &products);
                 let answer = match self.subscribe(id, &products) {
                     Ok(()) => Delivery::Subscribed {
                         products,
@@ -264,6 +303,7 @@ impl<F: FrameBytes> Distributor<F> {
                 self.deliver(id, answer);
             }
             Command::Unsubscribe { id, products } => {
+                self.note_presence(id, &products);
                 let removed = self.subscriptions.unsubscribe(id, &products);
                 let address = self.subscriptions.sink(id).and_then(|sink| sink.address);
                 self.release(address, 0, removed);
@@ -286,6 +326,13 @@ impl<F: FrameBytes> Distributor<F> {
                     top_products: self.subscriptions.top_products(top_products),
                 });
             }
+            Command::SubscribeAll { id, start } => self.subscribe_all(id, start),
+            Command::UnsubscribeAll { id } => self.unsubscribe_all(id),
+            Command::WantPresence { id } => self.want_presence(id),
+            Command::PresenceChanges { reply } => {
+                let _ = reply.send(self.presence_changes());
+            }
+            Command::PublishPresence { counts } => self.publish_presence(counts),
         }
     }
 
@@ -293,7 +340,7 @@ impl<F: FrameBytes> Distributor<F> {
     /// the whole server; all or nothing.
     fn subscribe(&mut self, id: SessionId, products: &[ProductId]) -> Result<(), OverLimit> {
         let budgets = self.settings.budgets;
-        let total = self.subscriptions.subscription_count();
+        let total = self.subscriptions.subscription_count() + self.all_held();
         let address = self.subscriptions.sink(id).and_then(|sink| sink.address);
         let held = address
             .and_then(|ip| self.addresses.get(&ip))
@@ -345,6 +392,181 @@ impl<F: FrameBytes> Distributor<F> {
             sink.outbox.discard();
             sink.evicted.cancel();
             tracing::info!(session_id = %id, "outbox full; slow session evicted");
+        }
+    }
+}
+
+/// Whole-catalog subscribers and presence: beside the by-id path, not in it.
+impl<F: FrameBytes> Distributor<F> {
+    /// What all-subscriptions hold of the server budget.
+    fn all_held(&self) -> usize {
+        self.all.len() * ALL_SUBSCRIPTION_WEIGHT
+    }
+
+    /// Hands a change to every all-subscriber that did not get it by id.
+    fn publish_to_all(&mut self, product: ProductId, seq: Seq, frame: &F) {
+        if self.all.is_empty() {
+            return;
+        }
+        let mut full = Vec::new();
+        for &id in &self.all {
+            if self.subscriptions.is_subscribed(id, product) {
+                continue;
+            }
+            let Some(sink) = self.subscriptions.sink(id) else {
+                continue;
+            };
+            // A gap opened here is replayed for every product by the feed, which knows the
+            // session subscribed to all: the products it names do not matter.
+            match sink
+                .outbox
+                .push_change(product, seq, frame.clone(), Vec::new)
+            {
+                Pushed::Queued => self.stats.messages_queued += 1,
+                Pushed::Deferred => self.stats.changes_deferred += 1,
+                Pushed::Full => full.push(id),
+                Pushed::Closed => {}
+            }
+        }
+        for id in full {
+            self.evict(id);
+        }
+    }
+
+    fn subscribe_all(&mut self, id: SessionId, start: SubscriptionStart) {
+        let Some(sink) = self.subscriptions.sink(id) else {
+            return;
+        };
+        let address = sink.address;
+        let answer = if self.all.contains(&id) {
+            Ok(())
+        } else {
+            let weight = ALL_SUBSCRIPTION_WEIGHT;
+            let budgets = self.settings.budgets;
+            let total = self.subscriptions.subscription_count() + self.all_held();
+            let held = address
+                .and_then(|ip| self.addresses.get(&ip))
+                .map_or(0, |used| used.subscriptions);
+            let over = |budget, current, limit| OverLimit {
+                budget,
+                current,
+                requested: weight,
+                limit,
+            };
+            if total + weight > budgets.max_total_subscriptions {
+                Err(over(Budget::Server, total, budgets.max_total_subscriptions))
+            } else if address.is_some() && held + weight > budgets.max_subscriptions_per_ip {
+                Err(over(
+                    Budget::Address,
+                    held,
+                    budgets.max_subscriptions_per_ip,
+                ))
+            } else {
+                self.all.insert(id);
+                if let Some(used) = address.and_then(|ip| self.addresses.get_mut(&ip)) {
+                    used.subscriptions += weight;
+                }
+                Ok(())
+            }
+        };
+        let delivery = match answer {
+            Ok(()) => Delivery::SubscribedAll {
+                position: self.stats.last_seq,
+                start,
+            },
+            Err(over) => {
+                self.stats.refused.count(false, over.budget);
+                Delivery::Refused(over)
+            }
+        };
+        self.deliver(id, delivery);
+    }
+
+    fn unsubscribe_all(&mut self, id: SessionId) {
+        if self.all.remove(&id) {
+            let address = self.subscriptions.sink(id).and_then(|sink| sink.address);
+            self.release(address, 0, ALL_SUBSCRIPTION_WEIGHT);
+        }
+        self.deliver(id, Delivery::UnsubscribedAll);
+    }
+
+    /// Drops a leaving session from the all and presence sets; returns the budget its
+    /// all-subscription held.
+    fn forget_all_and_presence(&mut self, id: SessionId) -> usize {
+        self.presence_sessions.remove(&id);
+        if self.presence_dirty.is_some() {
+            let products = self.subscriptions.session_products(id);
+            self.note_presence(id, &products);
+        }
+        if self.all.remove(&id) {
+            ALL_SUBSCRIPTION_WEIGHT
+        } else {
+            0
+        }
+    }
+
+    fn want_presence(&mut self, id: SessionId) {
+        let asked = self.subscriptions.sink(id).is_some() && self.presence_sessions.insert(id);
+        if asked && self.presence_dirty.is_some() {
+            let products = self.subscriptions.session_products(id);
+            self.presence_fresh.extend(products);
+        }
+    }
+
+    /// Notes that the local counts of `products` may change (a subscribe, an unsubscribe, a
+    /// session leaving): only while a presence task asks.
+    fn note_presence(&mut self, id: SessionId, products: &[ProductId]) {
+        let Some(dirty) = &mut self.presence_dirty else {
+            return;
+        };
+        dirty.extend(products.iter().copied());
+        if self.presence_sessions.contains(&id) {
+            self.presence_fresh.extend(products.iter().copied());
+        }
+    }
+
+    fn presence_changes(&mut self) -> PresenceChanges {
+        let dirty = self
+            .presence_dirty
+            .replace(HashSet::new())
+            .unwrap_or_default();
+        let counts = dirty
+            .into_iter()
+            .map(|product| (product, self.subscriptions.subscriber_count(product)))
+            .collect();
+        let fresh = self.presence_fresh.drain().collect();
+        let mut watched: HashSet<ProductId> = HashSet::new();
+        for &id in &self.presence_sessions {
+            watched.extend(self.subscriptions.session_products(id));
+        }
+        PresenceChanges {
+            counts,
+            fresh,
+            watched: watched.into_iter().collect(),
+        }
+    }
+
+    fn publish_presence(&mut self, counts: Vec<(ProductId, F)>) {
+        if self.presence_sessions.is_empty() {
+            return;
+        }
+        let mut full = Vec::new();
+        for (product, frame) in counts {
+            for (id, sink) in self.subscriptions.subscribers(product) {
+                if !self.presence_sessions.contains(&id) {
+                    continue;
+                }
+                match sink.outbox.push(Delivery::Presence {
+                    frame: frame.clone(),
+                }) {
+                    Pushed::Queued => self.stats.messages_queued += 1,
+                    Pushed::Full => full.push(id),
+                    Pushed::Deferred | Pushed::Closed => {}
+                }
+            }
+        }
+        for id in full {
+            self.evict(id);
         }
     }
 }

@@ -13,6 +13,7 @@ pub(super) struct Counts {
     sessions: AtomicU64,
     subscriptions: AtomicU64,
     products_with_subscribers: AtomicU64,
+    all_subscribers: AtomicU64,
     changes_published: AtomicU64,
     messages_queued: AtomicU64,
     slow_sessions_evicted: AtomicU64,
@@ -36,6 +37,7 @@ impl Counts {
             &self.products_with_subscribers,
             stats.products_with_subscribers as u64,
         );
+        put(&self.all_subscribers, stats.all_subscribers as u64);
         put(&self.changes_published, stats.changes_published);
         put(&self.messages_queued, stats.messages_queued);
         put(&self.slow_sessions_evicted, stats.slow_sessions_evicted);
@@ -62,6 +64,7 @@ impl Counts {
             sessions: size(&self.sessions),
             subscriptions: size(&self.subscriptions),
             products_with_subscribers: size(&self.products_with_subscribers),
+            all_subscribers: size(&self.all_subscribers),
             changes_published: get(&self.changes_published),
             messages_queued: get(&self.messages_queued),
             slow_sessions_evicted: get(&self.slow_sessions_evicted),

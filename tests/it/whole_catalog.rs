@@ -1,0 +1,251 @@
+//! Subscribing to every product (`"all":true`): every change exactly once in commit order under
+//! concurrent writers, a resume on another instance without a gap, a paged snapshot of a large
+//! table, the SSE equivalent, and the budget it counts against.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{Value, json};
+
+use crate::support::sse::SseClient;
+use crate::support::{WsClient, product, spawn_app, spawn_app_with, spawn_instance};
+
+/// Every committed change after `after`, as (product, seq), in seq order.
+async fn all_committed(pool: &sqlx::PgPool, after: u64) -> Vec<(i64, u64)> {
+    let rows: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT product_id, seq FROM product_changes WHERE seq > $1 ORDER BY seq")
+            .bind(i64::try_from(after).unwrap())
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter()
+        .map(|(p, s)| (p, u64::try_from(s).unwrap()))
+        .collect()
+}
+
+/// Subscribes `client` to every product and returns the ack's seq.
+async fn subscribe_all(client: &mut WsClient, options: Value) -> u64 {
+    let mut command = json!({"command": "subscribe", "all": true});
+    if let (Some(command), Some(options)) = (command.as_object_mut(), options.as_object()) {
+        command.extend(options.clone());
+    }
+    client.send_json(&command).await;
+    let ack = client.next_json().await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    assert_eq!(ack["all"], true, "{ack}");
+    assert!(ack.get("productIDs").is_none(), "{ack}");
+    ack["seq"].as_u64().expect("the ack carries a seq")
+}
+
+/// Reads changes until `count` arrived; returns them as (product, seq).
+async fn read_changes(client: &mut WsClient, count: usize) -> Vec<(i64, u64)> {
+    let mut seen = Vec::with_capacity(count);
+    while seen.len() < count {
+        let change = client.next_change().await;
+        seen.push((
+            change["product"]["productId"].as_i64().unwrap(),
+            change["seq"].as_u64().unwrap(),
+        ));
+    }
+    seen
+}
+
+/// Writers on several connections commit random inserts, updates and deletes concurrently.
+async fn random_writes(pool: &sqlx::PgPool, writers: usize, each: usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..each {
+                let (kind, id) = {
+                    let mut rng = rand::rng();
+                    (rng.random_range(0..4), rng.random_range(1..40_i64))
+                };
+                let sql = match kind {
+                    0 => "INSERT INTO products (manufacturer, price_per_unit, units_available, product_name)
+                          VALUES ('Acme', '1.00', 1, 'random')",
+                    1 => "DELETE FROM products WHERE product_id = $1",
+                    _ => "UPDATE products SET units_available = units_available + 1 WHERE product_id = $1",
+                };
+                let query = sqlx::query(sql);
+                let query = if kind == 0 { query } else { query.bind(id) };
+                query.execute(&pool).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_all_subscriber_gets_every_change_of_concurrent_writers_once_in_commit_order() {
+    let app = spawn_app().await;
+    for name in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        app.create_product(product(name)).await;
+    }
+    let mut all = WsClient::connect(&app.ws_url).await;
+    let start = subscribe_all(&mut all, json!({})).await;
+    // Also subscribed by id to some products: each change still arrives once.
+    let mut both = WsClient::connect(&app.ws_url).await;
+    both.subscribe(&[1, 2, 3]).await;
+    let both_start = subscribe_all(&mut both, json!({"delivery": "all"})).await;
+
+    random_writes(&app.pool, 4, 60).await;
+
+    let committed = all_committed(&app.pool, start).await;
+    assert!(committed.len() > 50, "{} changes", committed.len());
+    assert_eq!(read_changes(&mut all, committed.len()).await, committed);
+    all.expect_silence(Duration::from_millis(300)).await;
+    let committed = all_committed(&app.pool, both_start).await;
+    assert_eq!(read_changes(&mut both, committed.len()).await, committed);
+    both.expect_silence(Duration::from_millis(300)).await;
+
+    // Unsubscribing from all leaves the by-id subscriptions.
+    both.send_json(&json!({"command": "unsubscribe", "all": true}))
+        .await;
+    assert_eq!(
+        both.next_json().await,
+        json!({"type": "unsubscribed", "all": true})
+    );
+    let created = app.create_product(product("late")).await;
+    assert_eq!(all.next_change().await["product"], created);
+    both.expect_silence(Duration::from_millis(300)).await;
+    // Product 2 may have been deleted by the writers: insert or update it.
+    sqlx::query(
+        "INSERT INTO products (product_id, manufacturer, price_per_unit, units_available, product_name)
+         VALUES (2, 'Acme', '1.00', 77, 'again')
+         ON CONFLICT (product_id) DO UPDATE SET units_available = 77",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let change = both.next_change().await;
+    assert_eq!(change["product"]["productId"], 2);
+}
+
+#[tokio::test]
+async fn a_subscribe_all_resumes_on_another_instance_without_a_gap() {
+    let first = spawn_app().await;
+    let second = spawn_instance(&first.database_url, &[]).await;
+    for name in ["a", "b", "c"] {
+        first.create_product(product(name)).await;
+    }
+    let mut client = WsClient::connect(&first.ws_url).await;
+    let start = subscribe_all(&mut client, json!({})).await;
+    random_writes(&first.pool, 2, 20).await;
+    let seen = read_changes(&mut client, 10).await;
+    let last = seen.last().unwrap().1;
+    client.close().await;
+
+    // Written while the client is away, and while it resumes.
+    random_writes(&first.pool, 2, 20).await;
+    let mut resumed = WsClient::connect(&second.ws_url).await;
+    assert_eq!(
+        subscribe_all(&mut resumed, json!({"since": last})).await,
+        last
+    );
+    random_writes(&first.pool, 2, 10).await;
+    let committed = all_committed(&first.pool, last).await;
+    assert_eq!(read_changes(&mut resumed, committed.len()).await, committed);
+    resumed.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(all_committed(&first.pool, start).await[..10], seen[..]);
+}
+
+#[tokio::test]
+async fn a_snapshot_of_ten_thousand_products_arrives_in_pages_within_the_frame_limit() {
+    let app = spawn_app().await;
+    sqlx::query(
+        "INSERT INTO products (manufacturer, price_per_unit, units_available, product_name)
+         SELECT 'Manufacturer ' || i, '12.50', i, 'A product with a name of some length ' || i
+         FROM generate_series(1, 10000) AS i",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client
+        .send_json(&json!({"command": "subscribe", "all": true, "snapshot": true}))
+        .await;
+    let ack = client.next_json().await;
+    assert_eq!(ack["type"], "subscribed", "{ack}");
+    let seq = ack["seq"].as_u64().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut pages = 0;
+    loop {
+        let text = client.next_text().await;
+        assert!(
+            text.len() <= 256 * 1024,
+            "page of {} bytes exceeds the frame limit",
+            text.len()
+        );
+        let page: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(page["type"], "snapshot");
+        assert_eq!(page["all"], true);
+        assert_eq!(page["seq"].as_u64(), Some(seq));
+        pages += 1;
+        for product in page["products"].as_array().unwrap() {
+            assert!(ids.insert(product["productId"].as_i64().unwrap()));
+        }
+        if page["more"] == false {
+            break;
+        }
+        assert_eq!(page["more"], true);
+    }
+    assert_eq!(ids.len(), 10_000);
+    assert!(pages >= 10, "{pages} pages");
+    // Changes after the snapshot follow it.
+    app.patch_product(5, json!({"unitsAvailable": 1})).await;
+    let change = client.next_change().await;
+    assert!(change["seq"].as_u64().unwrap() > seq);
+    assert_eq!(change["product"]["productId"], 5);
+}
+
+#[tokio::test]
+async fn an_event_stream_of_every_product_and_its_bad_queries() {
+    let app = spawn_app().await;
+    let mut stream =
+        SseClient::connect(&format!("{}/products/events?all=true", app.base_url), None).await;
+    let ack = stream.next_event().await;
+    assert_eq!(ack.data["type"], "subscribed");
+    assert_eq!(ack.data["all"], true);
+    let created = app.create_product(product("seen")).await;
+    let change = stream.next_event().await;
+    assert_eq!(change.data["product"], created);
+    assert_eq!(change.id, change.data["seq"].as_u64());
+
+    for (query, says) in [
+        ("all=true&ids=1", "not both"),
+        ("all=yes", "`all` must be true or false"),
+        ("", "`ids` is required"),
+    ] {
+        let response = app
+            .http
+            .get(format!("{}/products/events?{query}", app.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["message"].as_str().unwrap().contains(says),
+            "{query}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_subscribe_all_counts_against_the_server_budget() {
+    let app = spawn_app_with(&["--max-total-subscriptions", "1500"]).await;
+    let mut first = WsClient::connect(&app.ws_url).await;
+    subscribe_all(&mut first, json!({})).await;
+    let mut second = WsClient::connect(&app.ws_url).await;
+    second
+        .send_json(&json!({"command": "subscribe", "all": true}))
+        .await;
+    let refused = second.next_json().await;
+    assert_eq!(refused["error"], "server_subscription_budget", "{refused}");
+    // The first still holds it; by-id subscriptions within what is left still work.
+    second.subscribe(&[1, 2]).await;
+    assert_eq!(app.stats().await["allSubscribers"], 1);
+}
