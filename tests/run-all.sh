@@ -35,6 +35,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (the whole workspace: rowcast and crates/*)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== rowcast.d.ts: tsc --noEmit against tests/typescript/example.ts (typescript from npm, local)"
+tests/typescript/check.sh
 echo "== cargo build (release binary for the live checks)"
 cargo build --release --locked
 echo "== cargo test (the whole workspace: rowcast and crates/*)"
