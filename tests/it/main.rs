@@ -11,6 +11,7 @@ mod acme;
 mod bad_input;
 mod browser;
 mod budgets;
+mod dashboard;
 mod delivery;
 mod faults;
 mod hosts;
