@@ -65,6 +65,8 @@ struct Presence {
     sent: HashMap<ProductId, Sent>,
     /// Products whose count is due even if unchanged (a client just asked).
     due: HashSet<ProductId>,
+    /// The products local presence clients hold (as the distributor last said).
+    watched: Vec<ProductId>,
     next_heartbeat: Instant,
 }
 
@@ -82,6 +84,7 @@ pub async fn run(
         rewrite: true,
         sent: HashMap::new(),
         due: HashSet::new(),
+        watched: Vec::new(),
         next_heartbeat: Instant::now(),
     };
     let mut tick = tokio::time::interval(TICK);
@@ -116,17 +119,25 @@ impl Presence {
             self.unwritten.insert(product, count);
         }
         self.due.extend(changes.fresh);
+        if let Some(watched) = changes.watched {
+            self.watched = watched;
+        }
         if let Err(err) = self.share(pool, settings).await {
             tracing::warn!(cause = %err, "presence: writing this instance's counts failed; will retry");
             self.rewrite = true;
         }
-        if changes.watched.is_empty() {
+        if self.watched.is_empty() {
             self.sent.clear();
             self.due.clear();
             return Vec::new();
         }
-        match queries::sums(pool, &changes.watched).await {
-            Ok(sums) => self.due_messages(&changes.watched, &sums, Instant::now()),
+        match queries::sums(pool, &self.watched).await {
+            Ok(sums) => {
+                let watched = std::mem::take(&mut self.watched);
+                let messages = self.due_messages(&watched, &sums, Instant::now());
+                self.watched = watched;
+                messages
+            }
             Err(err) => {
                 tracing::warn!(cause = %err, "presence: reading the counts failed; will retry");
                 Vec::new()
@@ -221,6 +232,7 @@ mod tests {
             rewrite: false,
             sent: HashMap::new(),
             due: HashSet::new(),
+            watched: Vec::new(),
             next_heartbeat: Instant::now(),
         }
     }

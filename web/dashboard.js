@@ -184,18 +184,30 @@ function advancePlot(now) {
   if (steps > 0) plotSecond = second;
 }
 
+// Changes are counted as they arrive but drawn at most once per frame, and only the newest
+// LOG_SIZE of them: a burst of thousands costs the page one small redraw.
+let pendingLog = [];
 function logChange(change) {
   const now = Date.now();
   advancePlot(now);
   perSecond[PLOT_SECONDS - 1] += 1;
-  const tr = document.createElement("tr");
-  tr.className = change.action;
-  tr.dataset.arrived = now;
-  tr.dataset.seq = change.seq;
-  tr.append(cell(change.seq, "num"), cell(change.action),
-    cell(`${change.product.productId} ${change.product.productName}`), cell("0 s", "num age"));
+  if (pendingLog.push({ change, now }) === 1) requestAnimationFrame(flushLog);
+  if (pendingLog.length > LOG_SIZE) pendingLog.shift();
+}
+
+function flushLog() {
   const log = $("log");
-  log.prepend(tr);
+  for (const { change, now } of pendingLog) {
+    const tr = document.createElement("tr");
+    tr.className = change.action;
+    tr.dataset.arrived = now;
+    tr.dataset.seq = change.seq;
+    tr.append(cell(change.seq, "num"), cell(change.action),
+      cell(`${change.product.productId} ${change.product.productName}`),
+      cell(ageText(Date.now() - now), "num age"));
+    log.prepend(tr);
+  }
+  pendingLog = [];
   while (log.children.length > LOG_SIZE) log.lastElementChild.remove();
 }
 

@@ -74,6 +74,11 @@ struct Distributor<F> {
     presence_dirty: Option<HashSet<ProductId>>,
     /// Products a presence session just subscribed to (their count is due even if unchanged).
     presence_fresh: HashSet<ProductId>,
+    /// Products some presence session holds by id, with how many such sessions: kept as
+    /// subscriptions change, so the presence task learns what to read without a walk.
+    presence_interest: HashMap<ProductId, usize>,
+    /// `presence_interest` gained or lost a product since the presence task last asked.
+    presence_interest_changed: bool,
 }
 
 pub(super) fn spawn<F: FrameBytes>(
@@ -96,6 +101,8 @@ pub(super) fn spawn<F: FrameBytes>(
         presence_sessions: HashSet::new(),
         presence_dirty: None,
         presence_fresh: HashSet::new(),
+        presence_interest: HashMap::new(),
+        presence_interest_changed: false,
     };
     actor.publish_counts();
     tokio::spawn(
@@ -287,8 +294,10 @@ impl<F: FrameBytes> Distributor<F> {
                 products,
                 start,
             } => {
-                self.note_presence(id, &products);
-                let answer = match self.subscribe(id, &products) {
+                let held = self.presence_before(id, &products);
+                let subscribed = self.subscribe(id, &products);
+                self.presence_after(id, &products, held);
+                let answer = match subscribed {
                     Ok(()) => Delivery::Subscribed {
                         products,
                         position: self.stats.last_seq,
@@ -303,8 +312,9 @@ impl<F: FrameBytes> Distributor<F> {
                 self.deliver(id, answer);
             }
             Command::Unsubscribe { id, products } => {
-                self.note_presence(id, &products);
+                let held = self.presence_before(id, &products);
                 let removed = self.subscriptions.unsubscribe(id, &products);
+                self.presence_after(id, &products, held);
                 let address = self.subscriptions.sink(id).and_then(|sink| sink.address);
                 self.release(address, 0, removed);
                 let total = self.subscriptions.session_subscriptions(id);
@@ -493,10 +503,15 @@ impl<F: FrameBytes> Distributor<F> {
     /// Drops a leaving session from the all and presence sets; returns the budget its
     /// all-subscription held.
     fn forget_all_and_presence(&mut self, id: SessionId) -> usize {
-        self.presence_sessions.remove(&id);
-        if self.presence_dirty.is_some() {
+        let watching = self.presence_sessions.remove(&id);
+        if watching || self.presence_dirty.is_some() {
             let products = self.subscriptions.session_products(id);
             self.note_presence(id, &products);
+            if watching {
+                for product in products {
+                    self.interest(product, false);
+                }
+            }
         }
         if self.all.remove(&id) {
             ALL_SUBSCRIPTION_WEIGHT
@@ -507,9 +522,52 @@ impl<F: FrameBytes> Distributor<F> {
 
     fn want_presence(&mut self, id: SessionId) {
         let asked = self.subscriptions.sink(id).is_some() && self.presence_sessions.insert(id);
-        if asked && self.presence_dirty.is_some() {
+        if asked {
             let products = self.subscriptions.session_products(id);
-            self.presence_fresh.extend(products);
+            for &product in &products {
+                self.interest(product, true);
+            }
+            if self.presence_dirty.is_some() {
+                self.presence_fresh.extend(products);
+            }
+        }
+    }
+
+    /// One more (or one fewer) presence session holds `product`.
+    fn interest(&mut self, product: ProductId, more: bool) {
+        let count = self.presence_interest.entry(product).or_default();
+        if more {
+            *count += 1;
+            self.presence_interest_changed |= *count == 1;
+        } else {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.presence_interest.remove(&product);
+                self.presence_interest_changed = true;
+            }
+        }
+    }
+
+    /// Before a subscribe or unsubscribe of `products`: notes their counts may change, and for a
+    /// presence session returns which of them it holds now.
+    fn presence_before(&mut self, id: SessionId, products: &[ProductId]) -> Option<Vec<bool>> {
+        self.note_presence(id, products);
+        self.presence_sessions.contains(&id).then(|| {
+            products
+                .iter()
+                .map(|&product| self.subscriptions.is_subscribed(id, product))
+                .collect()
+        })
+    }
+
+    /// After it: a presence session's interest follows what it gained or lost.
+    fn presence_after(&mut self, id: SessionId, products: &[ProductId], held: Option<Vec<bool>>) {
+        let Some(held) = held else { return };
+        for (&product, was) in products.iter().zip(held) {
+            let now = self.subscriptions.is_subscribed(id, product);
+            if now != was {
+                self.interest(product, now);
+            }
         }
     }
 
@@ -535,14 +593,12 @@ impl<F: FrameBytes> Distributor<F> {
             .map(|product| (product, self.subscriptions.subscriber_count(product)))
             .collect();
         let fresh = self.presence_fresh.drain().collect();
-        let mut watched: HashSet<ProductId> = HashSet::new();
-        for &id in &self.presence_sessions {
-            watched.extend(self.subscriptions.session_products(id));
-        }
+        let watched = std::mem::take(&mut self.presence_interest_changed)
+            .then(|| self.presence_interest.keys().copied().collect());
         PresenceChanges {
             counts,
             fresh,
-            watched: watched.into_iter().collect(),
+            watched,
         }
     }
 

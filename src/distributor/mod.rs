@@ -313,8 +313,9 @@ pub struct PresenceChanges {
     pub counts: Vec<(ProductId, usize)>,
     /// Products a session just asked watcher counts for: send their count even if unchanged.
     pub fresh: Vec<ProductId>,
-    /// Every product with a local subscriber that asked for watcher counts.
-    pub watched: Vec<ProductId>,
+    /// Every product held by id by a local session that asked for watcher counts, if that set
+    /// changed since the last call (None: the same as before).
+    pub watched: Option<Vec<ProductId>>,
 }
 
 /// Removes a session from the distributor exactly once: explicitly with [`Self::disconnect`]

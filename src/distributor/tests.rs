@@ -441,7 +441,7 @@ async fn presence_reaches_only_sessions_that_asked_and_changes_are_noted_once_as
     let changes = distributor.presence_changes().await.unwrap();
     assert_eq!(changes.counts, vec![(ids(&[1])[0], 2)]);
     assert_eq!(changes.fresh, ids(&[1]));
-    assert_eq!(changes.watched, ids(&[1]));
+    assert_eq!(changes.watched, Some(ids(&[1])));
     distributor
         .publish_presence(vec![(ids(&[1])[0], "two watchers")])
         .await
@@ -450,6 +450,15 @@ async fn presence_reaches_only_sessions_that_asked_and_changes_are_noted_once_as
     let changes = distributor.presence_changes().await.unwrap();
     assert_eq!(changes.counts, vec![(ids(&[1])[0], 1)]);
     assert!(changes.fresh.is_empty());
+    assert_eq!(changes.watched, None, "the watcher still holds product 1");
+    distributor
+        .unsubscribe(watcher.id, ids(&[1]))
+        .await
+        .unwrap();
+    assert_eq!(
+        distributor.presence_changes().await.unwrap().watched,
+        Some(Vec::new())
+    );
 
     assert!(matches!(
         next(&mut watcher).await,

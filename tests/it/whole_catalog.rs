@@ -249,3 +249,41 @@ async fn a_subscribe_all_counts_against_the_server_budget() {
     second.subscribe(&[1, 2]).await;
     assert_eq!(app.stats().await["allSubscribers"], 1);
 }
+
+#[tokio::test]
+async fn under_auth_reads_every_product_needs_a_ticket_or_the_token() {
+    const TOKEN: &str = "whole-catalog-token-0123456789abcdef";
+    let app = spawn_app_with(&["--api-token", TOKEN, "--auth-reads"]).await;
+    let anonymous = reqwest::Client::new();
+    let events = format!("{}/products/events?all=true", app.base_url);
+    let refused = anonymous.get(&events).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(WsClient::try_connect(&app.ws_url).await.is_err());
+
+    let ticket: Value = app
+        .http
+        .post(format!("{}/ws-ticket", app.base_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ticket = ticket["ticket"].as_str().unwrap();
+    let mut ws = WsClient::connect(&format!("{}?ticket={ticket}", app.ws_url)).await;
+    subscribe_all(&mut ws, json!({})).await;
+    let stream = app
+        .http
+        .get(&events)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut sse = SseClient::from_response(stream);
+    assert_eq!(sse.next_event().await.data["all"], true);
+
+    let created = app.create_product(product("authorized")).await;
+    assert_eq!(ws.next_change().await["product"], created);
+    assert_eq!(sse.next_event().await.data["product"], created);
+}
