@@ -21,7 +21,7 @@
 //! commands, so `/stats` and `/metrics` cost the actor nothing however often they are asked;
 //! the views that walk its maps ([`Views`]) are asked for by one cache, at most once a second.
 //!
-//! Two additions beside the by-id maps (`actor`'s second `impl` block): sessions subscribed to
+//! Two additions beside the by-id maps (`actor::all_and_presence`): sessions subscribed to
 //! the whole catalog (`"all":true`), a small set every publish also walks, and presence: the
 //! actor notes which products' local subscriber counts changed (only once a presence task asks,
 //! [`DistributorHandle::presence_changes`]) and hands the presence task's encoded counts to the
