@@ -287,3 +287,137 @@ async fn under_auth_reads_every_product_needs_a_ticket_or_the_token() {
     assert_eq!(ws.next_change().await["product"], created);
     assert_eq!(sse.next_event().await.data["product"], created);
 }
+
+/// Reads until nothing arrives for `quiet`: the changes as (product, seq), and how many were
+/// marked conflated.
+async fn drain(client: &mut WsClient, quiet: Duration) -> (Vec<(i64, u64)>, usize) {
+    let mut changes = Vec::new();
+    let mut conflated = 0;
+    while let Some(message) = client.try_next_json(quiet).await {
+        assert_ne!(message["type"], "reset", "{message}");
+        if message["type"] == "change" {
+            changes.push((
+                message["product"]["productId"].as_i64().unwrap(),
+                message["seq"].as_u64().unwrap(),
+            ));
+            conflated += usize::from(message["conflated"] == true);
+        }
+    }
+    (changes, conflated)
+}
+
+#[tokio::test]
+async fn all_subscribers_that_stop_reading_are_conflated_unless_they_asked_for_every_version() {
+    let app = spawn_app_with(&[
+        "--outbox-capacity",
+        "16",
+        "--heartbeat-interval",
+        "120s",
+        "--conflate-after",
+        "3s",
+    ])
+    .await;
+    for n in 0..4 {
+        let mut body = product(&format!("p{n}"));
+        // ~16 KB per change: more than the kernel buffers of a client that stops reading.
+        body["productName"] = json!("w".repeat(16_000));
+        app.create_product(body).await;
+    }
+    let mut prompt = WsClient::connect(&app.ws_url).await;
+    let prompt_start = subscribe_all(&mut prompt, json!({})).await;
+    let prompt = tokio::spawn(async move { drain(&mut prompt, Duration::from_secs(3)).await });
+    let mut latest = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
+    let latest_start = subscribe_all(&mut latest, json!({})).await;
+    let mut every = WsClient::connect_with_small_receive_buffer(&app.ws_url).await;
+    let every_start = subscribe_all(&mut every, json!({"delivery": "all"})).await;
+
+    let mut writers = Vec::new();
+    for writer in 0..4_i64 {
+        let pool = app.pool.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..60_i64 {
+                crate::support::add_one_unit(&pool, 1 + (writer + n) % 4).await;
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let last = all_committed(&app.pool, 0).await.last().unwrap().1;
+    crate::support::wait_until(
+        Duration::from_secs(20),
+        "every change published",
+        || async { app.stats().await["lastSeq"] == json!(last) },
+    )
+    .await;
+    let (changes, conflated) = prompt.await.unwrap();
+    assert_eq!(conflated, 0, "a prompt reader is never conflated");
+    assert_eq!(changes, all_committed(&app.pool, prompt_start).await);
+
+    // Past the threshold: the two that stopped reading had stopped.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (changes, conflated) = drain(&mut every, Duration::from_secs(2)).await;
+    assert_eq!(conflated, 0);
+    assert_eq!(changes, all_committed(&app.pool, every_start).await);
+    let (changes, conflated) = drain(&mut latest, Duration::from_secs(2)).await;
+    let all = all_committed(&app.pool, latest_start).await;
+    assert!(conflated > 0, "skipped versions are announced");
+    assert!(
+        changes.len() < all.len(),
+        "{} of {}",
+        changes.len(),
+        all.len()
+    );
+    assert!(
+        changes.windows(2).all(|pair| pair[0].1 < pair[1].1),
+        "in seq order"
+    );
+    for id in 1..=4 {
+        let newest = all.iter().rev().find(|(product, _)| *product == id);
+        let got = changes.iter().rev().find(|(product, _)| *product == id);
+        assert_eq!(got, newest, "product {id} ends on its newest version");
+    }
+}
+
+#[tokio::test]
+async fn a_subscribe_all_resuming_from_pruned_history_gets_a_reset_and_a_paged_snapshot() {
+    let app = spawn_app().await;
+    for name in ["a", "b", "c", "d", "e"] {
+        app.create_product(product(name)).await;
+    }
+    // What retention does: announce the cut, then delete up to it.
+    let last = all_committed(&app.pool, 0).await.last().unwrap().1;
+    let cut = i64::try_from(last).unwrap() - 1;
+    sqlx::query("UPDATE changelog_horizon SET pruned_through = $1")
+        .bind(cut)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM product_changes WHERE seq <= $1")
+        .bind(cut)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client
+        .send_json(&json!({"command": "subscribe", "all": true, "since": 1}))
+        .await;
+    let reset = client.next_json().await;
+    assert_eq!(reset["type"], "reset", "{reset}");
+    assert_eq!(reset["all"], true);
+    assert_eq!(reset["reason"], "pruned");
+    assert_eq!(reset["prunedThrough"], cut);
+    assert!(reset.get("productIDs").is_none());
+    let ack = client.next_json().await;
+    assert_eq!(ack["type"], "subscribed");
+    assert_eq!(ack["all"], true);
+    let snapshot = client.next_json().await;
+    assert_eq!(snapshot["type"], "snapshot");
+    assert_eq!(snapshot["seq"], ack["seq"]);
+    assert_eq!(snapshot["more"], false);
+    assert_eq!(snapshot["products"].as_array().unwrap().len(), 5);
+    app.patch_product(3, json!({"unitsAvailable": 1})).await;
+    let change = client.next_change().await;
+    assert!(change["seq"].as_u64() > ack["seq"].as_u64());
+}
