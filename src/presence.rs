@@ -67,6 +67,9 @@ struct Presence {
     due: HashSet<ProductId>,
     /// The products local presence clients hold (as the distributor last said).
     watched: Vec<ProductId>,
+    /// The last tick's database work failed: further failures are not logged again until one
+    /// succeeds (a database outage would otherwise log four warnings a second).
+    failing: bool,
     next_heartbeat: Instant,
 }
 
@@ -85,6 +88,7 @@ pub async fn run(
         sent: HashMap::new(),
         due: HashSet::new(),
         watched: Vec::new(),
+        failing: false,
         next_heartbeat: Instant::now(),
     };
     let mut tick = tokio::time::interval(TICK);
@@ -123,8 +127,12 @@ impl Presence {
             self.watched = watched;
         }
         if let Err(err) = self.share(pool, settings).await {
-            tracing::warn!(cause = %err, "presence: writing this instance's counts failed; will retry");
+            self.failed(&err, "writing this instance's counts");
             self.rewrite = true;
+            return Vec::new();
+        }
+        if std::mem::take(&mut self.failing) {
+            tracing::info!("presence: database work succeeds again");
         }
         if self.watched.is_empty() {
             self.sent.clear();
@@ -139,10 +147,20 @@ impl Presence {
                 messages
             }
             Err(err) => {
-                tracing::warn!(cause = %err, "presence: reading the counts failed; will retry");
+                self.failed(&err, "reading the counts");
                 Vec::new()
             }
         }
+    }
+
+    /// Logs a failed tick once per outage; the next tick retries.
+    fn failed(&mut self, err: &sqlx::Error, what: &str) {
+        if self.failing {
+            tracing::debug!(cause = %err, what, "presence: still failing");
+        } else {
+            tracing::warn!(cause = %err, what, "presence: database work failed; retrying every tick");
+        }
+        self.failing = true;
     }
 
     /// Heartbeat (when due) and this instance's count changes (all its counts, when its rows
@@ -233,6 +251,7 @@ mod tests {
             sent: HashMap::new(),
             due: HashSet::new(),
             watched: Vec::new(),
+            failing: false,
             next_heartbeat: Instant::now(),
         }
     }

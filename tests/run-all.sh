@@ -74,4 +74,5 @@ target/schemathesis/bin/schemathesis run "http://127.0.0.1:$port/openapi.json" \
   --exclude-path /products/events --max-examples 30 --request-timeout 10 \
   --generation-deterministic
 echo "== bench smoke (bench/ci-smoke.sh: floor + rowcast on its embedded default)"; bench/ci-smoke.sh "$PWD/target/release/rowcast"
+echo "== screenshots kept as CI artifacts: target/dashboard.png, target/dashboard-activity.png"
 echo "== all checks passed"

@@ -149,3 +149,17 @@ async fn a_killed_instances_watchers_leave_the_count_within_the_expiry() {
     .await;
     drop(doomed);
 }
+
+#[tokio::test]
+async fn an_instance_that_stops_removes_its_watchers_at_once_not_at_expiry() {
+    // The default expiry (5 s): a count that falls within 2 s fell because the instance left.
+    let first = spawn_app_with(&[]).await;
+    let mut second = spawn_instance(&first.database_url, &[]).await;
+    let mut watcher = WsClient::connect(&first.ws_url).await;
+    watch(&mut watcher, &[3]).await;
+    let mut leaving = WsClient::connect(&second.ws_url).await;
+    leaving.subscribe(&[3]).await;
+    expect_watchers(&mut watcher, 3, 2, WITHIN).await;
+    second.stop().await;
+    expect_watchers(&mut watcher, 3, 1, WITHIN).await;
+}
