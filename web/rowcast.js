@@ -91,7 +91,11 @@ export class Client {
       Object.assign(this.all, { onChange, onSnapshot });
       return;
     }
-    this.all = { onChange, onSnapshot, snapshot, seq: 0 };
+    // seq: the all-stream's own position (null: none yet). Not lastSeq: a by-id snapshot can be
+    // newer than the all-stream has reached.
+    // pendingSnapshot: a snapshot was asked for (or a reset promised one) and its last page has
+    // not arrived: a reconnect asks for it again rather than resuming half a catalog.
+    this.all = { onChange, onSnapshot, seq: null, pendingSnapshot: snapshot };
     const command = { command: "subscribe", all: true };
     if (snapshot) command.snapshot = true;
     this.send(command);
@@ -144,11 +148,11 @@ export class Client {
       const presence = this.presence ? { presence: true } : {};
       if (this.all) {
         const all = { command: "subscribe", all: true };
-        if (this.lastSeq !== null) {
-          all.since = this.lastSeq;
-          this.resuming = this.lastSeq;
-        } else if (this.all.snapshot) {
+        if (this.all.pendingSnapshot) {
           all.snapshot = true;
+        } else if (this.all.seq !== null) {
+          all.since = this.all.seq;
+          this.resuming = this.all.seq;
         }
         socket.send(JSON.stringify(all));
       }
@@ -192,7 +196,7 @@ export class Client {
         const subscription = this.subscriptions.get(id);
         this.seen(message.seq);
         // Changes to all products arrive in seq order: one position covers them all.
-        if (this.all && message.seq > this.all.seq) {
+        if (this.all && (this.all.seq === null || message.seq > this.all.seq)) {
           this.all.seq = message.seq;
           this.all.onChange(message);
         }
@@ -207,6 +211,9 @@ export class Client {
       case "subscribed":
         // Changes up to this seq for subscribed products were delivered before the ack.
         if (message.seq !== undefined) this.seen(message.seq);
+        if (message.all && this.all && (this.all.seq === null || message.seq > this.all.seq)) {
+          this.all.seq = message.seq;
+        }
         if (this.resuming !== null && message.seq === this.resuming) {
           this.setState("resumed", { since: this.resuming });
           this.resuming = null;
@@ -215,10 +222,11 @@ export class Client {
       case "snapshot": {
         this.seen(message.seq);
         if (message.all) {
-          if (this.all && message.seq >= this.all.seq) {
+          if (this.all && (this.all.seq === null || message.seq >= this.all.seq)) {
             this.all.seq = message.seq;
             this.all.onSnapshot?.(message.products, { seq: message.seq, more: message.more });
           }
+          if (!message.more && this.all) this.all.pendingSnapshot = false;
           if (!message.more && this.resuming !== null) {
             this.setState("resumed", { since: this.resuming, snapshot: message.seq });
             this.resuming = null;
@@ -240,7 +248,7 @@ export class Client {
           const subscription = this.subscriptions.get(id);
           if (subscription) subscription.seq = -1;
         }
-        if (message.all && this.all) this.all.seq = -1;
+        if (message.all && this.all) Object.assign(this.all, { seq: null, pendingSnapshot: true });
         if (message.reason === "rewound") this.lastSeq = null;
         this.options.onReset?.(message);
         return;
