@@ -121,6 +121,13 @@ impl Feed {
         self.replay.is_some() || !self.pending.is_empty()
     }
 
+    /// True if live changes may skip this feed (written by the distributor straight into the
+    /// socket): nothing is pending and no product (nor the whole catalog) still has a floor to
+    /// filter against.
+    pub fn lane_may_open(&self) -> bool {
+        !self.has_pending() && self.floors.is_empty() && self.all_floor.is_none()
+    }
+
     /// Drops what is pending (the session is closing).
     pub fn discard(&mut self) {
         self.pending.clear();
@@ -254,6 +261,11 @@ impl Feed {
                     text: frame,
                     seq: Some(seq),
                 });
+                if !self.floors.is_empty() {
+                    // Live changes come in seq order: no later one can be at or below a floor
+                    // this one passed, so such floors are spent (and the lane may open again).
+                    self.floors.retain(|_, floor| *floor > seq);
+                }
             }
             Delivery::Subscribed {
                 products,

@@ -295,6 +295,10 @@ pub(crate) async fn metrics(
             stats.products_with_subscribers,
         );
         gauge("rowcast_all_subscribers", stats.all_subscribers);
+        metrics.publish_delivered(
+            stats.messages_written_directly,
+            stats.bytes_written_directly,
+        );
         metrics
             .counter("rowcast_changes_published_total", &[])
             .absolute(stats.changes_published);

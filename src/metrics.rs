@@ -76,9 +76,13 @@ struct Inner {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     dispatch_lag: Histogram,
-    /// Indexed by `Transport as usize`.
-    messages: [Counter; 2],
-    bytes: [Counter; 2],
+    /// Indexed by `Transport as usize`: what sessions and streams wrote, counted as they write.
+    messages: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+    /// The same plus what the distributor wrote on the direct lane, copied at scrape time
+    /// ([`Metrics::publish_delivered`]).
+    messages_published: [Counter; 2],
+    bytes_published: [Counter; 2],
     /// Indexed by `StartKind as usize`.
     starts: [Counter; 4],
     conflated: Counter,
@@ -120,14 +124,14 @@ impl Metrics {
                 &METADATA,
             )
         };
-        let messages = [
+        let messages_published = [
             counter(
                 "rowcast_messages_delivered_total",
                 ("transport", "websocket"),
             ),
             counter("rowcast_messages_delivered_total", ("transport", "sse")),
         ];
-        let bytes = [
+        let bytes_published = [
             counter("rowcast_bytes_sent_total", ("transport", "websocket")),
             counter("rowcast_bytes_sent_total", ("transport", "sse")),
         ];
@@ -147,8 +151,10 @@ impl Metrics {
             recorder,
             handle,
             dispatch_lag,
-            messages,
-            bytes,
+            messages: [AtomicU64::new(0), AtomicU64::new(0)],
+            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+            messages_published,
+            bytes_published,
             starts,
             conflated,
             commands_throttled: AtomicU64::new(0),
@@ -195,8 +201,24 @@ impl Metrics {
 
     /// `count` messages totalling `bytes` were written to a client.
     pub fn delivered(&self, transport: Transport, count: usize, bytes: usize) {
-        self.0.messages[transport as usize].increment(count as u64);
-        self.0.bytes[transport as usize].increment(bytes as u64);
+        self.0.messages[transport as usize].fetch_add(count as u64, Ordering::Relaxed);
+        self.0.bytes[transport as usize].fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Copies the delivery totals into the registry, adding the changes the distributor wrote
+    /// straight into WebSockets (`direct_messages`, `direct_bytes`: its running totals).
+    pub fn publish_delivered(&self, direct_messages: u64, direct_bytes: u64) {
+        let inner = &self.0;
+        for transport in [Transport::WebSocket, Transport::Sse] {
+            let i = transport as usize;
+            let (extra_messages, extra_bytes) = match transport {
+                Transport::WebSocket => (direct_messages, direct_bytes),
+                Transport::Sse => (0, 0),
+            };
+            inner.messages_published[i]
+                .absolute(inner.messages[i].load(Ordering::Relaxed) + extra_messages);
+            inner.bytes_published[i].absolute(inner.bytes[i].load(Ordering::Relaxed) + extra_bytes);
+        }
     }
 
     /// A subscriber's stream began.
@@ -466,6 +488,8 @@ mod tests {
         let a = Metrics::new();
         let b = Metrics::new();
         a.delivered(Transport::WebSocket, 3, 30);
+        a.publish_delivered(0, 0);
+        b.publish_delivered(0, 0);
         assert!(
             a.render()
                 .contains("rowcast_messages_delivered_total{transport=\"websocket\"} 3")

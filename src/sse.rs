@@ -46,11 +46,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use axum::Extension;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::Stream;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -264,10 +266,19 @@ pub async fn events(
             .map(|after| tokio::time::Instant::now() + after),
         _guard: guard,
     };
-    Sse::new(stream.into_stream())
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    let mut response = Response::new(Body::from_stream(stream.into_stream()));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
+
+/// A comment sent after this long without an event, so that proxies and clients see the
+/// stream alive (what axum's default SSE keep-alive sends).
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 struct EventStream {
     feed: Feed,
@@ -284,14 +295,15 @@ struct EventStream {
 }
 
 impl EventStream {
-    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> {
+    fn into_stream(self) -> impl Stream<Item = Result<Bytes, Infallible>> {
         futures_util::stream::unfold(self, |mut this| async move {
             let event = this.next_event().await?;
             Some((Ok(event), this))
         })
     }
 
-    async fn next_event(&mut self) -> Option<Event> {
+    /// The next event's bytes: shared with every other stream sending the same change.
+    async fn next_event(&mut self) -> Option<Bytes> {
         if self.ended {
             return None;
         }
@@ -306,13 +318,9 @@ impl EventStream {
                 return None;
             }
             if let Some(outgoing) = self.queue.pop_front() {
-                self.metrics
-                    .delivered(Transport::Sse, 1, outgoing.text.len());
-                let event = Event::default().data(outgoing.text.as_str());
-                return Some(match outgoing.seq {
-                    Some(seq) => event.id(seq.to_string()),
-                    None => event,
-                });
+                let event = outgoing.text.event(outgoing.seq);
+                self.metrics.delivered(Transport::Sse, 1, event.len());
+                return Some(event);
             }
             if self.feed.has_pending() {
                 let mut batch = Vec::new();
@@ -326,8 +334,9 @@ impl EventStream {
                         self.ended = true;
                         let text =
                             protocol::encode_error(ErrorCode::HistoryBusy, protocol::HISTORY_BUSY);
-                        self.metrics.delivered(Transport::Sse, 1, text.len());
-                        return Some(Event::default().data(text));
+                        let event = Frame::new(&text).event(None);
+                        self.metrics.delivered(Transport::Sse, 1, event.len());
+                        return Some(event);
                     }
                     Err(err @ HistoryError::Changelog(_)) => {
                         tracing::error!(cause = %err, "cannot read the changelog for an event stream");
@@ -343,6 +352,7 @@ impl EventStream {
                 () = self.evicted.cancelled() => return None,
                 () = rotation(rotate_at) => return None,
                 more = self.feed.recv() => if !more { return None },
+                () = tokio::time::sleep(KEEP_ALIVE) => return Some(Bytes::from_static(b":\n\n")),
             }
         }
     }

@@ -197,11 +197,16 @@ impl<F: FrameBytes> Distributor<F> {
                 self.stats.last_seq = seq;
                 let mut full = Vec::new();
                 let subscriptions = &self.subscriptions;
+                let frame_bytes = frame.byte_len() as u64;
                 for (id, sink) in subscriptions.subscribers(product) {
-                    let pushed = sink.outbox.push_change(product, seq, frame.clone(), || {
-                        subscriptions.session_products(id)
-                    });
+                    let pushed = sink
+                        .outbox
+                        .push_change(product, seq, &frame, || subscriptions.session_products(id));
                     match pushed {
+                        Pushed::Written => {
+                            self.stats.messages_written_directly += 1;
+                            self.stats.bytes_written_directly += frame_bytes;
+                        }
                         Pushed::Queued => self.stats.messages_queued += 1,
                         Pushed::Deferred => self.stats.changes_deferred += 1,
                         Pushed::Full => full.push(id),
@@ -393,7 +398,7 @@ impl<F: FrameBytes> Distributor<F> {
             Pushed::Queued => self.stats.messages_queued += 1,
             Pushed::Deferred => self.stats.changes_deferred += 1,
             Pushed::Full => self.evict(id),
-            Pushed::Closed => {}
+            Pushed::Closed | Pushed::Written => {}
         }
     }
 

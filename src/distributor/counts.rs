@@ -16,6 +16,8 @@ pub(super) struct Counts {
     all_subscribers: AtomicU64,
     changes_published: AtomicU64,
     messages_queued: AtomicU64,
+    messages_written_directly: AtomicU64,
+    bytes_written_directly: AtomicU64,
     slow_sessions_evicted: AtomicU64,
     changes_deferred: AtomicU64,
     resets: AtomicU64,
@@ -40,6 +42,11 @@ impl Counts {
         put(&self.all_subscribers, stats.all_subscribers as u64);
         put(&self.changes_published, stats.changes_published);
         put(&self.messages_queued, stats.messages_queued);
+        put(
+            &self.messages_written_directly,
+            stats.messages_written_directly,
+        );
+        put(&self.bytes_written_directly, stats.bytes_written_directly);
         put(&self.slow_sessions_evicted, stats.slow_sessions_evicted);
         put(&self.changes_deferred, stats.changes_deferred);
         put(&self.resets, stats.resets);
@@ -67,6 +74,8 @@ impl Counts {
             all_subscribers: size(&self.all_subscribers),
             changes_published: get(&self.changes_published),
             messages_queued: get(&self.messages_queued),
+            messages_written_directly: get(&self.messages_written_directly),
+            bytes_written_directly: get(&self.bytes_written_directly),
             slow_sessions_evicted: get(&self.slow_sessions_evicted),
             changes_deferred: get(&self.changes_deferred),
             resets: get(&self.resets),

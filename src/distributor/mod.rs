@@ -8,7 +8,10 @@
 //!
 //! The actor never waits for a session: each session has an [`outbox`] whose slow-client
 //! policy (conflate, or disconnect with 1013) bounds what a slow reader costs and keeps it from
-//! delaying anyone else.
+//! delaying anyone else. A plain WebSocket's outbox may also hold its socket: while that
+//! session is idle and caught up, the actor writes the change's finished frame straight into it
+//! (one non-blocking write, no task woken: the direct lane, see [`outbox`]), and falls back to
+//! the queue for that session alone the moment its socket would block.
 //!
 //! Every change carries its `seq` (commit order). The actor remembers the last seq it
 //! published, and each subscribe ack carries it: the subscriber's live stream holds exactly the
@@ -28,7 +31,8 @@
 //! sessions that asked for them ([`DistributorHandle::publish_presence`]); sessions that did not
 //! ask get nothing.
 //!
-//! Imports `product` (ids) and `config` (limits and budgets) only.
+//! Imports `product` (ids), `config` (limits and budgets) and `protocol` (only to say what a
+//! [`Frame`] writes on the direct lane).
 
 mod actor;
 mod counts;
@@ -43,9 +47,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Budgets, IpPrefix, Limits};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
+use crate::protocol::Frame;
 
 pub use actor::ALL_SUBSCRIPTION_WEIGHT;
-pub use outbox::OutboxReceiver;
+pub use outbox::{DirectSocket, LaneGate, OutboxReceiver};
 pub use subscriptions::{Budget, OverLimit, SessionId};
 
 /// What the distributor needs of an encoded message (in the app, `protocol::Frame`): opaque,
@@ -53,11 +58,18 @@ pub use subscriptions::{Budget, OverLimit, SessionId};
 pub trait FrameBytes: Clone + Send + 'static {
     /// Bytes the message holds.
     fn byte_len(&self) -> usize;
+
+    /// The bytes written into a socket on the direct lane (see [`outbox`]): the whole frame.
+    fn wire(&self) -> &[u8];
 }
 
-impl FrameBytes for axum::extract::ws::Utf8Bytes {
+impl FrameBytes for Frame {
     fn byte_len(&self) -> usize {
-        self.len()
+        self.wire().len()
+    }
+
+    fn wire(&self) -> &[u8] {
+        Frame::wire(self)
     }
 }
 
@@ -65,11 +77,19 @@ impl FrameBytes for &'static str {
     fn byte_len(&self) -> usize {
         self.len()
     }
+
+    fn wire(&self) -> &[u8] {
+        self.as_bytes()
+    }
 }
 
 impl FrameBytes for u64 {
     fn byte_len(&self) -> usize {
         8
+    }
+
+    fn wire(&self) -> &[u8] {
+        &[]
     }
 }
 
@@ -170,6 +190,11 @@ pub struct Stats {
     pub changes_published: u64,
     /// Messages put into session outboxes since start.
     pub messages_queued: u64,
+    /// Changes the actor wrote straight into subscribers' sockets (the direct lane of plain
+    /// WebSockets), since start: delivered without passing through a queue.
+    pub messages_written_directly: u64,
+    /// Bytes of those changes' frames (headers included) handed to the sockets.
+    pub bytes_written_directly: u64,
     /// Sessions disconnected because their outbox was full (disconnect policy), or because they
     /// left more replies unread than their queue holds (either policy).
     pub slow_sessions_evicted: u64,

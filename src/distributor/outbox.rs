@@ -14,11 +14,25 @@
 //!   look at its outbox for a long while (an SSE stream whose peer keeps an HTTP/2 window shut
 //!   is not polled until the peer opens it).
 //!
+//! **The direct lane.** A plain WebSocket's socket can be attached to its outbox
+//! ([`OutboxReceiver::attach_socket`]). While the lane is open the actor writes each change's
+//! finished frame straight into the socket with a write that never waits, and the session's
+//! task is not woken at all. The lane is open only while nothing else is pending for the
+//! session: its queue is empty and the session has nothing of its own to write (it opens the lane
+//! itself, under the queue's lock, when it is idle: [`LaneGate::try_open`]). The first write the
+//! socket cannot take whole closes the lane: if nothing was written the change is queued as
+//! usual; if part of it was, the rest is kept as the lane's tail, which the session writes before
+//! anything else ([`LaneGate::close`]). Any write of the session's own (a reply, a ping, a pong)
+//! closes the lane first. So the order of everything the client receives is the order the actor
+//! decided, the slow-client policy applies exactly as before from the first change that would
+//! have blocked, and a client that keeps up costs one non-blocking write per change.
+//!
 //! A plain mutex guards each queue: it is per session, held for a push or a batch pop, and never
 //! across an await, so actor and writer rarely meet. (The subscription maps, the shared state,
 //! stay lock-free inside the actor.)
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -38,6 +52,39 @@ struct Queue<F> {
     /// What those entries hold ([`reply_bytes`]): an ack echoes up to 100 000 ids.
     reply_bytes: usize,
     closed: bool,
+    lane: Lane<F>,
+}
+
+/// A socket the actor may write finished frames into without waiting.
+pub trait DirectSocket: Send + Sync + std::fmt::Debug {
+    /// Writes what the socket takes now; `WouldBlock` if it takes nothing.
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
+}
+
+impl DirectSocket for tokio::net::TcpStream {
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        tokio::net::TcpStream::try_write(self, bytes)
+    }
+}
+
+/// The direct lane of one outbox (see the module doc).
+#[derive(Debug)]
+struct Lane<F> {
+    socket: Option<Arc<dyn DirectSocket>>,
+    /// The actor may write into `socket`: the queue is empty and the session writes nothing.
+    open: bool,
+    /// A frame the actor wrote in part, and how much of it: the session writes the rest first.
+    tail: Option<(F, usize)>,
+}
+
+impl<F> Default for Lane<F> {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            open: false,
+            tail: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -70,6 +117,9 @@ pub(crate) enum Pushed {
     Full,
     /// Refused: the session is gone.
     Closed,
+    /// Written into the session's socket by the pushing thread (the direct lane); the session
+    /// writes what the socket did not take, if anything, before anything else.
+    Written,
 }
 
 /// The actor's end.
@@ -101,6 +151,7 @@ pub(crate) fn outbox<F>(
             replies: 0,
             reply_bytes: 0,
             closed: false,
+            lane: Lane::default(),
         }),
         ready: Notify::new(),
         capacity,
@@ -118,13 +169,31 @@ impl<F: FrameBytes> OutboxSender<F> {
         &self,
         product: ProductId,
         seq: Seq,
-        frame: F,
+        frame: &F,
         products: impl FnOnce() -> Vec<ProductId>,
     ) -> Pushed {
         let shared = &*self.0;
         let mut queue = shared.lock();
         if queue.closed {
             return Pushed::Closed;
+        }
+        if queue.lane.open && queue.items.is_empty() {
+            if let Some(socket) = &queue.lane.socket {
+                let wire = frame.wire();
+                match socket.try_write(wire) {
+                    Ok(written) if written == wire.len() => return Pushed::Written,
+                    Ok(written) => {
+                        queue.lane.open = false;
+                        queue.lane.tail = Some((frame.clone(), written));
+                        drop(queue);
+                        shared.ready.notify_one();
+                        return Pushed::Written;
+                    }
+                    // Full, or failed (the session finds out with its own next write): the
+                    // change takes the session's path, and so does everything after it.
+                    Err(_) => queue.lane.open = false,
+                }
+            }
         }
         if let Some(Delivery::Gap { upto, .. }) = queue.items.back_mut() {
             // Order: nothing may overtake changes that are waiting in the changelog.
@@ -138,7 +207,7 @@ impl<F: FrameBytes> OutboxSender<F> {
             queue.items.push_back(Delivery::Change {
                 product,
                 seq,
-                frame,
+                frame: frame.clone(),
             });
             drop(queue);
             shared.ready.notify_one();
@@ -187,6 +256,9 @@ impl<F: FrameBytes> OutboxSender<F> {
         }
         queue.replies += 1;
         queue.reply_bytes += bytes;
+        // Whatever follows must not overtake this on the lane: the session reopens it once it
+        // has written everything.
+        queue.lane.open = false;
         queue.items.push_back(delivery);
         drop(queue);
         shared.ready.notify_one();
@@ -200,7 +272,10 @@ impl<F: FrameBytes> OutboxSender<F> {
 
     /// Ends the stream: the receiver gets what is queued, then `false`.
     pub(crate) fn close(&self) {
-        self.0.lock().closed = true;
+        let mut queue = self.0.lock();
+        queue.closed = true;
+        queue.lane.open = false;
+        drop(queue);
         self.0.ready.notify_one();
     }
 
@@ -208,6 +283,7 @@ impl<F: FrameBytes> OutboxSender<F> {
     pub(crate) fn discard(&self) {
         let mut queue = self.0.lock();
         queue.closed = true;
+        queue.lane.open = false;
         let items = std::mem::take(&mut queue.items);
         queue.bytes = 0;
         queue.replies = 0;
@@ -244,6 +320,10 @@ impl<F: FrameBytes> OutboxReceiver<F> {
                     batch.extend(queue.items.drain(..take));
                     return true;
                 }
+                if queue.lane.tail.is_some() {
+                    // Nothing to take, but the rest of a direct write is the session's to write.
+                    return true;
+                }
                 if queue.closed {
                     return false;
                 }
@@ -254,6 +334,17 @@ impl<F: FrameBytes> OutboxReceiver<F> {
 }
 
 impl<F> OutboxReceiver<F> {
+    /// Lets the actor write finished frames into `socket` while the lane is open (it opens
+    /// only through [`LaneGate::try_open`]).
+    pub fn attach_socket(&self, socket: Arc<dyn DirectSocket>) {
+        self.0.lock().lane.socket = Some(socket);
+    }
+
+    /// The session's control of the lane, for the stream its writes go through.
+    pub fn gate(&self) -> LaneGate<F> {
+        LaneGate(Arc::clone(&self.0))
+    }
+
     /// Frees the queue's buffer if it is empty. The queue keeps its capacity between messages
     /// so that a busy session does not allocate per change; an idle one calls this now and then.
     pub fn release_idle_memory(&self) {
@@ -261,6 +352,33 @@ impl<F> OutboxReceiver<F> {
         if queue.items.is_empty() {
             queue.items = VecDeque::new();
         }
+    }
+}
+
+/// The session's side of the direct lane: every write of its own closes the lane first
+/// ([`Self::close`]); when it is idle it opens it again ([`Self::try_open`]).
+#[derive(Debug)]
+pub struct LaneGate<F>(Arc<Shared<F>>);
+
+impl<F> LaneGate<F> {
+    /// Closes the lane (the actor queues from now on) and hands over the rest of a frame the
+    /// actor wrote in part: the frame and how much of it was written. Cheap when already closed.
+    pub fn close(&self) -> Option<(F, usize)> {
+        let mut queue = self.0.lock();
+        queue.lane.open = false;
+        queue.lane.tail.take()
+    }
+
+    /// Opens the lane if nothing waits in the queue and no tail is left; true if it is open.
+    /// The caller must have nothing of its own left to write.
+    pub fn try_open(&self) -> bool {
+        let mut queue = self.0.lock();
+        let lane_free = queue.items.is_empty()
+            && queue.lane.tail.is_none()
+            && !queue.closed
+            && queue.lane.socket.is_some();
+        queue.lane.open = lane_free;
+        lane_free
     }
 }
 
@@ -295,7 +413,99 @@ mod tests {
     }
 
     fn push(tx: &OutboxSender<u64>, product: i64, seq: u64) -> Pushed {
-        tx.push_change(id(product), seq, seq, || vec![id(1), id(2)])
+        tx.push_change(id(product), seq, &seq, || vec![id(1), id(2)])
+    }
+
+    /// A socket that takes up to `room` bytes in all, then would block.
+    #[derive(Debug)]
+    struct FakeSocket {
+        taken: Mutex<Vec<u8>>,
+        room: Mutex<usize>,
+    }
+
+    impl FakeSocket {
+        fn with_room(room: usize) -> Arc<Self> {
+            Arc::new(Self {
+                taken: Mutex::new(Vec::new()),
+                room: Mutex::new(room),
+            })
+        }
+    }
+
+    impl DirectSocket for FakeSocket {
+        fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+            let mut room = self.room.lock().unwrap();
+            if *room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = bytes.len().min(*room);
+            *room -= n;
+            self.taken.lock().unwrap().extend_from_slice(&bytes[..n]);
+            Ok(n)
+        }
+    }
+
+    fn push_str(tx: &OutboxSender<&'static str>, seq: u64, frame: &'static str) -> Pushed {
+        tx.push_change(id(1), seq, &frame, || vec![id(1)])
+    }
+
+    #[tokio::test]
+    async fn the_lane_writes_directly_until_the_socket_blocks_then_the_tail_and_queue_follow_in_order()
+     {
+        let (tx, mut rx) = outbox::<&'static str>(
+            8,
+            1 << 20,
+            SlowClientPolicy::Disconnect,
+            Duration::from_secs(1),
+        );
+        let socket = FakeSocket::with_room(10);
+        assert_eq!(
+            push_str(&tx, 1, "aaaa"),
+            Pushed::Queued,
+            "no socket attached"
+        );
+        rx.attach_socket(socket.clone());
+        let gate = rx.gate();
+        assert!(!gate.try_open(), "a queued change must be written first");
+        let mut batch = Vec::new();
+        assert!(rx.recv_batch(&mut batch, 10).await);
+        assert!(gate.try_open(), "idle: the lane opens");
+        assert_eq!(push_str(&tx, 2, "bbbb"), Pushed::Written);
+        // 6 bytes of room left: "cccccccc" is written in part, the rest is the tail.
+        assert_eq!(push_str(&tx, 3, "cccccccc"), Pushed::Written);
+        assert_eq!(socket.taken.lock().unwrap().as_slice(), b"bbbbcccccc");
+        // The lane closed: the next change is queued behind the tail, never written past it.
+        assert_eq!(push_str(&tx, 4, "dd"), Pushed::Queued);
+        assert_eq!(socket.taken.lock().unwrap().len(), 10);
+        assert!(!gate.try_open(), "a tail and a queued change are pending");
+        assert_eq!(
+            gate.close(),
+            Some(("cccccccc", 6)),
+            "the session writes the rest"
+        );
+        assert_eq!(gate.close(), None, "once");
+        batch.clear();
+        assert!(rx.recv_batch(&mut batch, 10).await);
+        assert!(matches!(batch[..], [Delivery::Change { seq: 4, .. }]));
+        // A reply closes the lane: later changes queue behind it.
+        *socket.room.lock().unwrap() = 100;
+        assert!(gate.try_open());
+        assert_eq!(
+            tx.push(Delivery::Unsubscribed {
+                products: Vec::new(),
+                total: 0
+            }),
+            Pushed::Queued
+        );
+        assert_eq!(push_str(&tx, 5, "ee"), Pushed::Queued);
+        // An evicted or closed session gets nothing more on the lane.
+        batch.clear();
+        assert!(rx.recv_batch(&mut batch, 10).await);
+        assert!(gate.try_open());
+        tx.discard();
+        assert_eq!(push_str(&tx, 6, "ff"), Pushed::Closed);
+        assert!(!gate.try_open());
+        assert_eq!(socket.taken.lock().unwrap().as_slice(), b"bbbbcccccc");
     }
 
     #[tokio::test]

@@ -30,11 +30,9 @@ pub use encode::{
     encode_conflated_change, encode_error, encode_presence, encode_reset, encode_snapshot,
 };
 
-/// The encoded message, shared by all subscribers: a change is encoded once into a `Frame`, and
-/// the distributor clones it (a reference count, not a copy) into every subscriber's outbox.
-/// axum's `Utf8Bytes` because a WebSocket text message holds exactly that, so a session sends it
-/// without copying; SSE reads it as a `&str`.
-pub type Frame = axum::extract::ws::Utf8Bytes;
+mod frame;
+
+pub use frame::Frame;
 
 /// What a client whose replay or snapshot found the change history busy is told: the reason of
 /// its 1013 close frame (WebSocket), the message of its `history_busy` error (SSE).

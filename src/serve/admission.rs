@@ -190,6 +190,11 @@ impl<T> Guarded<T> {
             deadline: WriteDeadline::default(),
         }
     }
+
+    /// The stream inside.
+    pub(super) fn get_ref(&self) -> &T {
+        &self.io
+    }
 }
 
 /// The deadline expired: counted for `/stats`, and said once in the connection's span.

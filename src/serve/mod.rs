@@ -16,6 +16,9 @@
 //! operators are in [`TransportStats`]. This follows axum's `low-level-rustls` example: the TLS
 //! handshake happens inside the connection's task, so a slow one blocks nobody else.
 //!
+//! Each plain TCP socket is shared (`socket`): after an HTTP/1.1 WebSocket upgrade the session
+//! takes it back from hyper ([`plain_upgraded`]) so that the distributor can write into it too.
+//!
 //! Imports `config`, `shutdown` and `http_error`; the TLS acceptor comes from `tls` through `app`.
 
 use std::convert::Infallible;
@@ -32,7 +35,7 @@ use axum::http::{Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
@@ -43,10 +46,13 @@ use crate::config::split_host_port;
 
 mod admission;
 mod deadline;
+mod socket;
 
 use crate::shutdown::Shutdown;
 use admission::Guarded;
 pub use admission::{Connections, TransportSnapshot, TransportStats};
+use socket::SharedTcp;
+pub use socket::{PlainStream, PlainUpgraded, plain_upgraded};
 
 /// HTTP/2 connections are pinged this often, so a peer that vanished (no FIN, no RST) is found
 /// and its connection slot freed; WebSockets have their own heartbeat on top.
@@ -121,7 +127,7 @@ pub async fn serve(
         };
         // Small writes (WebSocket frames) should leave at once.
         let _ = stream.set_nodelay(true);
-        let io = Guarded::new(stream, guard);
+        let io = Guarded::new(SharedTcp(Arc::new(stream)), guard);
         let task = connection(
             io,
             peer,
@@ -140,7 +146,7 @@ pub async fn serve(
 /// One connection: TLS (if any), then HTTP until the peer leaves, the connection upgrades,
 /// a timeout hits, or shutdown drains it.
 async fn connection(
-    io: Guarded<TcpStream>,
+    io: Guarded<SharedTcp>,
     peer: SocketAddr,
     tls: Option<Handshake>,
     router: Router,

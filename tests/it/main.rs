@@ -13,6 +13,7 @@ mod browser;
 mod budgets;
 mod dashboard;
 mod delivery;
+mod fanout;
 mod faults;
 mod hosts;
 mod integrity;

@@ -26,10 +26,11 @@ impl<F: FrameBytes> Distributor<F> {
             };
             // A gap opened here is replayed for every product by the feed, which knows the
             // session subscribed to all: the products it names do not matter.
-            match sink
-                .outbox
-                .push_change(product, seq, frame.clone(), Vec::new)
-            {
+            match sink.outbox.push_change(product, seq, frame, Vec::new) {
+                Pushed::Written => {
+                    self.stats.messages_written_directly += 1;
+                    self.stats.bytes_written_directly += frame.byte_len() as u64;
+                }
                 Pushed::Queued => self.stats.messages_queued += 1,
                 Pushed::Deferred => self.stats.changes_deferred += 1,
                 Pushed::Full => full.push(id),
@@ -224,7 +225,7 @@ impl<F: FrameBytes> Distributor<F> {
                 }) {
                     Pushed::Queued => self.stats.messages_queued += 1,
                     Pushed::Full => full.push(id),
-                    Pushed::Deferred | Pushed::Closed => {}
+                    Pushed::Deferred | Pushed::Closed | Pushed::Written => {}
                 }
             }
         }

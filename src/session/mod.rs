@@ -1,6 +1,14 @@
-//! One WebSocket session: the upgrade handler and one loop that owns the socket, reading client
-//! frames (commands go to the distributor, bad ones get an error reply) and writing outbox
-//! messages, pings and the final close frame.
+//! One WebSocket session: the upgrade handler (`handshake`) and one loop that owns the socket,
+//! reading client frames (commands go to the distributor, bad ones get an error reply) and
+//! writing outbox messages, pings and the final close frame.
+//!
+//! **Frames are built once.** Every message is a [`Frame`] holding its finished WebSocket frame;
+//! the session writes those bytes as they are (gathered, one system call per batch), and uses
+//! tungstenite only to read and for control frames. On plain TCP the session hands its socket
+//! to the distributor while it has nothing to write (the *direct lane*, `io`): a change then
+//! reaches the client in the distributor's own pass, one non-blocking write, without this task
+//! waking. A socket that would block sends the session back to its queue, with the same order and
+//! slow-client policy as ever; when it has caught up it opens the lane again.
 //!
 //! One task with one loop, not a reader and a writer joined by a channel: an idle session is
 //! then just this future, its socket and its outbox (the channel and the split socket's shared
@@ -23,20 +31,26 @@
 //!
 //! Imports `protocol`, `distributor`, `feed` (what to write, in order), `db` (the history reader
 //! the feed reads through, and its errors), `config`, `shutdown`, `metrics` (messages and bytes
-//! written), `http_error` (refusals).
+//! written), `http_error` (refusals), `serve` (the plain socket of an upgraded connection).
 
+mod handshake;
+mod io;
+
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::time::Duration;
 
-use std::net::SocketAddr;
-
 use axum::Extension;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -49,6 +63,9 @@ use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{self, ClientCommand, CloseCode, ErrorCode, Frame, Versions};
 use crate::shutdown::Shutdown;
+
+pub use handshake::{Handshake, HandshakeError};
+use io::SessionIo;
 
 /// How long the session tries to deliver a close frame to a peer that may not be reading.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -74,9 +91,9 @@ pub struct SessionState {
 
 /// `GET /websocket` (HTTP/1.1 upgrade) and `CONNECT /websocket` (HTTP/2, RFC 8441).
 pub async fn upgrade(
-    ws: WebSocketUpgrade,
     State(state): State<SessionState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    handshake: Handshake,
 ) -> Response {
     let limits = state.limits;
     let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
@@ -87,14 +104,32 @@ pub async fn upgrade(
     // Until the upgrade completes, the guard alone holds the session: if it never does, the
     // registration is dropped with it.
     let guard = SessionGuard::new(state.distributor.clone(), registration.id);
-    ws.read_buffer_size(limits.ws_read_buffer_bytes)
+    let response = handshake.accept();
+    let on_upgrade = handshake.on_upgrade;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(limits.ws_read_buffer_bytes)
         .write_buffer_size(limits.ws_write_buffer_bytes)
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| {
-            let shutdown = state.shutdown.clone();
-            shutdown.track(run(socket, state, peer, registration, guard))
-        })
+        .max_message_size(Some(limits.max_frame_bytes))
+        .max_frame_size(Some(limits.max_frame_bytes));
+    let shutdown = state.shutdown.clone();
+    tokio::spawn(shutdown.track(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let (io, read_ahead) = match crate::serve::plain_upgraded(upgraded) {
+            Ok(plain) => {
+                // Plain TCP: the distributor may write changes straight into the socket.
+                registration.outbox.attach_socket(plain.socket);
+                let io = SessionIo::plain(plain.stream, registration.outbox.gate());
+                (io, plain.read_ahead.to_vec())
+            }
+            Err(upgraded) => (SessionIo::upgraded(TokioIo::new(upgraded)), Vec::new()),
+        };
+        let socket =
+            WebSocketStream::from_partially_read(io, read_ahead, Role::Server, Some(config)).await;
+        run(socket, state, peer, registration, guard).await;
+    }));
+    response
 }
 
 /// The HTTP answer to a session that could not register: 429 when the client's address holds
@@ -250,7 +285,7 @@ impl SessionEnd {
 /// copy of each by-value argument, and each by-value hand-over to a nested future a third, which
 /// had made every idle session's task 4.2 KB (BENCHMARKS.md, "Idle connection memory").
 fn run(
-    socket: WebSocket,
+    socket: WebSocketStream<SessionIo>,
     state: SessionState,
     peer: Option<SocketAddr>,
     registration: Registration<Frame>,
@@ -305,21 +340,31 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-fn is_too_big(err: &axum::Error) -> bool {
-    std::error::Error::source(err)
-        .and_then(|cause| cause.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|cause| matches!(cause, tungstenite::Error::Capacity(_)))
-}
-
 fn close(code: CloseCode, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
-        code: code.code(),
-        reason: Utf8Bytes::from_static(reason),
+        code: code.code().into(),
+        reason: reason.into(),
     }))
 }
 
+/// A write did not complete: the peer is gone or did not read within the window.
+#[derive(Debug)]
+struct WriteFailed;
+
+impl From<tungstenite::Error> for WriteFailed {
+    fn from(_: tungstenite::Error) -> Self {
+        Self
+    }
+}
+
+impl From<std::io::Error> for WriteFailed {
+    fn from(_: std::io::Error) -> Self {
+        Self
+    }
+}
+
 struct Session {
-    socket: WebSocket,
+    socket: WebSocketStream<SessionIo>,
     distributor: DistributorHandle<Frame>,
     heartbeat: Heartbeat,
     shutdown: Shutdown,
@@ -358,6 +403,12 @@ impl Session {
                     }
                     continue;
                 }
+            } else if self.socket.get_ref().has_lane()
+                && !evicted.is_cancelled()
+                && feed.lane_may_open()
+                && let Err(end) = self.open_lane(evicted).await
+            {
+                return end;
             }
             let paced = self.pace.wait_until(Instant::now());
             if paced.is_some() {
@@ -370,11 +421,11 @@ impl Session {
                 // The pace allows the next command: read on below.
                 () = sleep_until_some(paced), if paced.is_some() => Ok(()),
                 // Before the heartbeat: a pong that arrived during a long write still counts.
-                frame = self.socket.recv(), if paced.is_none() => match self.answer(id, frame).await {
+                frame = self.socket.next(), if paced.is_none() => match self.answer(id, frame).await {
                     Reply::None => Ok(()),
                     Reply::Error(code, message) => {
-                        let text = protocol::encode_error(code, &message);
-                        self.send_within_window(Message::Text(text.into())).await
+                        let frame = Frame::new(&protocol::encode_error(code, &message));
+                        self.write_within_window(&frame).await
                     }
                     Reply::Pong => {
                         if let Some(sent) = ping_sent.take() {
@@ -398,6 +449,7 @@ impl Session {
                     // session then costs its socket and this future, a busy one reallocates
                     // them at most once per interval.
                     feed.release_idle_memory();
+                    self.socket.get_mut().release_idle_memory();
                     messages = Vec::new();
                     let now = Instant::now();
                     ping_sent = Some(now);
@@ -418,7 +470,7 @@ impl Session {
     async fn answer(
         &mut self,
         id: SessionId,
-        frame: Option<Result<Message, axum::Error>>,
+        frame: Option<Result<Message, tungstenite::Error>>,
     ) -> Reply {
         match &frame {
             Some(Ok(Message::Text(text))) => self.pace.spend(Instant::now(), text.len()),
@@ -457,10 +509,10 @@ impl Session {
                 "binary frames are not supported; send commands as JSON text frames".to_owned(),
             ),
             Some(Ok(Message::Pong(_))) => Reply::Pong,
-            // tungstenite answers pings by itself.
-            Some(Ok(Message::Ping(_))) => Reply::None,
+            // tungstenite answers pings by itself; it never yields raw frames when reading.
+            Some(Ok(Message::Ping(_) | Message::Frame(_))) => Reply::None,
             Some(Ok(Message::Close(_))) | None => Reply::End(SessionEnd::PeerClosed),
-            Some(Err(err)) if is_too_big(&err) => Reply::End(SessionEnd::FrameTooBig),
+            Some(Err(tungstenite::Error::Capacity(_))) => Reply::End(SessionEnd::FrameTooBig),
             Some(Err(_)) => Reply::End(SessionEnd::PeerClosed),
         }
     }
@@ -470,13 +522,52 @@ impl Session {
         self.heartbeat.interval + self.heartbeat.timeout
     }
 
-    async fn send_within_window(&mut self, message: Message) -> Result<(), axum::Error> {
+    async fn send_within_window(&mut self, message: Message) -> Result<(), WriteFailed> {
         match tokio::time::timeout(self.write_window(), self.socket.send(message)).await {
-            Ok(result) => result,
-            Err(_) => Err(axum::Error::new(
-                "peer did not accept data within the heartbeat window",
-            )),
+            Ok(result) => Ok(result?),
+            Err(_) => Err(WriteFailed),
         }
+    }
+
+    /// Writes one pre-built frame (after anything tungstenite holds, such as a pong).
+    async fn write_within_window(&mut self, frame: &Frame) -> Result<(), WriteFailed> {
+        let window = self.write_window();
+        let socket = &mut self.socket;
+        let write = async {
+            // Whatever tungstenite holds (a pong) goes first, then the frame as it is.
+            socket.flush().await?;
+            let io = socket.get_mut();
+            io.enqueue(frame.clone());
+            io.flush().await?;
+            Ok::<_, WriteFailed>(())
+        };
+        match tokio::time::timeout(window, write).await {
+            Ok(result) => {
+                result?;
+                self.metrics
+                    .delivered(Transport::WebSocket, 1, frame.wire().len());
+                Ok(())
+            }
+            Err(_) => Err(WriteFailed),
+        }
+    }
+
+    /// Finishes everything of the session's own (tungstenite's buffer, a tail the distributor
+    /// left) and opens the direct lane, so that the distributor writes the next changes itself.
+    /// Bounded like any write; eviction and shutdown interrupt it.
+    async fn open_lane(&mut self, evicted: &CancellationToken) -> Result<(), SessionEnd> {
+        let window = self.write_window();
+        let shutdown = &self.shutdown;
+        let socket = &mut self.socket;
+        let flushed = tokio::select! {
+            result = socket.flush() => result.map_err(|_| SessionEnd::WriteFailed),
+            () = evicted.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(window) => Err(SessionEnd::WriteFailed),
+        };
+        flushed?;
+        socket.get_mut().try_open_lane();
+        Ok(())
     }
 
     /// Writes the feed's next messages and flushes once. A peer that stops reading cannot
@@ -503,14 +594,21 @@ impl Session {
         }
         let window = self.write_window();
         let count = messages.len();
-        let bytes = messages.iter().map(|outgoing| outgoing.text.len()).sum();
+        let bytes = messages
+            .iter()
+            .map(|outgoing| outgoing.text.wire().len())
+            .sum();
         let shutdown = &self.shutdown;
         let sink = &mut self.socket;
         let write = async {
+            // Whatever tungstenite holds (a pong) goes first, then the frames as they are.
+            sink.flush().await?;
+            let io = sink.get_mut();
             for outgoing in messages.drain(..) {
-                sink.feed(Message::Text(outgoing.text)).await?;
+                io.enqueue(outgoing.text);
             }
-            sink.flush().await
+            io.flush().await?;
+            Ok::<_, WriteFailed>(())
         };
         let write = pin!(write);
         let written = tokio::select! {
@@ -532,7 +630,7 @@ impl Session {
             if let Some((code, reason)) = end.close_frame() {
                 self.socket.send(close(code, reason)).await?;
             }
-            self.socket.close().await
+            SinkExt::close(&mut self.socket).await
         })
         .await;
     }
