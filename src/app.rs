@@ -5,7 +5,7 @@
 //!
 //! Imports every module that has a part to build, start or route: `access`, `acme`, `api`,
 //! `config`, `db`, `distributor`, `hardening`, `health`, `listener`, `memory`, `metrics`,
-//! `product`, `protocol`, `retention`, `serve`, `session`, `shutdown`, `sse`, `tls` and `web`.
+//! `presence`, `product`, `protocol`, `retention`, `serve`, `session`, `shutdown`, `sse`, `tls` and `web`.
 //! Nothing imports `app`; the routers below it are generic over the state (`FromRef`), so they
 //! need not.
 
@@ -32,6 +32,7 @@ use crate::health::{self, ViewsCache};
 use crate::listener::{ConnectOptions, Listener, ListenerWatch};
 use crate::memory;
 use crate::metrics::Metrics;
+use crate::presence;
 use crate::product::Seq;
 use crate::protocol::Frame;
 use crate::retention;
@@ -308,6 +309,15 @@ impl Start {
         shutdown.spawn(
             retention::run(pools.background.clone(), config.changelog, shutdown.clone())
                 .instrument(tracing::info_span!("changelog_retention")),
+        );
+        shutdown.spawn(
+            presence::run(
+                pools.background.clone(),
+                distributor.clone(),
+                config.presence,
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("presence")),
         );
         let Background { reload, acme } = background.unwrap_or(Background {
             reload: None,

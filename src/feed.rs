@@ -25,6 +25,12 @@
 //! queue); one it refuses ([`HistoryError::Busy`]) ends the stream like a failed read, and the
 //! transport tells the client to come back and resume.
 //!
+//! A session subscribed to every product (`"all":true`) is served by the same machinery with
+//! whole-catalog reads: its resumes and gaps replay every product's changes, a reset or snapshot
+//! reads every row in one database snapshot and sends it in pages of at most
+//! [`SNAPSHOT_PAGE_ROWS`] products and about [`SNAPSHOT_PAGE_BYTES`] bytes, and a single floor
+//! (not one per product) drops live changes the client already has.
+//!
 //! Imports `distributor` (outbox), `protocol` (encoding), `product`, `db` (the history reader),
 //! and `metrics` (how each stream began: live, resume, snapshot, reset).
 
@@ -34,11 +40,19 @@ use std::time::Instant;
 use crate::db::{HistoryError, HistoryReader};
 use crate::distributor::{Budget, Delivery, OutboxReceiver};
 use crate::metrics::{Metrics, StartKind};
-use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
+use crate::product::{Product, ProductId, ResetCause, Seq, SubscriptionStart};
 use crate::protocol::{self, ErrorCode, Frame};
 
 /// Outbox messages taken at once; also about how many messages are written per flush.
 pub const BATCH: usize = 64;
+
+/// Products per page of a whole-catalog snapshot at most: a 10 000-product table arrives in ten
+/// messages a client can parse one at a time.
+pub const SNAPSHOT_PAGE_ROWS: usize = 1000;
+/// Bytes of product JSON per page of a whole-catalog snapshot, about (a page holds at least
+/// one product, which may be larger): the default `--max-frame-bytes`, so a client whose frame
+/// limit matches the server's accepts every page.
+pub const SNAPSHOT_PAGE_BYTES: usize = 256 * 1024;
 
 /// One message for the client. `seq` is set for changes (SSE uses it as the event id).
 #[derive(Debug, Clone)]
@@ -59,6 +73,8 @@ struct Replay {
     upto: Seq,
     /// `Some(start)`: only the newest version per product in (start, upto] (conflated).
     conflated_from: Option<Seq>,
+    /// Every product's changes (a subscribe-all), not only `products`'.
+    all: bool,
 }
 
 /// One subscriber's ordered message source.
@@ -72,6 +88,10 @@ pub struct Feed {
     floors: HashMap<ProductId, Seq>,
     /// The client asked for every version: gaps are never conflated.
     every_version: bool,
+    /// The session is subscribed to every product: gaps and resets cover the whole catalog.
+    all: bool,
+    /// Live changes at or below this seq were already covered for the client (whole catalog).
+    all_floor: Option<Seq>,
     metrics: Metrics,
 }
 
@@ -85,6 +105,8 @@ impl Feed {
             replay: None,
             floors: HashMap::new(),
             every_version: false,
+            all: false,
+            all_floor: None,
             metrics,
         }
     }
@@ -100,9 +122,10 @@ impl Feed {
     }
 
     /// True if live changes may skip this feed (written by the distributor straight into the
-    /// socket): nothing is pending and no product still has a floor to filter against.
+    /// socket): nothing is pending and no product (nor the whole catalog) still has a floor to
+    /// filter against.
     pub fn lane_may_open(&self) -> bool {
-        !self.has_pending() && self.floors.is_empty()
+        !self.has_pending() && self.floors.is_empty() && self.all_floor.is_none()
     }
 
     /// Drops what is pending (the session is closing).
@@ -147,13 +170,19 @@ impl Feed {
         let Some(replay) = &mut self.replay else {
             return Ok(());
         };
-        let page = match replay.conflated_from {
-            None => {
+        let page = match (replay.all, replay.conflated_from) {
+            (true, None) => self.history.all_range(replay.after, replay.upto).await?,
+            (true, Some(start)) => {
+                self.history
+                    .latest_all((start, replay.upto), replay.after)
+                    .await?
+            }
+            (false, None) => {
                 self.history
                     .for_products(&replay.products, replay.after, replay.upto)
                     .await?
             }
-            Some(start) => {
+            (false, Some(start)) => {
                 self.history
                     .latest_per_product(&replay.products, (start, replay.upto), replay.after)
                     .await?
@@ -167,6 +196,9 @@ impl Feed {
             let cause = ResetCause::Pruned {
                 pruned_through: page.pruned_through,
             };
+            if replay.all {
+                return self.reset_all(replay.after, cause, out).await;
+            }
             return self.reset(&replay.products, replay.after, cause, out).await;
         }
         let mut conflated = 0;
@@ -217,6 +249,13 @@ impl Feed {
                     }
                     self.floors.remove(&product);
                 }
+                if let Some(floor) = self.all_floor {
+                    if seq <= floor {
+                        return Ok(());
+                    }
+                    // The outbox is in seq order: nothing below the floor follows.
+                    self.all_floor = None;
+                }
                 // The shared frame: cloning it bumped a reference count, nothing more.
                 out.push(Outgoing {
                     text: frame,
@@ -264,6 +303,7 @@ impl Feed {
                     after,
                     upto,
                     conflated_from: stopped_reading.then_some(after),
+                    all: self.all,
                 });
             }
             Delivery::Reset {
@@ -271,7 +311,26 @@ impl Feed {
                 since,
                 position: _,
                 cause,
-            } => Box::pin(self.reset(&products, since, cause, out)).await?,
+            } => {
+                if self.all {
+                    Box::pin(self.reset_all(since, cause, out)).await?;
+                } else {
+                    Box::pin(self.reset(&products, since, cause, out)).await?;
+                }
+            }
+            Delivery::SubscribedAll { position, start } => {
+                self.all = true;
+                Box::pin(self.begin_all(position, start, out)).await?;
+            }
+            Delivery::UnsubscribedAll => {
+                self.all = false;
+                self.all_floor = None;
+                out.push(message(protocol::encode_all_ack(None)));
+            }
+            Delivery::Presence { frame } => out.push(Outgoing {
+                text: frame,
+                seq: None,
+            }),
             Delivery::Refused(over) => {
                 let (code, holder) = match over.budget {
                     Budget::Connection => (ErrorCode::TooManySubscriptions, "per connection"),
@@ -341,6 +400,7 @@ impl Feed {
                 after: from,
                 upto: position,
                 conflated_from: None,
+                all: false,
             });
         } else if from > position {
             for product in products {
@@ -395,6 +455,118 @@ impl Feed {
         )));
         Ok(snapshot.seq)
     }
+}
+
+/// Whole-catalog subscriptions: the same steps as `begin`, `reset` and `snapshot`, reading
+/// every product.
+impl Feed {
+    /// Starts a subscribe-all's stream after the client's position.
+    async fn begin_all(
+        &mut self,
+        position: Seq,
+        start: SubscriptionStart,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), HistoryError> {
+        let from = match start {
+            SubscriptionStart::Live => {
+                self.metrics.subscription_started(StartKind::Live);
+                out.push(message(protocol::encode_all_ack(Some(position))));
+                position
+            }
+            SubscriptionStart::Since(since) => {
+                let changelog = self.history.position(since).await?;
+                if since < changelog.pruned_through {
+                    let cause = ResetCause::Pruned {
+                        pruned_through: changelog.pruned_through,
+                    };
+                    return self.reset_all(since, cause, out).await;
+                }
+                if since > changelog.latest {
+                    let cause = ResetCause::Rewound {
+                        latest: changelog.latest,
+                    };
+                    return self.reset_all(since, cause, out).await;
+                }
+                self.metrics.subscription_started(StartKind::Resume);
+                out.push(message(protocol::encode_all_ack(Some(since))));
+                since
+            }
+            SubscriptionStart::Snapshot => {
+                self.metrics.subscription_started(StartKind::Snapshot);
+                self.snapshot_all(out).await?
+            }
+        };
+        if from < position {
+            self.replay = Some(Replay {
+                products: Vec::new(),
+                after: from,
+                upto: position,
+                conflated_from: None,
+                all: true,
+            });
+        } else if from > position {
+            self.all_floor = Some(self.all_floor.map_or(from, |floor| floor.max(from)));
+        }
+        Ok(())
+    }
+
+    /// Starts the whole catalog again: `reset`, the ack, and a paged snapshot; live changes the
+    /// snapshot already reflects are dropped.
+    async fn reset_all(
+        &mut self,
+        since: Seq,
+        cause: ResetCause,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), HistoryError> {
+        self.metrics.subscription_started(StartKind::Reset);
+        out.push(message(protocol::encode_all_reset(since, cause)));
+        let seq = self.snapshot_all(out).await?;
+        // Replaced, not raised: after a rewind the new history's seqs are lower.
+        self.all_floor = Some(seq);
+        self.floors.clear();
+        Ok(())
+    }
+
+    /// Sends the ack and every row in pages; returns the snapshot's seq.
+    async fn snapshot_all(&mut self, out: &mut Vec<Outgoing>) -> Result<Seq, HistoryError> {
+        let snapshot = self.history.snapshot_all().await?;
+        out.push(message(protocol::encode_all_ack(Some(snapshot.seq))));
+        let mut rest = snapshot.products.as_slice();
+        loop {
+            let take = page_len(rest);
+            let (page, after) = rest.split_at(take);
+            rest = after;
+            out.push(message(protocol::encode_all_snapshot_page(
+                snapshot.seq,
+                page,
+                !rest.is_empty(),
+            )));
+            if rest.is_empty() {
+                return Ok(snapshot.seq);
+            }
+        }
+    }
+}
+
+/// How many of `products` go into the next snapshot page: at least one (if any), at most
+/// [`SNAPSHOT_PAGE_ROWS`], and no more than fit [`SNAPSHOT_PAGE_BYTES`] by a generous estimate.
+fn page_len(products: &[Product]) -> usize {
+    // The JSON of one product beside its strings: keys, id, units, quotes, commas.
+    const OVERHEAD: usize = 128;
+    let mut bytes = 0;
+    for (index, product) in products.iter().take(SNAPSHOT_PAGE_ROWS).enumerate() {
+        // Escaping at most doubles a string's length in practice (\" and \\); control
+        // characters are rare enough in product data to be caught by the margin.
+        let size = OVERHEAD
+            + 2 * (product.manufacturer.len()
+                + product.price_per_unit.len()
+                + product.product_name.len());
+        if index > 0 && bytes + size > SNAPSHOT_PAGE_BYTES {
+            return index;
+        }
+        bytes += size;
+    }
+    products.len().min(SNAPSHOT_PAGE_ROWS)
 }
 
 fn message(text: String) -> Outgoing {

@@ -294,6 +294,7 @@ pub(crate) async fn metrics(
             "rowcast_products_with_subscribers",
             stats.products_with_subscribers,
         );
+        gauge("rowcast_all_subscribers", stats.all_subscribers);
         metrics.publish_delivered(
             stats.messages_written_directly,
             stats.bytes_written_directly,

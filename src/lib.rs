@@ -13,7 +13,8 @@
 //! ```
 //!
 //! Commands flow the other way only from sessions to the distributor (subscribe, unsubscribe,
-//! disconnect). `retention` prunes the changelog on a schedule. Around that path: `config` (flags), `http_error` (the one error shape),
+//! disconnect). `retention` prunes the changelog on a schedule; `presence` shares watcher counts
+//! with the other instances through PostgreSQL and hands them to the distributor. Around that path: `config` (flags), `http_error` (the one error shape),
 //! `access` and `hardening` (who may do what, and how much), `serve`, `tls` and `acme` (connections and their certificates),
 //! `health` and `metrics` (what operators see), `openapi` and `web` (documents and pages),
 //! `memory`, `shutdown` and `telemetry`. `app` wires them; `main` runs it.
@@ -29,6 +30,7 @@ pub mod protocol;
 pub mod feed;
 pub mod session;
 pub mod sse;
+pub mod presence;
 
 // Around the path.
 pub mod config;

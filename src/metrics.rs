@@ -280,7 +280,7 @@ fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
 }
 
 /// Help lines. (`describe_counter` serves every kind: the recorder keeps one table.)
-const DESCRIPTIONS: [(&str, Option<Unit>, &str); 27] = [
+const DESCRIPTIONS: [(&str, Option<Unit>, &str); 28] = [
     (
         "rowcast_sessions",
         None,
@@ -295,6 +295,11 @@ const DESCRIPTIONS: [(&str, Option<Unit>, &str); 27] = [
         "rowcast_products_with_subscribers",
         None,
         "Products with at least one subscriber.",
+    ),
+    (
+        "rowcast_all_subscribers",
+        None,
+        "Sessions subscribed to every product (\"all\":true).",
     ),
     (
         "rowcast_changes_received_total",

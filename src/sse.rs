@@ -1,5 +1,6 @@
 //! Server-Sent Events for clients that cannot use a WebSocket:
-//! `GET /products/events?ids=1,2,3[&since=N]` streams the same JSON messages as the WebSocket,
+//! `GET /products/events?ids=1,2,3[&since=N]` (or `?all=true[&since=N]` for every product,
+//! present and future) streams the same JSON messages as the WebSocket,
 //! each change with `id: <seq>`. A reconnecting `EventSource` sends `Last-Event-ID`, and the
 //! stream resumes after it with no gap and no duplicate (the same `Feed` as WebSockets).
 //!
@@ -81,11 +82,12 @@ pub struct SseState {
     pub rotate_after: Option<std::time::Duration>,
 }
 
-/// `?ids=1,2,3&since=N[&ticket=…]`.
+/// `?ids=1,2,3&since=N[&ticket=…]` or `?all=true&since=N[&ticket=…]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     ids: Option<String>,
+    all: Option<String>,
     since: Option<String>,
     /// The credential `access` checked (and consumed) before the handler runs: accepted here so
     /// a ticketed request is not refused as an unknown field after its ticket is spent.
@@ -95,7 +97,8 @@ pub struct EventsQuery {
 
 /// What a valid request asks for.
 struct StreamRequest {
-    ids: Vec<ProductId>,
+    /// The products; None: every product (`all=true`).
+    ids: Option<Vec<ProductId>>,
     start: SubscriptionStart,
 }
 
@@ -107,12 +110,27 @@ fn parse_request(
     max_subscriptions: usize,
 ) -> Result<StreamRequest, String> {
     let Ok(Query(query)) = query else {
-        return Err("expected ?ids=1,2,3 and optionally &since=<seq>".to_owned());
+        return Err("expected ?ids=1,2,3 or ?all=true, and optionally &since=<seq>".to_owned());
     };
-    let Some(raw_ids) = query.ids.filter(|ids| !ids.trim().is_empty()) else {
-        return Err("`ids` is required: a comma-separated list of product ids".to_owned());
+    let all = match query.all.as_deref().map(str::trim) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(format!("`all` must be true or false; got {other:?}")),
     };
-    let ids = parse_ids(&raw_ids, max_subscriptions)?;
+    let raw_ids = query.ids.filter(|ids| !ids.trim().is_empty());
+    let ids = match (all, raw_ids) {
+        (true, Some(_)) => {
+            return Err("use either `ids` or `all=true`, not both".to_owned());
+        }
+        (true, None) => None,
+        (false, Some(raw_ids)) => Some(parse_ids(&raw_ids, max_subscriptions)?),
+        (false, None) => {
+            return Err(
+                "`ids` is required: a comma-separated list of product ids (or `all=true`)"
+                    .to_owned(),
+            );
+        }
+    };
     // The browser's reconnect position wins over the one in the URL it first opened.
     let position = match headers.get("last-event-id") {
         Some(value) => Some((
@@ -184,7 +202,8 @@ fn parse_seq(raw: &str, what: &str) -> Result<Seq, String> {
 /// `GET /products/events`.
 #[utoipa::path(get, path = "/products/events", tag = "subscriptions",
     params(
-        ("ids" = String, Query, description = "Comma-separated product ids, e.g. `1,2,3`"),
+        ("ids" = Option<String>, Query, description = "Comma-separated product ids, e.g. `1,2,3` (required unless `all=true`)"),
+        ("all" = Option<bool>, Query, description = "`true`: every product, present and future, instead of `ids` (counts 1 024 against the subscription budgets)"),
         ("since" = Option<i64>, Query, description = "Resume after this seq (first connection; reconnects send `Last-Event-ID`)", minimum = 0),
         ("Last-Event-ID" = Option<String>, Header, description = "Set by a reconnecting `EventSource`: the seq of the last change seen"),
         ("ticket" = Option<String>, Query, description = "Under `--auth-reads`: a single-use ticket from `POST /ws-ticket`; the answer sets the `rowcast_stream` cookie that lets reconnects in without it"),
@@ -192,7 +211,7 @@ fn parse_seq(raw: &str, what: &str) -> Result<Seq, String> {
     responses(
         (status = 200, description = "An event stream: each `data:` is one message of docs/protocol.md; changes carry `id: <seq>`",
          content_type = "text/event-stream", body = String),
-        (status = 400, description = "Bad `ids` or `since` (`invalid_query`)", body = crate::http_error::ErrorBody),
+        (status = 400, description = "Bad `ids`, `all` or `since` (`invalid_query`)", body = crate::http_error::ErrorBody),
         (status = 401, description = "Under `--auth-reads`: no valid ticket, token or stream cookie (`invalid_ticket`, `unauthorized`)", body = crate::http_error::ErrorBody),
         (status = 429, description = "Your address holds its share of sessions (`too_many_sessions_from_address`)", body = crate::http_error::ErrorBody),
         (status = 503, description = "The server holds all the sessions it may (`too_many_sessions`), or is stopping", body = crate::http_error::ErrorBody),
@@ -214,12 +233,21 @@ pub async fn events(
         Err(err) => return crate::session::registration_refused(err),
     };
     let guard = SessionGuard::new(state.distributor.clone(), registration.id);
-    if state
-        .distributor
-        .subscribe(registration.id, ids, start)
-        .await
-        .is_err()
-    {
+    let subscribed = match ids {
+        Some(ids) => {
+            state
+                .distributor
+                .subscribe(registration.id, ids, start)
+                .await
+        }
+        None => {
+            state
+                .distributor
+                .subscribe_all(registration.id, start)
+                .await
+        }
+    };
+    if subscribed.is_err() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let stream = EventStream {

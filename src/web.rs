@@ -1,5 +1,5 @@
 //! What rowcast serves to browsers besides the API: the live dashboard (`/`), the client library
-//! (`/rowcast.js`), the OpenAPI document (`/openapi.json`) and its reference page (`/docs/api`,
+//! (`/rowcast.js`) and its TypeScript declarations (`/rowcast.d.ts`), the OpenAPI document (`/openapi.json`) and its reference page (`/docs/api`,
 //! `/docs/api.js`).
 //! Every asset is compiled into the binary (`include_str!`), so the pages work offline and need
 //! no CDN; the dashboard's response names its assets in `Link: rel=preload` headers so the
@@ -18,11 +18,14 @@ const DASHBOARD_HTML: &str = include_str!("../web/index.html");
 const DASHBOARD_JS: &str = include_str!("../web/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("../web/dashboard.css");
 const CLIENT_JS: &str = include_str!("../web/rowcast.js");
+const CLIENT_TYPES: &str = include_str!("../web/rowcast.d.ts");
 const API_HTML: &str = include_str!("../web/api.html");
 const API_JS: &str = include_str!("../web/api.js");
 
 const HTML: HeaderValue = HeaderValue::from_static("text/html; charset=utf-8");
 const JAVASCRIPT: HeaderValue = HeaderValue::from_static("text/javascript; charset=utf-8");
+/// What TypeScript tooling and CDNs serve `.d.ts` files as.
+const TYPESCRIPT: HeaderValue = HeaderValue::from_static("application/typescript; charset=utf-8");
 const CSS: HeaderValue = HeaderValue::from_static("text/css; charset=utf-8");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 /// The assets change only with the binary; a short cache keeps a redeploy visible within a
@@ -39,7 +42,8 @@ const PAGE_POLICY: HeaderValue = HeaderValue::from_static(
     "default-src 'self'; connect-src 'self' ws: wss:; frame-ancestors 'none'",
 );
 
-/// `/`, `/dashboard.js`, `/dashboard.css`, `/rowcast.js`, `/openapi.json`, `/docs/api`.
+/// `/`, `/dashboard.js`, `/dashboard.css`, `/rowcast.js`, `/rowcast.d.ts`, `/openapi.json`,
+/// `/docs/api`.
 pub fn router() -> Router {
     Router::new()
         .route("/", get(dashboard))
@@ -54,6 +58,10 @@ pub fn router() -> Router {
         .route(
             "/rowcast.js",
             get(|| async { asset(JAVASCRIPT, CLIENT_JS) }),
+        )
+        .route(
+            "/rowcast.d.ts",
+            get(|| async { asset(TYPESCRIPT, CLIENT_TYPES) }),
         )
         .route("/docs/api", get(|| async { page(API_HTML) }))
         .route("/docs/api.js", get(|| async { asset(JAVASCRIPT, API_JS) }))

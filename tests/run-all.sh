@@ -35,6 +35,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (the whole workspace: rowcast and crates/*)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== rowcast.d.ts: tsc --noEmit against tests/typescript/example.ts (typescript from npm, local)"
+tests/typescript/check.sh
 echo "== cargo build (release binary for the live checks)"
 cargo build --release --locked
 echo "== cargo test (the whole workspace: rowcast and crates/*)"
@@ -72,4 +74,5 @@ target/schemathesis/bin/schemathesis run "http://127.0.0.1:$port/openapi.json" \
   --exclude-path /products/events --max-examples 30 --request-timeout 10 \
   --generation-deterministic
 echo "== bench smoke (bench/ci-smoke.sh: floor + rowcast on its embedded default)"; bench/ci-smoke.sh "$PWD/target/release/rowcast"
+echo "== screenshots kept as CI artifacts: target/dashboard.png, target/dashboard-activity.png"
 echo "== all checks passed"

@@ -1,5 +1,8 @@
 // The live dashboard: a page of products kept current over one WebSocket (rowcast.js), with
-// forms that write through the REST API. Subscribes only to the rows on screen.
+// forms that write through the REST API. Subscribes by id to the rows on screen (with watcher
+// counts: how many sockets on every instance watch each row), and to every product for the event
+// log and the changes-per-second plot. The change message carries no commit time: "since commit"
+// is counted from its arrival, which follows the commit by milliseconds.
 import { connect } from "/rowcast.js";
 
 const PAGE = 20;
@@ -8,6 +11,11 @@ const rows = new Map(); // productId -> <tr>
 let pageStarts = [0];
 let nextAfter = null;
 let subscribed = [];
+const watchers = new Map(); // productId -> sockets watching it (presence)
+const LOG_SIZE = 50;
+const PLOT_SECONDS = 300;
+const perSecond = new Array(PLOT_SECONDS).fill(0); // oldest first; the last is the current second
+let plotSecond = Math.floor(Date.now() / 1000);
 
 const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/websocket`;
 const client = connect(wsUrl, {
@@ -33,7 +41,8 @@ function cell(text, cls) {
 function render(tr, product) {
   tr.replaceChildren(
     cell(product.productId), cell(product.productName), cell(product.manufacturer),
-    cell(product.pricePerUnit, "num"), cell(product.unitsAvailable, "num"));
+    cell(product.pricePerUnit, "num"), cell(product.unitsAvailable, "num"),
+    cell(watchers.get(product.productId) ?? "", "num watchers"));
   const actions = document.createElement("td");
   const edit = document.createElement("button");
   edit.textContent = "Edit";
@@ -99,6 +108,12 @@ async function loadPage() {
   }
   client.subscribe(subscribed, {
     snapshot: true,
+    presence: true,
+    onPresence(count, productId) {
+      watchers.set(productId, count);
+      const td = rows.get(productId)?.querySelector("td.watchers");
+      if (td) td.textContent = count;
+    },
     onChange,
     onSnapshot(product, { productId, seq }) {
       $("last-seq").textContent = Math.max(seq, Number($("last-seq").textContent) || 0);
@@ -159,6 +174,87 @@ async function pollStats() {
     if (!$("last-seq").textContent || $("last-seq").textContent === "–") $("last-seq").textContent = stats.lastSeq;
   } catch { /* the server is restarting; the pill says so */ }
 }
+// --- event log and rate plot: every product's changes ---
+
+/** Moves the plot's window to the current second. */
+function advancePlot(now) {
+  const second = Math.floor(now / 1000);
+  const steps = Math.min(PLOT_SECONDS, second - plotSecond);
+  for (let i = 0; i < steps; i++) { perSecond.shift(); perSecond.push(0); }
+  if (steps > 0) plotSecond = second;
+}
+
+// Changes are counted as they arrive but drawn at most once per frame, and only the newest
+// LOG_SIZE of them: a burst of thousands costs the page one small redraw.
+let pendingLog = [];
+function logChange(change) {
+  const now = Date.now();
+  advancePlot(now);
+  perSecond[PLOT_SECONDS - 1] += 1;
+  if (pendingLog.push({ change, now }) === 1) requestAnimationFrame(flushLog);
+  if (pendingLog.length > LOG_SIZE) pendingLog.shift();
+}
+
+function flushLog() {
+  const log = $("log");
+  for (const { change, now } of pendingLog) {
+    const tr = document.createElement("tr");
+    tr.className = change.action;
+    tr.dataset.arrived = now;
+    tr.dataset.seq = change.seq;
+    tr.append(cell(change.seq, "num"), cell(change.action),
+      cell(`${change.product.productId} ${change.product.productName}`),
+      cell(ageText(Date.now() - now), "num age"));
+    log.prepend(tr);
+  }
+  pendingLog = [];
+  while (log.children.length > LOG_SIZE) log.lastElementChild.remove();
+}
+
+function ageText(ms) {
+  const s = Math.floor(ms / 1000);
+  return s < 60 ? `${s} s` : s < 3600 ? `${Math.floor(s / 60)} min` : `${Math.floor(s / 3600)} h`;
+}
+
+function drawPlot() {
+  advancePlot(Date.now());
+  const canvas = $("rate-plot");
+  const ctx = canvas.getContext("2d");
+  const { width, height } = canvas;
+  const pad = 24;
+  const max = Math.max(1, ...perSecond);
+  ctx.clearRect(0, 0, width, height);
+  ctx.strokeStyle = "#d4d4d8";
+  ctx.fillStyle = "#71717a";
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.beginPath();
+  ctx.moveTo(pad, height - pad); ctx.lineTo(width, height - pad);
+  ctx.moveTo(pad, 4); ctx.lineTo(pad, height - pad);
+  ctx.stroke();
+  ctx.fillText(`${max}/s`, 2, 12);
+  ctx.fillText("0", 12, height - pad);
+  ctx.fillText("-5 min", pad, height - 6);
+  ctx.fillText("now", width - 26, height - 6);
+  ctx.strokeStyle = "#2563eb";
+  ctx.fillStyle = "rgba(37, 99, 235, 0.15)";
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  const x = (i) => pad + (i * (width - pad)) / (PLOT_SECONDS - 1);
+  const y = (v) => height - pad - (v * (height - pad - 8)) / max;
+  perSecond.forEach((v, i) => (i ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v))));
+  ctx.stroke();
+  ctx.lineTo(x(PLOT_SECONDS - 1), y(0)); ctx.lineTo(x(0), y(0)); ctx.closePath(); ctx.fill();
+  ctx.lineWidth = 1;
+  canvas.dataset.total = perSecond.reduce((a, b) => a + b, 0);
+  canvas.dataset.max = max;
+  for (const tr of $("log").children) {
+    tr.querySelector("td.age").textContent = ageText(Date.now() - Number(tr.dataset.arrived));
+  }
+}
+
+client.subscribeAll({ onChange: logChange });
+setInterval(drawPlot, 1000);
+drawPlot();
 setInterval(pollStats, 1000);
 pollStats();
 loadPage();

@@ -10,10 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod acme;
 mod budgets;
+mod presence;
 mod values;
 
 pub use acme::AcmeSettings;
 pub use budgets::Budgets;
+pub use presence::PresenceSettings;
 pub use values::{HostName, IpPrefix, Origin, Secret, split_host_port};
 
 /// Loopback only: a fresh install must not expose an unauthenticated write API to the network.
@@ -174,6 +176,10 @@ pub struct Config {
     /// Changelog retention (resume window).
     #[command(flatten)]
     pub changelog: ChangelogSettings,
+
+    /// Watcher counts shared through PostgreSQL.
+    #[command(flatten)]
+    pub presence: PresenceSettings,
 
     /// How long shutdown waits for open sessions and requests (e.g. 5s, 500ms).
     #[arg(long, env = "ROWCAST_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE,

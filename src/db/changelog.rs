@@ -212,6 +212,41 @@ pub async fn latest_per_product(
     decode_page(&rows)
 }
 
+/// One page of changes to any product with `after < seq <= upto`, in seq order (a
+/// subscribe-all's replay).
+pub async fn all_range(
+    db: impl PgExecutor<'_>,
+    after: Seq,
+    upto: Seq,
+) -> Result<Page, ChangelogError> {
+    let rows = sqlx::query(include_str!("../../sql/changelog_all_range.sql"))
+        .bind(to_param(after))
+        .bind(to_param(upto))
+        .bind(PAGE_ROWS)
+        .bind(PAGE_BYTES)
+        .fetch_all(db)
+        .await?;
+    decode_page(&rows)
+}
+
+/// One page of the newest change of each product in `range` after `cursor`, in seq order (a
+/// subscribe-all's conflated replay).
+pub async fn latest_all(
+    db: impl PgExecutor<'_>,
+    range: (Seq, Seq),
+    cursor: Seq,
+) -> Result<Page, ChangelogError> {
+    let rows = sqlx::query(include_str!("../../sql/changelog_latest_all.sql"))
+        .bind(to_param(range.0))
+        .bind(to_param(range.1))
+        .bind(to_param(cursor))
+        .bind(PAGE_ROWS)
+        .bind(PAGE_BYTES)
+        .fetch_all(db)
+        .await?;
+    decode_page(&rows)
+}
+
 /// Changes with seq at or below this may have been pruned.
 pub async fn pruned_through(db: impl PgExecutor<'_>) -> Result<Seq, ChangelogError> {
     let seq: i64 = sqlx::query_scalar(include_str!("../../sql/changelog_horizon.sql"))
@@ -226,6 +261,22 @@ pub async fn snapshot(
     db: impl sqlx::Acquire<'_, Database = Postgres>,
     products: &[ProductId],
 ) -> Result<Snapshot, ChangelogError> {
+    read_snapshot(db, Some(products)).await
+}
+
+/// Every current row and the seq they reflect, read in one snapshot (a subscribe-all's
+/// snapshot; the caller sends it in pages). Holds the whole table in memory once.
+pub async fn snapshot_all(
+    db: impl sqlx::Acquire<'_, Database = Postgres>,
+) -> Result<Snapshot, ChangelogError> {
+    read_snapshot(db, None).await
+}
+
+/// The rows of `products` (None: of every product) and the seq they reflect.
+async fn read_snapshot(
+    db: impl sqlx::Acquire<'_, Database = Postgres>,
+    products: Option<&[ProductId]>,
+) -> Result<Snapshot, ChangelogError> {
     let mut tx = db.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
@@ -233,11 +284,20 @@ pub async fn snapshot(
     let seq: i64 = sqlx::query_scalar(include_str!("../../sql/changelog_latest_seq.sql"))
         .fetch_one(&mut *tx)
         .await?;
-    let ids: Vec<i64> = products.iter().map(|id| id.get()).collect();
-    let rows = sqlx::query(include_str!("../../sql/snapshot_products.sql"))
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows = match products {
+        Some(products) => {
+            let ids: Vec<i64> = products.iter().map(|id| id.get()).collect();
+            sqlx::query(include_str!("../../sql/snapshot_products.sql"))
+                .bind(ids)
+                .fetch_all(&mut *tx)
+                .await?
+        }
+        None => {
+            sqlx::query(include_str!("../../sql/snapshot_all.sql"))
+                .fetch_all(&mut *tx)
+                .await?
+        }
+    };
     tx.commit().await?;
     let products = rows
         .iter()

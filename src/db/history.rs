@@ -183,6 +183,24 @@ impl HistoryReader {
         Ok(changelog::snapshot(&mut *slot.connection, products).await?)
     }
 
+    /// One page of changes to any product with `after < seq <= upto`.
+    pub async fn all_range(&self, after: Seq, upto: Seq) -> Result<Page, HistoryError> {
+        let mut slot = self.slot().await?;
+        Ok(changelog::all_range(&mut *slot.connection, after, upto).await?)
+    }
+
+    /// One page of the newest change of each product in `range` after `cursor`.
+    pub async fn latest_all(&self, range: (Seq, Seq), cursor: Seq) -> Result<Page, HistoryError> {
+        let mut slot = self.slot().await?;
+        Ok(changelog::latest_all(&mut *slot.connection, range, cursor).await?)
+    }
+
+    /// Every current row and the seq they reflect.
+    pub async fn snapshot_all(&self) -> Result<Snapshot, HistoryError> {
+        let mut slot = self.slot().await?;
+        Ok(changelog::snapshot_all(&mut *slot.connection).await?)
+    }
+
     /// Takes a queue slot at once (or refuses), then waits for a connection within the pool's
     /// acquire timeout.
     async fn slot(&self) -> Result<Slot<'_>, HistoryError> {

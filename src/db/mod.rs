@@ -1,7 +1,8 @@
 //! Database access: the connection pools ([`Pools`]: one per kind of work, so that none can
 //! starve another), migrations, the product queries (`products`), the changelog queries
 //! (`changelog`), the bounded queue clients' history reads wait in (`history`), and the
-//! WebSocket tickets every instance shares (`tickets`). The private
+//! WebSocket tickets every instance shares (`tickets`), the watcher counts every instance
+//! shares (`presence`). The private
 //! cluster used when no `DATABASE_URL` is given is the `rowcast-embedded-postgres` crate
 //! (`crates/embedded-postgres`), started by `app`. The database URL is parsed once into a
 //! [`PgTarget`] (`target`), which the pools and the LISTEN connection both connect from, with
@@ -11,6 +12,7 @@
 
 pub mod changelog;
 pub mod history;
+pub mod presence;
 pub mod products;
 pub mod target;
 pub mod tickets;
@@ -31,10 +33,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// takes milliseconds, so 5 s of waiting means the pool is stuck; failing then beats queueing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connections of the background pool: the listener's catch-up and history checks, and the
-/// retention task. Each of the two runs one query at a time, so with one connection each
-/// neither ever waits for the other, and no client can reach this pool.
-pub const BACKGROUND_CONNECTIONS: u32 = 2;
+/// Connections of the background pool: the listener's catch-up and history checks, the
+/// retention task and the presence task. Each of the three runs one query at a time, so with one
+/// connection each none ever waits for another, and no client can reach this pool.
+pub const BACKGROUND_CONNECTIONS: u32 = 3;
 
 /// Failures talking to the database outside a request.
 #[derive(Debug, thiserror::Error)]

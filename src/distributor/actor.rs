@@ -4,8 +4,12 @@
 //!
 //! Budgets: the session and subscription counts per client address live here too, beside the
 //! maps they count, so a budget check is a lookup the actor makes anyway, with no lock.
+//!
+//! The whole-catalog subscribers and presence live in `all_and_presence` (a second `impl`
+//! block), additive to the by-id path: a publish walks the by-id subscribers, then the (few) all-subscribers that are
+//! not also by-id subscribers of that product, so each session gets each change once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -13,16 +17,23 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod all_and_presence;
+
 use super::counts::Counts;
 use super::outbox::{OutboxSender, Pushed, outbox};
 use super::subscriptions::{Budget, OverLimit, SessionId, Subscriptions};
-use super::{Command, Delivery, FrameBytes, Registration, Stats, Views};
+use super::{Command, Delivery, FrameBytes, PresenceChanges, Registration, Stats, Views};
 use crate::config::{Budgets, IpPrefix, Limits};
-use crate::product::{ProductId, Seq};
+use crate::product::{ProductId, Seq, SubscriptionStart};
 
 /// Commands handled before the totals are published again: enough to amortize the stores
 /// under load, few enough that an operator's view lags by microseconds.
 const BATCH: usize = 64;
+
+/// What one subscription to every product counts against the per-address and server
+/// subscription budgets: what subscribing to 1 024 ids, the way clients approximated "all"
+/// before it existed, cost. Not against the connection's own cap, which bounds the ids it holds.
+pub const ALL_SUBSCRIPTION_WEIGHT: usize = 1024;
 
 /// The sink kept per session: its outbox, the token that tells it it was evicted, and the
 /// address its budgets are counted against (None: exempt or unknown).
@@ -56,6 +67,20 @@ struct Distributor<F> {
     next_session: u64,
     stats: Stats,
     counts: Arc<Counts>,
+    /// Sessions subscribed to every product.
+    all: HashSet<SessionId>,
+    /// Sessions that asked for watcher counts.
+    presence_sessions: HashSet<SessionId>,
+    /// Products whose local subscriber count changed since the presence task last asked; None
+    /// until it first asks (no presence task: nothing is noted).
+    presence_dirty: Option<HashSet<ProductId>>,
+    /// Products a presence session just subscribed to (their count is due even if unchanged).
+    presence_fresh: HashSet<ProductId>,
+    /// Products some presence session holds by id, with how many such sessions: kept as
+    /// subscriptions change, so the presence task learns what to read without a walk.
+    presence_interest: HashMap<ProductId, usize>,
+    /// `presence_interest` gained or lost a product since the presence task last asked.
+    presence_interest_changed: bool,
 }
 
 pub(super) fn spawn<F: FrameBytes>(
@@ -74,6 +99,12 @@ pub(super) fn spawn<F: FrameBytes>(
             ..Stats::default()
         },
         counts,
+        all: HashSet::new(),
+        presence_sessions: HashSet::new(),
+        presence_dirty: None,
+        presence_fresh: HashSet::new(),
+        presence_interest: HashMap::new(),
+        presence_interest_changed: false,
     };
     actor.publish_counts();
     tokio::spawn(
@@ -101,6 +132,7 @@ impl<F: FrameBytes> Distributor<F> {
             sessions: self.subscriptions.session_count(),
             subscriptions: self.subscriptions.subscription_count(),
             products_with_subscribers: self.subscriptions.product_count(),
+            all_subscribers: self.all.len(),
             ..self.stats
         });
     }
@@ -148,7 +180,7 @@ impl<F: FrameBytes> Distributor<F> {
 
     /// Removes a session and everything it held; its sink, if it was registered.
     fn remove_session(&mut self, id: SessionId) -> Option<SessionSink<F>> {
-        let held = self.subscriptions.session_subscriptions(id);
+        let held = self.subscriptions.session_subscriptions(id) + self.forget_all_and_presence(id);
         let sink = self.subscriptions.remove_session(id)?;
         self.release(sink.address, 1, held);
         Some(sink)
@@ -185,6 +217,7 @@ impl<F: FrameBytes> Distributor<F> {
                 for id in full {
                     self.evict(id);
                 }
+                self.publish_to_all(product, seq, &frame);
             }
             Command::Reset {
                 since,
@@ -199,11 +232,25 @@ impl<F: FrameBytes> Distributor<F> {
                     .map(|id| (id, self.subscriptions.session_products(id)))
                     .filter(|(_, products)| !products.is_empty())
                     .collect();
+                let mut reset_all: Vec<SessionId> = self.all.iter().copied().collect();
                 for (id, products) in sessions {
+                    reset_all.retain(|&all| all != id);
                     self.deliver(
                         id,
                         Delivery::Reset {
                             products,
+                            since,
+                            position,
+                            cause,
+                        },
+                    );
+                }
+                // The feed of an all-subscriber resets the whole catalog whatever the products.
+                for id in reset_all {
+                    self.deliver(
+                        id,
+                        Delivery::Reset {
+                            products: Vec::new(),
                             since,
                             position,
                             cause,
@@ -254,7 +301,10 @@ impl<F: FrameBytes> Distributor<F> {
                 products,
                 start,
             } => {
-                let answer = match self.subscribe(id, &products) {
+                let held = self.presence_before(id, &products);
+                let subscribed = self.subscribe(id, &products);
+                self.presence_after(id, &products, held);
+                let answer = match subscribed {
                     Ok(()) => Delivery::Subscribed {
                         products,
                         position: self.stats.last_seq,
@@ -269,7 +319,9 @@ impl<F: FrameBytes> Distributor<F> {
                 self.deliver(id, answer);
             }
             Command::Unsubscribe { id, products } => {
+                let held = self.presence_before(id, &products);
                 let removed = self.subscriptions.unsubscribe(id, &products);
+                self.presence_after(id, &products, held);
                 let address = self.subscriptions.sink(id).and_then(|sink| sink.address);
                 self.release(address, 0, removed);
                 let total = self.subscriptions.session_subscriptions(id);
@@ -291,6 +343,13 @@ impl<F: FrameBytes> Distributor<F> {
                     top_products: self.subscriptions.top_products(top_products),
                 });
             }
+            Command::SubscribeAll { id, start } => self.subscribe_all(id, start),
+            Command::UnsubscribeAll { id } => self.unsubscribe_all(id),
+            Command::WantPresence { id } => self.want_presence(id),
+            Command::PresenceChanges { reply } => {
+                let _ = reply.send(self.presence_changes());
+            }
+            Command::PublishPresence { counts } => self.publish_presence(counts),
         }
     }
 
@@ -298,7 +357,7 @@ impl<F: FrameBytes> Distributor<F> {
     /// the whole server; all or nothing.
     fn subscribe(&mut self, id: SessionId, products: &[ProductId]) -> Result<(), OverLimit> {
         let budgets = self.settings.budgets;
-        let total = self.subscriptions.subscription_count();
+        let total = self.subscriptions.subscription_count() + self.all_held();
         let address = self.subscriptions.sink(id).and_then(|sink| sink.address);
         let held = address
             .and_then(|ip| self.addresses.get(&ip))

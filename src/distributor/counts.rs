@@ -13,6 +13,7 @@ pub(super) struct Counts {
     sessions: AtomicU64,
     subscriptions: AtomicU64,
     products_with_subscribers: AtomicU64,
+    all_subscribers: AtomicU64,
     changes_published: AtomicU64,
     messages_queued: AtomicU64,
     messages_written_directly: AtomicU64,
@@ -38,6 +39,7 @@ impl Counts {
             &self.products_with_subscribers,
             stats.products_with_subscribers as u64,
         );
+        put(&self.all_subscribers, stats.all_subscribers as u64);
         put(&self.changes_published, stats.changes_published);
         put(&self.messages_queued, stats.messages_queued);
         put(
@@ -69,6 +71,7 @@ impl Counts {
             sessions: size(&self.sessions),
             subscriptions: size(&self.subscriptions),
             products_with_subscribers: size(&self.products_with_subscribers),
+            all_subscribers: size(&self.all_subscribers),
             changes_published: get(&self.changes_published),
             messages_queued: get(&self.messages_queued),
             messages_written_directly: get(&self.messages_written_directly),

@@ -24,6 +24,13 @@
 //! commands, so `/stats` and `/metrics` cost the actor nothing however often they are asked;
 //! the views that walk its maps ([`Views`]) are asked for by one cache, at most once a second.
 //!
+//! Two additions beside the by-id maps (`actor::all_and_presence`): sessions subscribed to
+//! the whole catalog (`"all":true`), a small set every publish also walks, and presence: the
+//! actor notes which products' local subscriber counts changed (only once a presence task asks,
+//! [`DistributorHandle::presence_changes`]) and hands the presence task's encoded counts to the
+//! sessions that asked for them ([`DistributorHandle::publish_presence`]); sessions that did not
+//! ask get nothing.
+//!
 //! Imports `product` (ids) and `config` (limits and budgets) only.
 
 mod actor;
@@ -40,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Budgets, IpPrefix, Limits};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
 
+pub use actor::ALL_SUBSCRIPTION_WEIGHT;
 pub use outbox::{DirectSocket, LaneGate, OutboxReceiver};
 pub use subscriptions::{Budget, OverLimit, SessionId};
 
@@ -109,6 +117,20 @@ pub enum Delivery<F> {
     },
     /// The subscribe was refused whole: it would take a budget past its limit.
     Refused(OverLimit),
+    /// The subscribe to every product was applied; every change with seq > `position` follows.
+    SubscribedAll {
+        /// The last seq published before the subscription took effect.
+        position: Seq,
+        /// Where the client asked its stream to begin.
+        start: SubscriptionStart,
+    },
+    /// The subscribe to every product was dropped (by-id subscriptions stay).
+    UnsubscribedAll,
+    /// A product's watcher count, encoded by the presence task, for a session that asked.
+    Presence {
+        /// The encoded message.
+        frame: F,
+    },
     /// Changes to `products` with `after < seq <= upto` were not queued because the queue was
     /// full: the session reads them from the changelog when it gets here, at its own pace (see
     /// `outbox`). Further changes extend `upto` while this is the last entry.
@@ -149,6 +171,9 @@ pub struct Stats {
     pub subscriptions: usize,
     /// Products with at least one subscriber.
     pub products_with_subscribers: usize,
+    /// Sessions subscribed to every product (`"all":true`); each also counts 1 024 against the
+    /// address and server subscription budgets (not in `subscriptions`).
+    pub all_subscribers: usize,
     /// Changes published to the actor since start.
     pub changes_published: u64,
     /// Messages put into session outboxes since start.
@@ -275,6 +300,35 @@ enum Command<F> {
         top_products: usize,
         reply: oneshot::Sender<Views>,
     },
+    SubscribeAll {
+        id: SessionId,
+        start: SubscriptionStart,
+    },
+    UnsubscribeAll {
+        id: SessionId,
+    },
+    WantPresence {
+        id: SessionId,
+    },
+    PresenceChanges {
+        reply: oneshot::Sender<PresenceChanges>,
+    },
+    PublishPresence {
+        counts: Vec<(ProductId, F)>,
+    },
+}
+
+/// What the presence task learns from the actor at each tick (see
+/// [`DistributorHandle::presence_changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresenceChanges {
+    /// Products whose local subscriber count changed since the last call, with the count now.
+    pub counts: Vec<(ProductId, usize)>,
+    /// Products a session just asked watcher counts for: send their count even if unchanged.
+    pub fresh: Vec<ProductId>,
+    /// Every product held by id by a local session that asked for watcher counts, if that set
+    /// changed since the last call (None: the same as before).
+    pub watched: Option<Vec<ProductId>>,
 }
 
 /// Removes a session from the distributor exactly once: explicitly with [`Self::disconnect`]
@@ -338,6 +392,11 @@ impl<F> std::fmt::Debug for Command<F> {
             Self::Publish { .. } => "Publish",
             Self::Reset { .. } => "Reset",
             Self::Views { .. } => "Views",
+            Self::SubscribeAll { .. } => "SubscribeAll",
+            Self::UnsubscribeAll { .. } => "UnsubscribeAll",
+            Self::WantPresence { .. } => "WantPresence",
+            Self::PresenceChanges { .. } => "PresenceChanges",
+            Self::PublishPresence { .. } => "PublishPresence",
         })
     }
 }
@@ -457,6 +516,43 @@ impl<F: FrameBytes> DistributorHandle<F> {
             cause,
         })
         .await
+    }
+
+    /// Asks for every product, present and future; the answer arrives in the session's outbox.
+    /// Counts [`ALL_SUBSCRIPTION_WEIGHT`] against the address and server budgets.
+    pub async fn subscribe_all(
+        &self,
+        id: SessionId,
+        start: SubscriptionStart,
+    ) -> Result<(), DistributorGone> {
+        self.send(Command::SubscribeAll { id, start }).await
+    }
+
+    /// Drops the subscription to every product; by-id subscriptions stay.
+    pub async fn unsubscribe_all(&self, id: SessionId) -> Result<(), DistributorGone> {
+        self.send(Command::UnsubscribeAll { id }).await
+    }
+
+    /// From now on the session gets the watcher counts of the products it subscribes to by id.
+    pub async fn want_presence(&self, id: SessionId) -> Result<(), DistributorGone> {
+        self.send(Command::WantPresence { id }).await
+    }
+
+    /// For the presence task: the local counts that changed since the last call. The actor
+    /// notes changes only after the first call, so without a presence task this costs nothing.
+    pub async fn presence_changes(&self) -> Result<PresenceChanges, DistributorGone> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::PresenceChanges { reply }).await?;
+        answer.await.map_err(|_| DistributorGone)
+    }
+
+    /// For the presence task: hands each product's encoded watcher count to its subscribers
+    /// that asked for counts.
+    pub async fn publish_presence(
+        &self,
+        counts: Vec<(ProductId, F)>,
+    ) -> Result<(), DistributorGone> {
+        self.send(Command::PublishPresence { counts }).await
     }
 
     /// The running totals, as of the actor's last batch of commands. Reads atomics: costs the

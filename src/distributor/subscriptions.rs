@@ -256,6 +256,18 @@ impl<S> Subscriptions<S> {
             })
     }
 
+    /// True if session `id` is subscribed to `product` by id.
+    pub(crate) fn is_subscribed(&self, id: SessionId, product: ProductId) -> bool {
+        self.by_session
+            .get(&id)
+            .is_some_and(|&slot| self.sessions[slot as usize].products.contains(&product))
+    }
+
+    /// How many sessions are subscribed to `product` by id.
+    pub(crate) fn subscriber_count(&self, product: ProductId) -> usize {
+        self.by_product.get(&product).map_or(0, Subscribers::len)
+    }
+
     /// The sink of a session, if it is registered.
     pub(crate) fn sink(&self, id: SessionId) -> Option<&S> {
         let slot = *self.by_session.get(&id)?;

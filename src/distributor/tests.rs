@@ -325,3 +325,155 @@ async fn session_and_subscription_budgets_hold_per_address_and_server_wide() {
         "b's slot is free"
     );
 }
+
+#[tokio::test]
+async fn an_all_subscriber_gets_each_change_once_even_when_also_subscribed_by_id() {
+    let distributor = spawn::<&'static str>(limits(16, 10, SlowClientPolicy::Conflate), 5);
+    let mut a = distributor.register(None).await.unwrap();
+    distributor
+        .subscribe(a.id, ids(&[1]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    distributor
+        .subscribe_all(a.id, SubscriptionStart::Live)
+        .await
+        .unwrap();
+    distributor.publish(ids(&[1])[0], 6, "one").await.unwrap();
+    distributor.publish(ids(&[9])[0], 7, "nine").await.unwrap();
+    distributor.unsubscribe_all(a.id).await.unwrap();
+    distributor
+        .publish(ids(&[9])[0], 8, "nine again")
+        .await
+        .unwrap();
+    distributor
+        .publish(ids(&[1])[0], 9, "one again")
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut a).await,
+        Some(Delivery::Subscribed { .. })
+    ));
+    assert_eq!(
+        next(&mut a).await,
+        Some(Delivery::SubscribedAll {
+            position: 5,
+            start: SubscriptionStart::Live
+        })
+    );
+    assert_eq!(next(&mut a).await, Some(change(1, 6, "one")));
+    assert_eq!(next(&mut a).await, Some(change(9, 7, "nine")));
+    assert_eq!(next(&mut a).await, Some(Delivery::UnsubscribedAll));
+    assert_eq!(next(&mut a).await, Some(change(1, 9, "one again")));
+    let stats = settled(&distributor).await;
+    assert_eq!(stats.all_subscribers, 0);
+    assert_eq!(stats.messages_queued, 6);
+}
+
+#[tokio::test]
+async fn a_subscribe_all_counts_against_the_server_budget_until_its_session_leaves() {
+    let budgets = Budgets {
+        max_total_subscriptions: ALL_SUBSCRIPTION_WEIGHT + 5,
+        ..open_budgets()
+    };
+    let distributor = DistributorHandle::<u64>::spawn(
+        limits(16, 10, SlowClientPolicy::Conflate),
+        budgets,
+        Vec::new(),
+        0,
+    );
+    let mut a = distributor.register(None).await.unwrap();
+    let mut b = distributor.register(None).await.unwrap();
+    distributor
+        .subscribe_all(a.id, SubscriptionStart::Live)
+        .await
+        .unwrap();
+    distributor
+        .subscribe_all(b.id, SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut a).await,
+        Some(Delivery::SubscribedAll { .. })
+    ));
+    assert!(matches!(
+        next(&mut b).await,
+        Some(Delivery::Refused(OverLimit {
+            budget: Budget::Server,
+            ..
+        }))
+    ));
+    distributor
+        .subscribe(b.id, ids(&[1, 2, 3, 4, 5, 6]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut b).await, Some(Delivery::Refused(_))));
+    distributor.disconnect(a.id).await;
+    distributor
+        .subscribe_all(b.id, SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut b).await,
+        Some(Delivery::SubscribedAll { .. })
+    ));
+    assert_eq!(settled(&distributor).await.all_subscribers, 1);
+}
+
+#[tokio::test]
+async fn presence_reaches_only_sessions_that_asked_and_changes_are_noted_once_asked() {
+    let distributor = spawn::<&'static str>(limits(16, 10, SlowClientPolicy::Conflate), 0);
+    let mut watcher = distributor.register(None).await.unwrap();
+    let mut quiet = distributor.register(None).await.unwrap();
+    // Before a presence task asks, nothing is noted.
+    distributor
+        .subscribe(quiet.id, ids(&[1]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    assert_eq!(
+        distributor.presence_changes().await.unwrap(),
+        PresenceChanges::default()
+    );
+    distributor.want_presence(watcher.id).await.unwrap();
+    distributor
+        .subscribe(watcher.id, ids(&[1]), SubscriptionStart::Live)
+        .await
+        .unwrap();
+    let changes = distributor.presence_changes().await.unwrap();
+    assert_eq!(changes.counts, vec![(ids(&[1])[0], 2)]);
+    assert_eq!(changes.fresh, ids(&[1]));
+    assert_eq!(changes.watched, Some(ids(&[1])));
+    distributor
+        .publish_presence(vec![(ids(&[1])[0], "two watchers")])
+        .await
+        .unwrap();
+    distributor.disconnect(quiet.id).await;
+    let changes = distributor.presence_changes().await.unwrap();
+    assert_eq!(changes.counts, vec![(ids(&[1])[0], 1)]);
+    assert!(changes.fresh.is_empty());
+    assert_eq!(changes.watched, None, "the watcher still holds product 1");
+    distributor
+        .unsubscribe(watcher.id, ids(&[1]))
+        .await
+        .unwrap();
+    assert_eq!(
+        distributor.presence_changes().await.unwrap().watched,
+        Some(Vec::new())
+    );
+
+    assert!(matches!(
+        next(&mut watcher).await,
+        Some(Delivery::Subscribed { .. })
+    ));
+    assert_eq!(
+        next(&mut watcher).await,
+        Some(Delivery::Presence {
+            frame: "two watchers"
+        })
+    );
+    // The quiet session got its ack and nothing else.
+    assert!(matches!(
+        next(&mut quiet).await,
+        Some(Delivery::Subscribed { .. })
+    ));
+    assert_eq!(next(&mut quiet).await, None);
+}

@@ -11,13 +11,25 @@
 //! `{"type":"change","seq":N,"action":…,"product":{…}}` per committed change, and
 //! `{"type":"error","error":<code>,"message":…}` for input the server could not use.
 //!
+//! Whole catalog: `{"command":"subscribe","all":true}` (with the same `since`, `snapshot` and
+//! `delivery` options) and `{"command":"unsubscribe","all":true}`; their messages carry
+//! `"all":true` instead of `productIDs`, and an all-snapshot comes in pages (`"more":true` on
+//! every page but the last). Presence: `"presence":true` in a by-id subscribe asks for
+//! `{"type":"presence","productId":N,"watchers":W}` messages.
+//!
 //! Also names [`Frame`], the encoded message every transport sends. Imports `product`, and
 //! `distributor` for the one trait a `Frame` implements so the distributor can carry it.
 
-use serde::Serialize;
 use serde_json::Value;
 
-use crate::product::{Change, Product, ProductId, ResetCause, Seq, SubscriptionStart};
+use crate::product::{ProductId, SubscriptionStart};
+
+mod encode;
+
+pub use encode::{
+    encode_ack, encode_all_ack, encode_all_reset, encode_all_snapshot_page, encode_change,
+    encode_conflated_change, encode_error, encode_presence, encode_reset, encode_snapshot,
+};
 
 mod frame;
 
@@ -135,10 +147,15 @@ impl ErrorCode {
 /// A command a client sent, parsed and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientCommand {
-    /// Start receiving changes of these products (set semantics: repeats are no-ops).
-    Subscribe(Vec<ProductId>, SubscriptionStart, Versions),
+    /// Start receiving changes of these products (set semantics: repeats are no-ops); the
+    /// last field is `"presence":true` (watcher counts wanted, for the whole connection).
+    Subscribe(Vec<ProductId>, SubscriptionStart, Versions, bool),
     /// Stop receiving changes of these products.
     Unsubscribe(Vec<ProductId>),
+    /// Start receiving changes of every product, present and future (`"all":true`).
+    SubscribeAll(SubscriptionStart, Versions),
+    /// Stop receiving every product's changes (by-id subscriptions stay).
+    UnsubscribeAll,
 }
 
 /// Which versions a subscriber gets after it has stopped reading for a while (`"delivery"` in
@@ -188,7 +205,7 @@ impl ClientCommand {
                 let ids = dedup_keeping_order(ids);
                 return Ok(match plain.command {
                     PlainVerb::Subscribe => {
-                        Self::Subscribe(ids, SubscriptionStart::Live, Versions::Latest)
+                        Self::Subscribe(ids, SubscriptionStart::Live, Versions::Latest, false)
                     }
                     PlainVerb::Unsubscribe => Self::Unsubscribe(ids),
                 });
@@ -236,6 +253,19 @@ impl ClientCommand {
                 ));
             }
         };
+        let all = match members.remove("all") {
+            None | Some(Value::Null | Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(value) => {
+                return Err(ProtocolError::new(
+                    ErrorCode::InvalidCommand,
+                    format!("`all` must be true or false; got {value}"),
+                ));
+            }
+        };
+        if all {
+            return parse_all(subscribing, &command, members);
+        }
         let ids = match members.remove("productIDs") {
             Some(Value::Array(ids)) => ids,
             Some(_) => {
@@ -247,14 +277,20 @@ impl ClientCommand {
             None => {
                 return Err(ProtocolError::new(
                     ErrorCode::InvalidCommand,
-                    format!("`{command}` needs `productIDs`, an array of product ids"),
+                    format!(
+                        "`{command}` needs `productIDs`, an array of product ids, or `\"all\":true`"
+                    ),
                 ));
             }
         };
-        let (start, versions) = if subscribing {
-            (parse_start(&mut members)?, parse_versions(&mut members)?)
+        let (start, versions, presence) = if subscribing {
+            (
+                parse_start(&mut members)?,
+                parse_versions(&mut members)?,
+                parse_presence(&mut members)?,
+            )
         } else {
-            (SubscriptionStart::Live, Versions::Latest)
+            (SubscriptionStart::Live, Versions::Latest, false)
         };
         if let Some(unknown) = members.keys().next() {
             return Err(ProtocolError::new(
@@ -277,10 +313,58 @@ impl ClientCommand {
         }
         let parsed = dedup_keeping_order(parsed);
         Ok(if subscribing {
-            Self::Subscribe(parsed, start, versions)
+            Self::Subscribe(parsed, start, versions, presence)
         } else {
             Self::Unsubscribe(parsed)
         })
+    }
+}
+
+/// The rest of a command with `"all":true`: the same options as a by-id subscribe, except
+/// `productIDs` (contradictory) and `presence` (watcher counts are per product).
+fn parse_all(
+    subscribing: bool,
+    command: &str,
+    mut members: serde_json::Map<String, Value>,
+) -> Result<ClientCommand, ProtocolError> {
+    if members.contains_key("productIDs") {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidCommand,
+            format!("`{command}` takes either `productIDs` or `\"all\":true`, not both"),
+        ));
+    }
+    let (start, versions) = if subscribing {
+        (parse_start(&mut members)?, parse_versions(&mut members)?)
+    } else {
+        (SubscriptionStart::Live, Versions::Latest)
+    };
+    if let Some(unknown) = members.keys().next() {
+        let hint = if unknown == "presence" {
+            " (watcher counts are asked for with a by-id subscribe)"
+        } else {
+            ""
+        };
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidCommand,
+            format!("unknown field `{unknown}` in `{command}` with `all`{hint}"),
+        ));
+    }
+    Ok(if subscribing {
+        ClientCommand::SubscribeAll(start, versions)
+    } else {
+        ClientCommand::UnsubscribeAll
+    })
+}
+
+/// Reads the optional `presence` member of a subscribe.
+fn parse_presence(members: &mut serde_json::Map<String, Value>) -> Result<bool, ProtocolError> {
+    match members.remove("presence") {
+        None | Some(Value::Null | Value::Bool(false)) => Ok(false),
+        Some(Value::Bool(true)) => Ok(true),
+        Some(value) => Err(ProtocolError::new(
+            ErrorCode::InvalidCommand,
+            format!("`presence` must be true or false; got {value}"),
+        )),
     }
 }
 
@@ -362,148 +446,6 @@ fn parse_start(
         (None, true) => Ok(SubscriptionStart::Snapshot),
         (None, false) => Ok(SubscriptionStart::Live),
     }
-}
-
-/// Encodes a change once; the same bytes go to every subscriber.
-pub fn encode_change(change: &Change) -> String {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        r#type: &'static str,
-        #[serde(flatten)]
-        change: &'a Change,
-    }
-    to_json(&Wire {
-        r#type: "change",
-        change,
-    })
-}
-
-/// Encodes a change that stands for `versions` changes of its product: the client had stopped
-/// reading, so the versions between were skipped and this is the newest (`"conflated":true`).
-pub fn encode_conflated_change(change: &Change) -> String {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        r#type: &'static str,
-        #[serde(flatten)]
-        change: &'a Change,
-        conflated: bool,
-    }
-    to_json(&Wire {
-        r#type: "change",
-        change,
-        conflated: true,
-    })
-}
-
-/// Encodes the acknowledgement of an applied subscribe (with the seq after which its changes
-/// follow) or unsubscribe (without).
-pub fn encode_ack(ids: &[ProductId], seq: Option<Seq>) -> String {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        r#type: &'static str,
-        #[serde(rename = "productIDs")]
-        product_ids: &'a [ProductId],
-        #[serde(skip_serializing_if = "Option::is_none")]
-        seq: Option<Seq>,
-    }
-    to_json(&Wire {
-        r#type: if seq.is_some() {
-            "subscribed"
-        } else {
-            "unsubscribed"
-        },
-        product_ids: ids,
-        seq,
-    })
-}
-
-/// Encodes the rows of subscribed products as of `seq`; `missing` ids have no row.
-pub fn encode_snapshot(seq: Seq, products: &[Product], missing: &[ProductId]) -> String {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        r#type: &'static str,
-        seq: Seq,
-        products: &'a [Product],
-        missing: &'a [ProductId],
-    }
-    to_json(&Wire {
-        r#type: "snapshot",
-        seq,
-        products,
-        missing,
-    })
-}
-
-/// Tells a client that its stream cannot go on from `since` with a replay; a snapshot of the
-/// products follows, then every change after it.
-pub fn encode_reset(ids: &[ProductId], since: Seq, cause: ResetCause) -> String {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Wire<'a> {
-        r#type: &'static str,
-        #[serde(rename = "productIDs")]
-        product_ids: &'a [ProductId],
-        since: Seq,
-        reason: &'static str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pruned_through: Option<Seq>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        latest: Option<Seq>,
-        message: String,
-    }
-    let (reason, pruned_through, latest, message) = match cause {
-        ResetCause::Pruned { pruned_through } => (
-            "pruned",
-            Some(pruned_through),
-            None,
-            format!(
-                "changes up to seq {pruned_through} are no longer kept, so a resume from {since} could miss some; \
-                 a snapshot of the current rows follows, then every change after it"
-            ),
-        ),
-        ResetCause::Rewound { latest } => (
-            "rewound",
-            None,
-            Some(latest),
-            format!(
-                "the database's history does not continue from seq {since} (its newest is {latest}: \
-                 restored, failed over or re-created); a snapshot of the current rows follows, then every change after it"
-            ),
-        ),
-    };
-    to_json(&Wire {
-        r#type: "reset",
-        product_ids: ids,
-        since,
-        reason,
-        pruned_through,
-        latest,
-        message,
-    })
-}
-
-/// Encodes an error message for the client.
-pub fn encode_error(code: ErrorCode, message: &str) -> String {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        r#type: &'static str,
-        error: &'a str,
-        message: &'a str,
-    }
-    to_json(&Wire {
-        r#type: "error",
-        error: code.as_str(),
-        message,
-    })
-}
-
-fn to_json(value: &impl Serialize) -> String {
-    // Serializing these plain structs (strings, integers, derived enums) to a String cannot fail:
-    // serde_json fails only for non-string map keys or failing custom Serialize impls.
-    serde_json::to_string(value).unwrap_or_else(|err| {
-        tracing::error!(cause = %err, "encoding a server message failed");
-        String::new()
-    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The wire protocol's cases: parsing, encoding, and the documented tables.
 
 use super::*;
-use crate::product::{Action, Product};
+use crate::product::{Action, Change, Product, ResetCause};
 
 fn id(raw: i64) -> ProductId {
     ProductId::new(raw).unwrap()
@@ -14,7 +14,8 @@ fn parses_subscribe_and_unsubscribe_with_deduplicated_ids() {
         ClientCommand::Subscribe(
             vec![id(0), id(1)],
             SubscriptionStart::Live,
-            Versions::Latest
+            Versions::Latest,
+            false
         ),
         "0 never exists but may be subscribed to"
     );
@@ -23,7 +24,8 @@ fn parses_subscribe_and_unsubscribe_with_deduplicated_ids() {
         ClientCommand::Subscribe(
             vec![id(3), id(1)],
             SubscriptionStart::Live,
-            Versions::Latest
+            Versions::Latest,
+            false
         )
     );
     assert_eq!(
@@ -32,21 +34,79 @@ fn parses_subscribe_and_unsubscribe_with_deduplicated_ids() {
     );
     assert_eq!(
         ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"since":41}"#).unwrap(),
-        ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Since(41), Versions::Latest)
+        ClientCommand::Subscribe(
+            vec![id(1)],
+            SubscriptionStart::Since(41),
+            Versions::Latest,
+            false
+        )
     );
     assert_eq!(
         ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"snapshot":true}"#)
             .unwrap(),
-        ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Snapshot, Versions::Latest)
+        ClientCommand::Subscribe(
+            vec![id(1)],
+            SubscriptionStart::Snapshot,
+            Versions::Latest,
+            false
+        )
     );
     assert_eq!(
         ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"delivery":"all"}"#)
             .unwrap(),
-        ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Live, Versions::All)
+        ClientCommand::Subscribe(vec![id(1)], SubscriptionStart::Live, Versions::All, false)
     );
     let bad = ClientCommand::parse(r#"{"command":"subscribe","productIDs":[1],"delivery":"some"}"#)
         .unwrap_err();
     assert!(bad.message.contains("delivery"), "{bad}");
+}
+
+#[test]
+fn parses_subscribe_all_and_presence() {
+    let parse = |text: &str| ClientCommand::parse(text);
+    assert_eq!(
+        parse(r#"{"command":"subscribe","all":true}"#).unwrap(),
+        ClientCommand::SubscribeAll(SubscriptionStart::Live, Versions::Latest)
+    );
+    assert_eq!(
+        parse(r#"{"command":"subscribe","all":true,"since":7,"delivery":"all"}"#).unwrap(),
+        ClientCommand::SubscribeAll(SubscriptionStart::Since(7), Versions::All)
+    );
+    assert_eq!(
+        parse(r#"{"command":"subscribe","all":true,"snapshot":true}"#).unwrap(),
+        ClientCommand::SubscribeAll(SubscriptionStart::Snapshot, Versions::Latest)
+    );
+    assert_eq!(
+        parse(r#"{"command":"unsubscribe","all":true}"#).unwrap(),
+        ClientCommand::UnsubscribeAll
+    );
+    assert_eq!(
+        parse(r#"{"command":"subscribe","productIDs":[2],"all":false,"presence":true}"#).unwrap(),
+        ClientCommand::Subscribe(vec![id(2)], SubscriptionStart::Live, Versions::Latest, true)
+    );
+    for (frame, says) in [
+        (
+            r#"{"command":"subscribe","all":1}"#,
+            "`all` must be true or false",
+        ),
+        (
+            r#"{"command":"subscribe","all":true,"productIDs":[1]}"#,
+            "not both",
+        ),
+        (
+            r#"{"command":"subscribe","all":true,"presence":true}"#,
+            "by-id subscribe",
+        ),
+        (
+            r#"{"command":"subscribe","productIDs":[1],"presence":"yes"}"#,
+            "`presence` must be",
+        ),
+        (r#"{"command":"subscribe"}"#, "`\"all\":true`"),
+    ] {
+        let err = parse(frame).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidCommand, "{frame}");
+        assert!(err.message.contains(says), "{frame}: {}", err.message);
+    }
 }
 
 #[test]
@@ -200,6 +260,36 @@ fn encodes_messages_in_the_documented_shape() {
         encode_error(ErrorCode::BinaryFrame, "y"),
         r#"{"type":"error","error":"binary_frame","message":"y"}"#
     );
+}
+
+#[test]
+fn encodes_whole_catalog_and_presence_messages() {
+    let json = |text: String| serde_json::from_str::<serde_json::Value>(&text).unwrap();
+    assert_eq!(
+        json(encode_all_ack(Some(4))),
+        serde_json::json!({"type":"subscribed","all":true,"seq":4})
+    );
+    assert_eq!(
+        json(encode_all_ack(None)),
+        serde_json::json!({"type":"unsubscribed","all":true})
+    );
+    assert_eq!(
+        json(encode_all_snapshot_page(9, &[], true)),
+        serde_json::json!({"type":"snapshot","all":true,"seq":9,"products":[],"more":true})
+    );
+    assert_eq!(
+        json(encode_presence(id(3), 2)),
+        serde_json::json!({"type":"presence","productId":3,"watchers":2})
+    );
+    let reset = json(encode_all_reset(
+        5,
+        ResetCause::Pruned { pruned_through: 8 },
+    ));
+    assert_eq!(reset["all"], true);
+    assert!(reset.get("productIDs").is_none());
+    let by_id = json(encode_reset(&[id(1)], 5, ResetCause::Rewound { latest: 2 }));
+    assert!(by_id.get("all").is_none());
+    assert_eq!(by_id["productIDs"], serde_json::json!([1]));
 }
 
 #[test]

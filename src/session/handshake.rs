@@ -1,4 +1,7 @@
-//! The WebSocket opening handshake (RFC 6455 §4.2 on HTTP/1.1, RFC 8441 on HTTP/2), answered
+//! The WebSocket opening handshake, and the answer to one whose session could not register
+//! ([`registration_refused`]).
+//!
+//! The handshake (RFC 6455 §4.2 on HTTP/1.1, RFC 8441 on HTTP/2), answered
 //! here rather than by axum's `WebSocketUpgrade` because the session needs the upgraded
 //! connection itself: on plain TCP, its socket, which the distributor writes into directly.
 //! Checks what axum checks, with the same answers' meaning, as JSON errors that say what was
@@ -9,6 +12,8 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use hyper::upgrade::OnUpgrade;
+
+use crate::distributor::{Budget, RegisterError};
 
 /// A valid WebSocket handshake request, ready to be answered.
 #[derive(Debug)]
@@ -134,4 +139,40 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
             .split(|&b| b == b',')
             .any(|part| part.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
+}
+
+/// The HTTP answer to a session that could not register: 429 when the client's address holds
+/// its share of sessions, 503 when the server holds all it may (both with `Retry-After`; the
+/// client should back off), 503 while the process stops. Shared by WebSockets and SSE.
+pub fn registration_refused(err: RegisterError) -> Response {
+    let (status, code, message) = match err {
+        RegisterError::Gone => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the server is stopping".to_owned(),
+        ),
+        RegisterError::OverBudget(over) => match over.budget {
+            Budget::Server => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_sessions",
+                format!(
+                    "the server holds its limit of {} sessions; try again later",
+                    over.limit
+                ),
+            ),
+            Budget::Address | Budget::Connection => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sessions_from_address",
+                format!(
+                    "your address holds its limit of {} sessions; close one first",
+                    over.limit
+                ),
+            ),
+        },
+    };
+    let mut response = crate::http_error::respond(status, code, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    response
 }

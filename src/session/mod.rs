@@ -43,7 +43,6 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
@@ -57,15 +56,13 @@ use tracing::Instrument;
 
 use crate::config::{Budgets, Heartbeat, Limits};
 use crate::db::{HistoryError, HistoryReader};
-use crate::distributor::{
-    Budget, DistributorHandle, RegisterError, Registration, SessionGuard, SessionId,
-};
+use crate::distributor::{DistributorHandle, Registration, SessionGuard, SessionId};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{self, ClientCommand, CloseCode, ErrorCode, Frame, Versions};
 use crate::shutdown::Shutdown;
 
-pub use handshake::{Handshake, HandshakeError};
+pub use handshake::{Handshake, HandshakeError, registration_refused};
 use io::SessionIo;
 use pace::CommandPace;
 
@@ -131,42 +128,6 @@ pub async fn upgrade(
             WebSocketStream::from_partially_read(io, read_ahead, Role::Server, Some(config)).await;
         run(socket, state, peer, registration, guard).await;
     }));
-    response
-}
-
-/// The HTTP answer to a session that could not register: 429 when the client's address holds
-/// its share of sessions, 503 when the server holds all it may (both with `Retry-After`; the
-/// client should back off), 503 while the process stops. Shared by WebSockets and SSE.
-pub fn registration_refused(err: RegisterError) -> Response {
-    let (status, code, message) = match err {
-        RegisterError::Gone => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the server is stopping".to_owned(),
-        ),
-        RegisterError::OverBudget(over) => match over.budget {
-            Budget::Server => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_sessions",
-                format!(
-                    "the server holds its limit of {} sessions; try again later",
-                    over.limit
-                ),
-            ),
-            Budget::Address | Budget::Connection => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sessions_from_address",
-                format!(
-                    "your address holds its limit of {} sessions; close one first",
-                    over.limit
-                ),
-            ),
-        },
-    };
-    let mut response = crate::http_error::respond(status, code, message);
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     response
 }
 
@@ -446,13 +407,21 @@ impl Session {
             Some(Ok(Message::Text(text))) => match ClientCommand::parse(text.as_str()) {
                 Ok(command) => {
                     let sent = match command {
-                        ClientCommand::Subscribe(products, start, versions) => {
+                        ClientCommand::Subscribe(products, start, versions, presence) => {
                             self.every_version |= versions == Versions::All;
+                            if presence && self.distributor.want_presence(id).await.is_err() {
+                                return Reply::End(SessionEnd::DistributorGone);
+                            }
                             self.distributor.subscribe(id, products, start).await
                         }
                         ClientCommand::Unsubscribe(products) => {
                             self.distributor.unsubscribe(id, products).await
                         }
+                        ClientCommand::SubscribeAll(start, versions) => {
+                            self.every_version |= versions == Versions::All;
+                            self.distributor.subscribe_all(id, start).await
+                        }
+                        ClientCommand::UnsubscribeAll => self.distributor.unsubscribe_all(id).await,
                     };
                     match sent {
                         Ok(()) => Reply::None,

@@ -389,7 +389,11 @@ fn reply_bytes<F>(reply: &Delivery<F>) -> usize {
         | Delivery::Unsubscribed { products, .. }
         | Delivery::Gap { products, .. }
         | Delivery::Reset { products, .. } => products.len(),
-        Delivery::Change { .. } | Delivery::Refused(_) => 0,
+        Delivery::Change { .. }
+        | Delivery::Refused(_)
+        | Delivery::SubscribedAll { .. }
+        | Delivery::UnsubscribedAll
+        | Delivery::Presence { .. } => 0,
     };
     std::mem::size_of::<Delivery<F>>() + ids * std::mem::size_of::<ProductId>()
 }
