@@ -170,9 +170,12 @@ async fn a_batch_cut_short_by_eviction_is_not_counted_as_delivered() {
     // Everything the server wrote reaches the client once it reads: what it counted as
     // delivered must be no more than that (the ack was read above).
     let mut received = 1;
-    while let Ok(Some(_)) = stuck.next_or_closed(Duration::from_secs(2)).await {
-        received += 1;
-    }
+    let ending = loop {
+        match stuck.next_or_closed(Duration::from_secs(5)).await {
+            Ok(Some(_)) => received += 1,
+            other => break other,
+        }
+    };
     let metrics = app
         .http
         .get(format!("{}/metrics", app.base_url))
@@ -192,6 +195,6 @@ async fn a_batch_cut_short_by_eviction_is_not_counted_as_delivered() {
         .unwrap();
     assert!(
         delivered <= f64::from(received),
-        "counted {delivered} delivered, the client received {received}"
+        "counted {delivered} delivered, the client received {received}, then {ending:?}"
     );
 }
