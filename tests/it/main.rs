@@ -22,6 +22,7 @@ mod pg_tls;
 mod ordering;
 mod process;
 mod products_api;
+mod replication;
 mod slow_client;
 mod subscriptions;
 mod support;
