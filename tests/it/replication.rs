@@ -219,3 +219,85 @@ async fn replication_drop_hands_the_changelog_back_to_the_trigger() {
     notify.patch_product(id, json!({"unitsAvailable": 7})).await;
     assert_eq!(client.next_change().await["product"]["unitsAvailable"], 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_a_slot_invalidated_by_max_slot_wal_keep_size_ends_in_reset_not_silence() {
+    let cluster = PrivateCluster::start_with(&[("max_slot_wal_keep_size", "1MB")]).await;
+    let admin = PgPool::connect(&cluster.url("postgres")).await.unwrap();
+    sqlx::query("CREATE DATABASE rowcast_lost")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let url = cluster.url("rowcast_lost");
+    let mut first = spawn_instance(&url, &REPLICATION).await;
+    let id = first.create_product(product("Lost")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut client = WsClient::connect(&first.ws_url).await;
+    let position = client.subscribe(&[id]).await;
+    drop(client);
+    first.stop().await;
+
+    // With no reader, a change is committed and the server removes WAL the slot still needs.
+    let pool = PgPool::connect(&url).await.unwrap();
+    crate::support::add_one_unit(&pool, id).await;
+    for _ in 0..4 {
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS filler (n bigint); INSERT INTO filler VALUES (1)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("SELECT pg_switch_wal()")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query("CHECKPOINT").execute(&pool).await.unwrap();
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT wal_status FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(status.as_deref(), Some("lost"), "the slot was invalidated");
+
+    // The next reader replaces the slot and announces the gap: a resume from before it is a reset.
+    let second = spawn_instance(&url, &REPLICATION).await;
+    let mut client = WsClient::connect(&second.ws_url).await;
+    client
+        .send_json(&json!({"command": "subscribe", "productIDs": [id], "since": position}))
+        .await;
+    // Either the resume itself is answered with a reset (the reader announced the gap first) or
+    // it is acknowledged and the reset follows once the reader has; never silence.
+    let mut reset = client.next_json().await;
+    if reset["type"] == "subscribed" {
+        reset = client.next_json().await;
+    }
+    assert_eq!(reset["type"], "reset", "{reset}");
+    client.expect_ack(&[id]).await;
+    let snapshot = client.next_json().await;
+    assert_eq!(snapshot["products"][0]["unitsAvailable"], 11, "{snapshot}");
+    second.patch_product(id, json!({"unitsAvailable": 3})).await;
+    // The instance's listener may re-base on the same gap after the resume did: a second reset
+    // (and snapshot) is redundant but allowed; the change then arrives.
+    let change = loop {
+        let message = client.next_json().await;
+        match message["type"].as_str() {
+            Some("change") => break message,
+            Some("reset" | "subscribed" | "snapshot") => {}
+            _ => panic!("unexpected {message}"),
+        }
+    };
+    assert_eq!(change["product"]["unitsAvailable"], 3);
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT wal_status FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_ne!(status.as_deref(), Some("lost"), "a new slot replaced it");
+    drop((first, second, client, pool));
+    drop(cluster);
+}
