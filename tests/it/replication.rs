@@ -301,3 +301,68 @@ async fn replication_a_slot_invalidated_by_max_slot_wal_keep_size_ends_in_reset_
     drop((first, second, client, pool));
     drop(cluster);
 }
+
+#[tokio::test]
+async fn replication_a_truncate_reaches_subscribers_as_a_reset_and_an_empty_snapshot() {
+    let app = spawn_app_with(&REPLICATION).await;
+    let id = app.create_product(product("Gone")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client.subscribe(&[id]).await;
+    sqlx::query("TRUNCATE products")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let reset = client.next_json().await;
+    assert_eq!(reset["type"], "reset", "{reset}");
+    client.expect_ack(&[id]).await;
+    let snapshot = client.next_json().await;
+    assert_eq!(snapshot["products"], json!([]), "{snapshot}");
+    assert_eq!(snapshot["missing"], json!([id]), "{snapshot}");
+}
+
+#[tokio::test]
+async fn replication_migrate_prepares_the_slot_and_the_switch_before_any_instance_runs() {
+    let database = crate::support::TestDatabase::create().await;
+    let cli = <rowcast::config::Cli as clap::Parser>::try_parse_from([
+        "rowcast",
+        "--database-url",
+        &database.url,
+        "--source",
+        "replication",
+        "migrate",
+    ])
+    .unwrap();
+    rowcast::app::migrate_only(&cli.config).await.unwrap();
+    let pool = PgPool::connect(&database.url).await.unwrap();
+    let (slots, publications, source): (i64, i64, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()),
+                (SELECT count(*) FROM pg_publication),
+                (SELECT source FROM changelog_source)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (slots, publications, source.as_str()),
+        (1, 1, "replication")
+    );
+    // Written before any reader ran: in the slot, so delivered once one does.
+    sqlx::query(
+        "INSERT INTO products (product_id, manufacturer, price_per_unit, units_available, product_name)
+         VALUES (5, 'Acme', '1', 1, 'Early')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let app = spawn_instance(&database.url, &REPLICATION).await;
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client
+        .send_json(&json!({"command": "subscribe", "productIDs": [5], "since": 0}))
+        .await;
+    client.expect_ack(&[5]).await;
+    let change = client.next_change().await;
+    assert_eq!(change["product"]["productName"], "Early", "{change}");
+    drop((client, app, pool));
+}
