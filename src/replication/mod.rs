@@ -115,10 +115,13 @@ impl Reader {
     /// Runs until shutdown: try to lead; while leading, stream; on failure back off and retry.
     pub async fn run(self, shutdown: Shutdown) {
         let mut backoff = INITIAL_BACKOFF;
+        // A follower keeps its session between attempts (one idle connection, not one per
+        // interval); a leader's ends with its leadership.
+        let mut follower = None;
         loop {
             let outcome = tokio::select! {
                 () = shutdown.cancelled() => return,
-                outcome = self.lead_once() => outcome,
+                outcome = self.lead_once(&mut follower) => outcome,
             };
             self.gauges.leader.set(0.0);
             let delay = match outcome {
@@ -140,10 +143,15 @@ impl Reader {
         }
     }
 
-    /// One attempt: Ok(()) if another instance leads; else streams until something fails.
-    async fn lead_once(&self) -> Result<(), ReaderError> {
-        let mut session = sql::session(&self.target, "rowcast-replication").await?;
+    /// One attempt: Ok(()) if another instance leads (the session is kept in `follower` for
+    /// the next attempt); else streams until something fails.
+    async fn lead_once(&self, follower: &mut Option<sql::Session>) -> Result<(), ReaderError> {
+        let mut session = match follower.take() {
+            Some(session) => session,
+            None => sql::session(&self.target, "rowcast-replication").await?,
+        };
         if !sql::try_lead(&session.client).await? {
+            *follower = Some(session);
             return Ok(());
         }
         self.gauges.leader.set(1.0);
