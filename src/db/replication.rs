@@ -153,13 +153,13 @@ pub struct RowChange {
     pub action: &'static str,
     /// The row's id.
     pub product_id: i64,
-    /// The row's fields.
+    /// `manufacturer`, as the column's text.
     pub manufacturer: String,
-    /// The row's fields.
+    /// `price_per_unit`, as the column's text.
     pub price_per_unit: String,
-    /// The row's fields.
+    /// `units_available`.
     pub units_available: i32,
-    /// The row's fields.
+    /// `product_name`, as the column's text.
     pub product_name: String,
     /// The commit time, microseconds since 2000-01-01 UTC (PostgreSQL's epoch).
     pub committed_at_micros: i64,
