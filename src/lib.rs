@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! REST client ─▶ api ─▶ db ─▶ Postgres ─▶ trigger (changelog row + pg_notify hint)
-//!                                             │
+//!                                   │           or, with --source replication:
+//!                                   └─ WAL ─▶ replication (elected reader: changelog rows
+//!                                             │            in batches + one hint each)
 //!                                          listener   reads the changelog when woken
 //!                                             │
 //!                                        distributor  who wants which product; outboxes
@@ -23,6 +25,7 @@
 pub mod product;
 pub mod api;
 pub mod db;
+pub mod replication;
 pub mod retention;
 pub mod listener;
 pub mod distributor;

@@ -9,6 +9,10 @@
 //! notification naming a seq already published costs nothing; a forged, garbled, replayed or
 //! out-of-range one costs at most one read that finds nothing new.
 //!
+//! The source does not matter here: with `--source replication` the changelog is written by
+//! the elected WAL reader (`replication`), which sends one notification per batch it commits,
+//! and this task reads after its position exactly as it does behind the trigger.
+//!
 //! The connection is watched two ways: TCP keepalives, and a health query every
 //! `--listener-health-interval` bounded by `--listener-health-timeout`, because a hung backend
 //! raises no error on its own. On any failure it reconnects with exponential backoff and jitter;

@@ -1,9 +1,9 @@
-//! The `rowcast` binary: parse the command line, set up logging, then serve or migrate.
+//! The `rowcast` binary: parse the command line, set up logging, then serve, migrate or manage replication.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use rowcast::config::{Cli, Command};
+use rowcast::config::{Cli, Command, ReplicationCommand};
 use rowcast::shutdown::{self, Shutdown};
 use rowcast::{App, app, telemetry};
 
@@ -23,6 +23,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => app::migrate_only(&cli.config).await,
+        Command::Replication(ReplicationCommand::Drop) => app::replication_drop(&cli.config).await,
         Command::Serve => {
             let shutdown = Shutdown::new();
             let app = App::build(cli.config, shutdown.clone()).await?;

@@ -11,11 +11,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod acme;
 mod budgets;
 mod presence;
+mod source;
 mod values;
 
 pub use acme::AcmeSettings;
 pub use budgets::Budgets;
 pub use presence::PresenceSettings;
+pub use source::{Source, SourceSettings};
 pub use values::{HostName, IpPrefix, Origin, Secret, split_host_port};
 
 /// Loopback only: a fresh install must not expose an unauthenticated write API to the network.
@@ -108,8 +110,21 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the default).
     Serve,
-    /// Apply database migrations and exit.
+    /// Apply database migrations and exit (with `--source replication`, also create the
+    /// publication and, when no instance leads, the slot and switch).
     Migrate,
+    /// Manage the logical replication of `--source replication`.
+    #[command(subcommand)]
+    Replication(ReplicationCommand),
+}
+
+/// `rowcast replication …`.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ReplicationCommand {
+    /// Hand the changelog back to the trigger (subscribers get a reset), then drop the slot and
+    /// the publication. Stop the `--source replication` instances first: a running reader
+    /// would create them again.
+    Drop,
 }
 
 /// What happens when a client reads more slowly than its changes arrive and its queue fills.
@@ -172,6 +187,10 @@ pub struct Config {
     /// LISTEN connection health checks and reconnects.
     #[command(flatten)]
     pub listener: ListenerSettings,
+
+    /// Where changelog rows come from (`--source`).
+    #[command(flatten)]
+    pub source: SourceSettings,
 
     /// Changelog retention (resume window).
     #[command(flatten)]

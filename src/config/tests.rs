@@ -112,3 +112,23 @@ fn transport_defaults_keep_plain_http_only_and_exempt_loopback() {
         "Some(Secret(..))"
     );
 }
+
+#[test]
+fn the_source_defaults_to_notify_and_replication_has_its_command() {
+    let cli = parse(&[]).unwrap();
+    assert_eq!(cli.config.source.source, Source::Notify);
+    assert_eq!(cli.config.source.replication_name, None);
+    let cli = parse(&["--source", "replication", "--replication-name", "edge_1"]).unwrap();
+    assert_eq!(cli.config.source.source, Source::Replication);
+    assert_eq!(
+        cli.config.source.replication_name.as_deref(),
+        Some("edge_1")
+    );
+    let err = parse(&["--source", "wal"]).unwrap_err().to_string();
+    assert!(err.contains("--source"), "{err}");
+    let cli = parse(&["replication", "drop"]).unwrap();
+    assert!(matches!(
+        cli.command,
+        Some(Command::Replication(ReplicationCommand::Drop))
+    ));
+}

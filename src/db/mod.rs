@@ -1,7 +1,8 @@
 //! Database access: the connection pools ([`Pools`]: one per kind of work, so that none can
 //! starve another), migrations, the product queries (`products`), the changelog queries
-//! (`changelog`), the bounded queue clients' history reads wait in (`history`), and the
-//! WebSocket tickets every instance shares (`tickets`), the watcher counts every instance
+//! (`changelog`), the SQL of `--source replication` (`replication`: publication, slot, the
+//! switch from the trigger, the reader's batched writes), the bounded queue clients' history reads wait in (`history`), the
+//! WebSocket tickets every instance shares (`tickets`) and the watcher counts every instance
 //! shares (`presence`). The private
 //! cluster used when no `DATABASE_URL` is given is the `rowcast-embedded-postgres` crate
 //! (`crates/embedded-postgres`), started by `app`. The database URL is parsed once into a
@@ -14,6 +15,7 @@ pub mod changelog;
 pub mod history;
 pub mod presence;
 pub mod products;
+pub mod replication;
 pub mod target;
 pub mod tickets;
 pub mod tls;

@@ -1,4 +1,4 @@
-//! The presence queries (migration 0007): one instance's heartbeat, its watcher counts, and the
+//! The presence queries (migration 0008): one instance's heartbeat, its watcher counts, and the
 //! sums over every live instance. The schedule that calls them is `presence`'s.
 //!
 //! Imports `product` only.

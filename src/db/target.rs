@@ -27,6 +27,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use pgwire_replication::{ReplicationConfig, SslMode, TlsConfig};
 use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
@@ -48,6 +49,8 @@ pub struct PgTarget {
     sslmode: &'static str,
     /// For error messages: the `sslrootcert` given, if any.
     root_cert: Option<PathBuf>,
+    /// The TLS files, for the replication stream's own TLS settings.
+    files: TlsFiles,
 }
 
 impl PgTarget {
@@ -134,7 +137,8 @@ impl PgTarget {
             connector: MakeRustlsConnect::new(client),
             host,
             sslmode,
-            root_cert: files.root_cert,
+            root_cert: files.root_cert.clone(),
+            files,
         })
     }
 
@@ -151,6 +155,60 @@ impl PgTarget {
     /// The LISTEN connection's TLS connector.
     pub fn connector(&self) -> MakeRustlsConnect {
         self.connector.clone()
+    }
+
+    /// The replication stream's connection (`--source replication`): same host, user, password,
+    /// database and `sslmode`/files as the pools. `pgwire-replication` verifies with its own
+    /// rustls (ring) setup; `prefer` and `allow` map to its `Prefer` and `Disable`.
+    pub fn replication_config(&self, slot: &str, publication: &str) -> ReplicationConfig {
+        let host = self
+            .listen
+            .get_hosts()
+            .first()
+            .map(|host| match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(dir) => dir.display().to_string(),
+            })
+            .unwrap_or_else(|| self.host.clone());
+        let password = self
+            .listen
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let mode = match self.sslmode {
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => SslMode::Disable,
+        };
+        let mut tls = TlsConfig {
+            mode,
+            ca_pem_path: self.files.root_cert.clone(),
+            ..TlsConfig::default()
+        };
+        if let (Some(cert), Some(key)) = (&self.files.client_cert, &self.files.client_key) {
+            tls = tls.with_client_cert(cert, key);
+        }
+        let mut config = ReplicationConfig::new(
+            host,
+            self.listen.get_user().unwrap_or_default(),
+            password,
+            self.listen.get_dbname().unwrap_or_default(),
+            slot,
+            publication,
+        )
+        .with_port(self.listen.get_ports().first().copied().unwrap_or(5432))
+        .with_tls(tls);
+        if let Some(options) = self.listen.get_options() {
+            config = config.with_options(options);
+        }
+        config
+    }
+
+    /// The database's name (the default replication name is made from it).
+    pub fn database(&self) -> &str {
+        self.listen.get_dbname().unwrap_or_default()
     }
 
     /// A TLS failure connecting to this target in plain words, or None when `err` is not one.

@@ -8,9 +8,19 @@ use serde_json::{Value, json};
 
 use crate::support::scenario::{self, Scenario, Writes, create_ids};
 use crate::support::{
-    SseClient, WsClient, add_one_unit, committed_changes, get_json, product, products_in_table,
-    spawn_app, spawn_app_with, spawn_instance, terminate_listener, wait_until,
+    Source, SseClient, WsClient, add_one_unit, committed_changes, get_json, product,
+    products_in_table, spawn_app_with, spawn_instance, terminate_listener, wait_for_changelog,
+    wait_until,
 };
+
+// The delivery guarantees hold whichever source writes the changelog.
+crate::both_sources!(
+    a_change_committed_while_the_client_was_away_arrives_on_resume_websocket_and_sse,
+    randomized_writers_and_roaming_clients_on_two_instances_lose_and_double_nothing,
+    changes_written_while_the_listener_is_down_all_arrive_in_order,
+    snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_writes,
+    a_product_with_a_100_kb_name_is_written_and_delivered_in_full,
+);
 
 fn key(change: &Value) -> (i64, u64) {
     (
@@ -19,9 +29,10 @@ fn key(change: &Value) -> (i64, u64) {
     )
 }
 
-#[tokio::test]
-async fn a_change_committed_while_the_client_was_away_arrives_on_resume_websocket_and_sse() {
-    let app = spawn_app().await;
+async fn a_change_committed_while_the_client_was_away_arrives_on_resume_websocket_and_sse(
+    source: Source,
+) {
+    let app = spawn_app_with(&source.with(&[])).await;
     let ids = create_ids(&app, 2).await;
     let (first, second) = (ids[0], ids[1]);
 
@@ -106,14 +117,15 @@ async fn a_change_committed_while_the_client_was_away_arrives_on_resume_websocke
     }
 }
 
-#[tokio::test]
-async fn randomized_writers_and_roaming_clients_on_two_instances_lose_and_double_nothing() {
-    let flags = [
+async fn randomized_writers_and_roaming_clients_on_two_instances_lose_and_double_nothing(
+    source: Source,
+) {
+    let flags = source.with(&[
         "--slow-client-policy",
         "disconnect",
         "--outbox-capacity",
         "512",
-    ];
+    ]);
     let one = spawn_app_with(&flags).await;
     let two = spawn_instance(&one.database_url, &flags).await;
     let scenario = Scenario::new(scenario::seed(), Writes::SingleRows(300));
@@ -123,9 +135,8 @@ async fn randomized_writers_and_roaming_clients_on_two_instances_lose_and_double
         .assert_exact();
 }
 
-#[tokio::test]
-async fn changes_written_while_the_listener_is_down_all_arrive_in_order() {
-    let app = spawn_app_with(&["--listener-max-backoff", "500ms"]).await;
+async fn changes_written_while_the_listener_is_down_all_arrive_in_order(source: Source) {
+    let app = spawn_app_with(&source.with(&["--listener-max-backoff", "500ms"])).await;
     let ids = create_ids(&app, 5).await;
     let mut client = WsClient::connect(&app.ws_url).await;
     let first_ack = client.subscribe(&ids).await;
@@ -156,16 +167,22 @@ async fn changes_written_while_the_listener_is_down_all_arrive_in_order() {
         stats["listener"]["reconnects"].as_u64() >= Some(1),
         "{stats}"
     );
-    assert!(
-        stats["listener"]["changesReadFromChangelog"].as_u64() >= Some(1),
-        "{stats}"
-    );
+    // With the trigger, changes committed while LISTEN was down are found by the catch-up
+    // read. The replication reader writes them a batch later, often after the listener is back,
+    // so there they may all arrive as notified reads: the order and count above are what count.
+    if source == Source::Notify {
+        assert!(
+            stats["listener"]["changesReadFromChangelog"].as_u64() >= Some(1),
+            "{stats}"
+        );
+    }
     client.expect_silence(Duration::from_millis(300)).await;
 }
 
-#[tokio::test]
-async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_writes() {
-    let app = spawn_app().await;
+async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_writes(
+    source: Source,
+) {
+    let app = spawn_app_with(&source.with(&[])).await;
     let mut ids = create_ids(&app, 6).await;
     let not_yet = ids.iter().max().unwrap() + 1000;
     ids.push(not_yet);
@@ -209,6 +226,7 @@ async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_wr
         assert!(!state.contains_key(&missing.as_i64().unwrap()));
     }
     writer.await.unwrap();
+    wait_for_changelog(&app.pool).await;
     let last: i64 = sqlx::query_scalar("SELECT max(seq) FROM product_changes")
         .fetch_one(&app.pool)
         .await
@@ -229,9 +247,8 @@ async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_wr
     assert_eq!(state, table);
 }
 
-#[tokio::test]
-async fn a_product_with_a_100_kb_name_is_written_and_delivered_in_full() {
-    let app = spawn_app().await;
+async fn a_product_with_a_100_kb_name_is_written_and_delivered_in_full(source: Source) {
+    let app = spawn_app_with(&source.with(&[])).await;
     let mut client = WsClient::connect(&app.ws_url).await;
     client.subscribe(&[777]).await;
     let name = "n".repeat(100 * 1024);
@@ -259,6 +276,11 @@ async fn a_product_with_a_100_kb_name_is_written_and_delivered_in_full() {
     app.patch_product(777, json!({"productName": longer})).await;
     let update = client.next_change().await;
     assert_eq!(update["product"]["productName"], longer);
+    // An update that leaves the (TOASTed) name alone still delivers the whole row.
+    app.patch_product(777, json!({"unitsAvailable": 1})).await;
+    let update = client.next_change().await;
+    assert_eq!(update["product"]["productName"], longer);
+    assert_eq!(update["product"]["unitsAvailable"], 1);
 }
 
 #[tokio::test]

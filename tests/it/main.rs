@@ -25,6 +25,7 @@ mod ordering;
 mod presence;
 mod process;
 mod products_api;
+mod replication;
 mod slow_client;
 mod subscriptions;
 mod whole_catalog;

@@ -219,7 +219,53 @@ pub async fn spawn_instance(database_url: &str, flags: &[&str]) -> TestApp {
         database: None,
     };
     test_app.wait_for_listener().await;
+    if flags
+        .windows(2)
+        .any(|pair| pair == ["--source", "replication"])
+    {
+        test_app.wait_for_replication().await;
+    }
     test_app
+}
+
+/// Where the changelog's rows come from, for the tests that must hold in both modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The row trigger and NOTIFY (the default).
+    Notify,
+    /// The elected WAL reader.
+    Replication,
+}
+
+impl Source {
+    /// `flags` with this source's flag added.
+    pub fn with<'a>(self, flags: &[&'a str]) -> Vec<&'a str> {
+        let mut all = flags.to_vec();
+        if self == Self::Replication {
+            all.extend_from_slice(&["--source", "replication"]);
+        }
+        all
+    }
+}
+
+/// Runs each `async fn name(source: Source)` given as two tests, `name::notify` and
+/// `name::replication`: one body, both sources.
+#[macro_export]
+macro_rules! both_sources {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn notify() {
+                    super::$name($crate::support::Source::Notify).await;
+                }
+                #[tokio::test]
+                async fn replication() {
+                    super::$name($crate::support::Source::Replication).await;
+                }
+            }
+        )*
+    };
 }
 
 /// A client that sends the app's operator token, else its API token (if the flags set one)
@@ -269,6 +315,24 @@ impl TestApp {
         wait_until(Duration::from_secs(10), "the LISTEN connection", || async {
             self.stats().await["listener"]["connected"] == json!(true)
         })
+        .await;
+    }
+
+    /// Waits until the replication reader has taken the changelog over from the trigger, so
+    /// that the writes a test makes next travel through the WAL.
+    pub async fn wait_for_replication(&self) {
+        wait_until(
+            Duration::from_secs(20),
+            "the replication reader",
+            || async {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT source = 'replication' AND armed FROM changelog_source",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(false)
+            },
+        )
         .await;
     }
 
@@ -382,6 +446,40 @@ pub async fn committed_changes(pool: &PgPool, products: &[i64], after: u64) -> V
     rows.into_iter()
         .map(|(p, s)| (p, u64::try_from(s).unwrap()))
         .collect()
+}
+
+/// Waits until everything committed so far is in the changelog. With the trigger that holds at
+/// commit; with `--source replication` the reader writes it a batch later, so this waits until
+/// the slot has confirmed the WAL written up to now.
+pub async fn wait_for_changelog(pool: &PgPool) {
+    let replication: bool =
+        sqlx::query_scalar("SELECT source = 'replication' FROM changelog_source")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    if !replication {
+        return;
+    }
+    let now: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the changelog catching up",
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots
+             WHERE database = current_database()",
+            )
+            .bind(&now)
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+            .unwrap_or(false)
+        },
+    )
+    .await;
 }
 
 /// Commits `count` updates of the lowest product id, one transaction each (a DO block that

@@ -168,6 +168,12 @@ pub(super) fn server_args(
         ("max_connections", "200"),
         ("cluster_name", "rowcast"),
         ("logging_collector", "off"),
+        // Logical decoding, so rowcast's `--source replication` works out of the box: a little
+        // more WAL per write (row identities, invalidations) in exchange. Senders and slots for
+        // several deployments or parallel tests on one cluster (each holds one of each).
+        ("wal_level", "logical"),
+        ("max_wal_senders", "64"),
+        ("max_replication_slots", "64"),
     ];
     if ephemeral {
         settings.extend([
@@ -213,6 +219,24 @@ mod tests {
             quote_guc_list_item(Path::new("/tmp/a \"b\",c")),
             OsString::from("\"/tmp/a \"\"b\"\",c\"")
         );
+    }
+
+    #[test]
+    fn logical_decoding_is_on_and_options_come_last() {
+        let options = EmbeddedOptions::new().setting("max_replication_slots", "3");
+        let args: Vec<String> = server_args(Path::new("/d"), Path::new("/s"), false, &options)
+            .into_iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.iter().any(|arg| arg == "wal_level=logical"),
+            "{args:?}"
+        );
+        let ours = args
+            .iter()
+            .position(|arg| arg == "max_replication_slots=64");
+        let theirs = args.iter().position(|arg| arg == "max_replication_slots=3");
+        assert!(ours < theirs, "the caller's settings win: {args:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! Imports every module that has a part to build, start or route: `access`, `acme`, `api`,
 //! `config`, `db`, `distributor`, `hardening`, `health`, `listener`, `memory`, `metrics`,
-//! `presence`, `product`, `protocol`, `retention`, `serve`, `session`, `shutdown`, `sse`, `tls` and `web`.
+//! `presence`, `product`, `protocol`, `replication`, `retention`, `serve`, `session`, `shutdown`, `sse`, `tls` and `web`.
 //! Nothing imports `app`; the routers below it are generic over the state (`FromRef`), so they
 //! need not.
 
@@ -21,10 +21,16 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+mod commands;
+
+use commands::{database, replication_names};
+pub use commands::{migrate_only, replication_drop};
+
 use crate::access::{self, Access, AllowedHosts};
 use crate::acme::{Renewal, TlsWatch};
 use crate::api;
-use crate::config::{Budgets, Config, Heartbeat, Limits, TlsSettings};
+use crate::config::{Budgets, Config, Heartbeat, Limits, Source, TlsSettings};
+use crate::db::replication::ReplicationNames;
 use crate::db::{self, HistoryReader, PgTarget, PoolSizes, Pools, changelog};
 use crate::distributor::DistributorHandle;
 use crate::hardening;
@@ -35,15 +41,13 @@ use crate::metrics::Metrics;
 use crate::presence;
 use crate::product::Seq;
 use crate::protocol::Frame;
+use crate::replication::Reader;
 use crate::retention;
 use crate::serve::{self, Connections, Handshake, TransportStats};
 use crate::session::{self, SessionState};
 use crate::shutdown::Shutdown;
 use crate::sse::{self, SseState};
 use crate::tls::{ServerTls, SighupReload};
-
-/// Database the embedded cluster serves rowcast from.
-const EMBEDDED_DATABASE: &str = "rowcast";
 
 /// What the handlers share: handles and pools, each cheap to clone (reference counts). One
 /// value for the whole router; each handler extracts only the part it uses (`State<PgPool>`,
@@ -186,42 +190,6 @@ struct Https {
     tls: ServerTls,
 }
 
-/// Where the database comes from: the configured URL, or a private cluster we start.
-async fn database(config: &Config) -> anyhow::Result<(String, Option<EmbeddedPostgres>)> {
-    if let Some(url) = &config.database_url {
-        return Ok((url.clone(), None));
-    }
-    let cluster = EmbeddedPostgres::start(&config.embedded_data_dir)
-        .await
-        .context("starting the embedded PostgreSQL (set DATABASE_URL to use your own)")?;
-    let admin = db::connect(&cluster.url("postgres"), 1).await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(EMBEDDED_DATABASE)
-            .fetch_one(&admin)
-            .await?;
-    if !exists {
-        sqlx::query(&format!("CREATE DATABASE {EMBEDDED_DATABASE}"))
-            .execute(&admin)
-            .await?;
-    }
-    admin.close().await;
-    tracing::info!(data_dir = %config.embedded_data_dir.display(), "embedded PostgreSQL running");
-    Ok((cluster.url(EMBEDDED_DATABASE), Some(cluster)))
-}
-
-/// Applies migrations and exits (`rowcast migrate`).
-pub async fn migrate_only(config: &Config) -> anyhow::Result<()> {
-    let (url, embedded) = database(config).await?;
-    let pool = db::connect(&url, 1).await?;
-    db::migrate(&pool).await?;
-    pool.close().await;
-    if let Some(cluster) = embedded {
-        cluster.stop().await?;
-    }
-    Ok(())
-}
-
 /// Binds `address`, naming it when that fails.
 async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(address)
@@ -259,6 +227,8 @@ struct Start {
     connect: ConnectOptions,
     /// The last seq committed before the start: the distributor publishes everything after it.
     position: Seq,
+    /// With `--source replication`: where the reader connects and its slot's name.
+    reader: Option<(PgTarget, ReplicationNames)>,
     /// The certificate reloads (TLS from files) or renewals (ACME), when TLS is on.
     background: Option<Background>,
     transport: TransportStats,
@@ -273,6 +243,7 @@ impl Start {
             pools,
             connect,
             position,
+            reader,
             background,
             transport,
             tls,
@@ -302,6 +273,13 @@ impl Start {
                 .run(shutdown.clone())
                 .instrument(tracing::info_span!("listener")),
         );
+        if let Some((target, names)) = reader {
+            shutdown.spawn(
+                Reader::new(target, names, config.listener, &metrics)
+                    .run(shutdown.clone())
+                    .instrument(tracing::info_span!("replication_reader")),
+            );
+        }
         shutdown.spawn(
             memory::run_trimmer(distributor.clone(), shutdown.clone())
                 .instrument(tracing::info_span!("memory_trimmer")),
@@ -472,6 +450,23 @@ impl App {
             .collect();
         let hosts = AllowedHosts::from_settings(&config.access, &listening);
         let connect = ConnectOptions::new(&target, &config.listener);
+        // The source: notify refuses a database the reader writes; replication checks the
+        // server and creates the publication now, so a missing privilege stops the start.
+        let reader = match config.source.source {
+            Source::Notify => {
+                db::replication::ensure_notify_mode(&pools.rest).await?;
+                None
+            }
+            Source::Replication => {
+                let names = replication_names(&config, &target)?;
+                db::replication::check_wal_level(&pools.rest).await?;
+                let session = db::replication::session(&target, "rowcast").await?;
+                db::replication::ensure_publication(&session.client, &names)
+                    .await
+                    .context("creating the publication for --source replication")?;
+                Some((target.clone(), names))
+            }
+        };
         // Everything committed after this position is published, by notification or by the
         // listener's catch-up from the changelog.
         let position = changelog::latest_seq(&pools.background).await?;
@@ -482,6 +477,7 @@ impl App {
             pools: pools.clone(),
             connect,
             position,
+            reader,
             tls: TlsWatch::new(
                 https.as_ref().map(|https| &https.tls),
                 background.as_ref().and_then(|tasks| tasks.acme.as_ref()),
