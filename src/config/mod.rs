@@ -10,12 +10,17 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod acme;
 mod budgets;
+mod changelog;
 mod presence;
 mod source;
 mod values;
 
 pub use acme::AcmeSettings;
 pub use budgets::Budgets;
+pub use changelog::{
+    ChangelogSettings, DEFAULT_CHANGELOG_MAX_ROWS, DEFAULT_CHANGELOG_PRUNE_INTERVAL,
+    DEFAULT_CHANGELOG_RETENTION,
+};
 pub use presence::PresenceSettings;
 pub use source::{Source, SourceSettings};
 pub use values::{HostName, IpPrefix, Origin, Secret, split_host_port};
@@ -83,12 +88,6 @@ pub const DEFAULT_LISTENER_HEALTH_INTERVAL: &str = "2s";
 pub const DEFAULT_LISTENER_HEALTH_TIMEOUT: &str = "3s";
 /// Longest wait between LISTEN reconnect attempts, so recovery after an outage is quick.
 pub const DEFAULT_LISTENER_MAX_BACKOFF: &str = "5s";
-/// Changes are kept this long for resumes: long enough for a laptop's overnight sleep.
-pub const DEFAULT_CHANGELOG_RETENTION: &str = "24h";
-/// And at most this many, so a write burst cannot fill the disk (~1 KB per change).
-pub const DEFAULT_CHANGELOG_MAX_ROWS: u64 = 1_000_000;
-/// How often retention runs.
-pub const DEFAULT_CHANGELOG_PRUNE_INTERVAL: &str = "10s";
 
 /// How long shutdown waits for sessions and requests to finish before exiting anyway.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "5s";
@@ -329,26 +328,6 @@ pub struct ListenerSettings {
     #[arg(long = "listener-max-backoff", env = "ROWCAST_LISTENER_MAX_BACKOFF",
           default_value = DEFAULT_LISTENER_MAX_BACKOFF, value_parser = parse_duration)]
     pub max_backoff: Duration,
-}
-
-/// How long committed changes are kept for resumes and catch-up.
-#[derive(Debug, Clone, Copy, Args)]
-pub struct ChangelogSettings {
-    /// Keep changes at least this long (e.g. 24h, 30m).
-    #[arg(long = "changelog-retention", env = "ROWCAST_CHANGELOG_RETENTION",
-          default_value = DEFAULT_CHANGELOG_RETENTION, value_parser = parse_duration)]
-    pub retention: Duration,
-
-    /// Keep at most this many changes.
-    #[arg(long = "changelog-max-rows", env = "ROWCAST_CHANGELOG_MAX_ROWS",
-          default_value_t = DEFAULT_CHANGELOG_MAX_ROWS,
-          value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
-    pub max_rows: u64,
-
-    /// Time between retention runs.
-    #[arg(long = "changelog-prune-interval", env = "ROWCAST_CHANGELOG_PRUNE_INTERVAL",
-          default_value = DEFAULT_CHANGELOG_PRUNE_INTERVAL, value_parser = parse_duration)]
-    pub prune_interval: Duration,
 }
 
 /// Loopback only, like `--listen`; 8443 is the customary unprivileged HTTPS port.
