@@ -48,7 +48,7 @@ use crate::config::{Budgets, IpPrefix, Limits};
 use crate::product::{ProductId, ResetCause, Seq, SubscriptionStart};
 
 pub use actor::ALL_SUBSCRIPTION_WEIGHT;
-pub use outbox::{DirectSocket, LaneGate, OutboxReceiver};
+pub use outbox::{DirectSocket, LaneGate, OutboxReceiver, RawTcp};
 pub use subscriptions::{Budget, OverLimit, SessionId};
 
 /// What the distributor needs of an encoded message (in the app, `protocol::Frame`): opaque,

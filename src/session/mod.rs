@@ -39,6 +39,7 @@ mod pace;
 
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
@@ -56,7 +57,7 @@ use tracing::Instrument;
 
 use crate::config::{Budgets, Heartbeat, Limits};
 use crate::db::{HistoryError, HistoryReader};
-use crate::distributor::{DistributorHandle, Registration, SessionGuard, SessionId};
+use crate::distributor::{DistributorHandle, RawTcp, Registration, SessionGuard, SessionId};
 use crate::feed::{Feed, Outgoing};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{self, ClientCommand, CloseCode, ErrorCode, Frame, Versions};
@@ -118,7 +119,9 @@ pub async fn upgrade(
         let (io, read_ahead) = match crate::serve::plain_upgraded(upgraded) {
             Ok(plain) => {
                 // Plain TCP: the distributor may write changes straight into the socket.
-                registration.outbox.attach_socket(plain.socket);
+                registration
+                    .outbox
+                    .attach_socket(Arc::new(RawTcp::new(plain.socket)));
                 let io = SessionIo::plain(plain.stream, registration.outbox.gate());
                 (io, plain.read_ahead.to_vec())
             }

@@ -61,9 +61,38 @@ pub trait DirectSocket: Send + Sync + std::fmt::Debug {
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
 }
 
-impl DirectSocket for tokio::net::TcpStream {
+/// A plain TCP socket written straight through its descriptor. Not through tokio's
+/// `try_write`: that also consults the socket's readiness state, one more cache line per
+/// subscriber in a pass over thousands of them, and a failed attempt here must not change what
+/// the session's own writes wait for. (If the kernel refuses, the session's next write finds out
+/// by itself.) The `Arc` keeps the descriptor open for as long as the lane may use it.
+#[derive(Debug)]
+pub struct RawTcp {
+    fd: std::os::fd::RawFd,
+    _socket: Arc<tokio::net::TcpStream>,
+}
+
+impl RawTcp {
+    /// Writes into `socket` through its descriptor.
+    pub fn new(socket: Arc<tokio::net::TcpStream>) -> Self {
+        use std::os::fd::AsRawFd;
+        Self {
+            fd: socket.as_raw_fd(),
+            _socket: socket,
+        }
+    }
+}
+
+impl DirectSocket for RawTcp {
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
-        tokio::net::TcpStream::try_write(self, bytes)
+        use nix::sys::socket::{MsgFlags, send};
+        // Never wait, and a peer that went away is an error, not a SIGPIPE.
+        send(
+            self.fd,
+            bytes,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        )
+        .map_err(io::Error::from)
     }
 }
 
