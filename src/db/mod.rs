@@ -22,8 +22,8 @@ pub mod tls;
 
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, PgPool};
 
 pub use history::{Busy, HistoryError, HistoryReader, HistoryStats};
 pub use target::PgTarget;
@@ -34,6 +34,14 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// How long REST requests and background tasks wait for a pooled connection. A query of theirs
 /// takes milliseconds, so 5 s of waiting means the pool is stuck; failing then beats queueing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pooled connection used this recently is handed out as it is; one idle for longer is pinged
+/// first. sqlx's default pings on every acquire: a full round trip that doubled the database
+/// work of every REST write and every changelog read. What the ping is for — a connection
+/// that died while idle (a PostgreSQL restart, a failover, a proxy's idle timeout) — only
+/// happens to idle connections; one in steady use that breaks fails its query either way,
+/// with or without a ping just before it.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Connections of the background pool: the listener's catch-up and history checks, the
 /// retention task and the presence task. Each of the three runs one query at a time, so with one
@@ -145,6 +153,16 @@ async fn open(
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for < PING_WHEN_IDLE_FOR {
+                    return Ok(true);
+                }
+                // A dead connection is closed and the pool tries another.
+                Ok(connection.ping().await.is_ok())
+            })
+        })
         .connect_with(target.pool_options().application_name(application_name))
         .await
         .map_err(|err| match target.describe_tls_failure(&err) {

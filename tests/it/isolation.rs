@@ -280,3 +280,37 @@ async fn a_replay_that_waits_too_long_is_busy_but_a_failed_read_is_an_internal_e
     assert_eq!(history_stats(&app).await["busyRefusals"], 1);
     lock.rollback().await.unwrap();
 }
+
+/// Pooled connections are not pinged while in steady use (a round trip per query saved), but one
+/// that sat idle is checked before it is handed out: connections killed while idle (a restart,
+/// a failover, a proxy's idle timeout) are replaced, and no request gets a dead one.
+#[tokio::test]
+async fn rest_connections_that_died_while_idle_are_replaced_not_handed_to_requests() {
+    let app = spawn_app_with(&["--db-max-connections", "4"]).await;
+    let id = app.create_product(product("Idle")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let url = format!("{}/products/{id}", app.base_url);
+    let get_all = || {
+        futures_util::future::join_all((0..8).map(|_| {
+            let (http, url) = (app.http.clone(), url.clone());
+            async move { http.get(url).send().await.unwrap().status().as_u16() }
+        }))
+    };
+    // Several requests at once open several REST connections.
+    assert_eq!(get_all().await, vec![200; 8]);
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'rowcast' AND datname = current_database()",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(terminated >= 1, "the REST pool had connections to kill");
+    assert_eq!(
+        get_all().await,
+        vec![200; 8],
+        "every request after the idle connections died gets a live one"
+    );
+}
