@@ -18,6 +18,8 @@ command -v chromium >/dev/null 2>&1 || need_packages+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_packages+=(chromium-driver)
 # Debian's pebble (Let's Encrypt's test ACME server), for tests/it/acme.rs.
 command -v pebble >/dev/null 2>&1 || need_packages+=(pebble)
+# Debian's nginx, for tests/it/proxy.rs (three instances behind the README's proxy config).
+[ -x /usr/sbin/nginx ] || need_packages+=(nginx)
 # schemathesis (PyPI) runs from a venv under target/.
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_packages+=(python3-venv)
 if ((${#need_packages[@]})); then
@@ -40,8 +42,8 @@ tests/typescript/check.sh
 echo "== cargo build (release binary for the live checks)"
 cargo build --release --locked
 echo "== cargo test (the whole workspace: rowcast and crates/*)"
-# Chromium is installed above, so the browser tests must run, not skip.
-ROWCAST_BROWSER_TEST=require ROWCAST_ACME_TEST=require cargo test --workspace --locked
+# Chromium, pebble and nginx are installed above, so their tests must run, not skip.
+ROWCAST_BROWSER_TEST=require ROWCAST_ACME_TEST=require ROWCAST_NGINX_TEST=require cargo test --workspace --locked
 
 echo "== .http request file against a live server"
 data_dir=$(mktemp -d /tmp/rowcast-http-XXXXXX)

@@ -24,6 +24,7 @@ mod pg_tls;
 mod ordering;
 mod presence;
 mod process;
+mod proxy;
 mod products_api;
 mod replication;
 mod slow_client;

@@ -3,6 +3,7 @@
 //! Logs are silent unless `TEST_LOG` is set.
 
 pub mod faults;
+pub mod nginx;
 pub mod pebble;
 pub mod process;
 pub mod scenario;
