@@ -36,9 +36,11 @@
 //! busy distributor inbox. Changes read during the catch-up after a reconnect or at a health
 //! tick have no arrival time (`rowcast_changes_received_total{source="changelog"}` counts them).
 //!
-//! Its changelog reads run on the background pool (`db::Pools`), which no client can reach: a
-//! crowd of clients replaying history exhausts the history pool, never this task's connections,
-//! so their load cannot delay publishing or make the health check fail.
+//! Its changelog reads run on a connection of its own, opened beside the LISTEN connection and
+//! replaced with it, which no client can reach: a crowd of clients replaying history exhausts the
+//! history pool, never this task's connections, so their load cannot delay publishing or make the
+//! health check fail. Not a pooled one: a pool's acquire and release (sqlx pings every connection
+//! it takes back) cost a round trip per read, for a task that reads one page at a time anyway.
 //!
 //! Imports `product`, `protocol`, `distributor`, `config`, `shutdown`, `metrics`, and
 //! `db::changelog` (the same queries clients' resumes use; its own LISTEN connection stays
@@ -125,6 +127,10 @@ enum ConnectionEnded {
     DistributorGone,
     #[error("reading the changelog failed: {0}")]
     Changelog(#[from] ChangelogError),
+    #[error("opening the changelog connection failed: {0}")]
+    ReadConnection(#[source] sqlx::Error),
+    #[error("opening the changelog connection did not finish within {0:?}")]
+    ReadConnectionTimeout(Duration),
 }
 
 impl From<crate::distributor::DistributorGone> for ConnectionEnded {
@@ -139,8 +145,9 @@ pub struct Listener {
     connect: ConnectOptions,
     settings: ListenerSettings,
     distributor: DistributorHandle<Frame>,
-    /// The background pool: the changelog reads of catch-ups and history checks.
-    pool: sqlx::PgPool,
+    /// The changelog reads of catch-ups and history checks: the connection of the current
+    /// LISTEN connection's life (None between lives).
+    reader: Option<sqlx::PgConnection>,
     status: watch::Sender<ListenerStatus>,
     last_seq: Seq,
     /// The commit time of the change at `last_seq`, once known: with the seq it identifies
@@ -156,6 +163,10 @@ pub struct ConnectOptions {
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     target: PgTarget,
+    /// The changelog reads' connection: the pools' options, named `rowcast-listener-reads`.
+    reads: sqlx::postgres::PgConnectOptions,
+    /// How long opening the reads' connection may take.
+    reads_timeout: Duration,
 }
 
 impl ConnectOptions {
@@ -173,6 +184,19 @@ impl ConnectOptions {
             config,
             tls: target.connector(),
             target: target.clone(),
+            reads: target
+                .pool_options()
+                .application_name("rowcast-listener-reads"),
+            reads_timeout: settings.health_timeout,
+        }
+    }
+
+    async fn connect_reads(&self) -> Result<sqlx::PgConnection, ConnectionEnded> {
+        use sqlx::ConnectOptions as _;
+        match tokio::time::timeout(self.reads_timeout, self.reads.connect()).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(err)) => Err(ConnectionEnded::ReadConnection(err)),
+            Err(_) => Err(ConnectionEnded::ReadConnectionTimeout(self.reads_timeout)),
         }
     }
 
@@ -202,13 +226,11 @@ impl ConnectOptions {
 
 impl Listener {
     /// Prepares the task; nothing connects until [`Self::run`]. `last_seq` is the position the
-    /// distributor starts from: every change after it will be published. `pool` is the
-    /// background pool, where it reads the changelog.
+    /// distributor starts from: every change after it will be published.
     pub fn new(
         connect: ConnectOptions,
         settings: ListenerSettings,
         distributor: DistributorHandle<Frame>,
-        pool: sqlx::PgPool,
         last_seq: Seq,
         metrics: Metrics,
     ) -> (Self, ListenerWatch) {
@@ -221,7 +243,7 @@ impl Listener {
                 connect,
                 settings,
                 distributor,
-                pool,
+                reader: None,
                 status,
                 last_seq,
                 anchor: None,
@@ -279,6 +301,12 @@ impl Listener {
             Ok(pair) => pair,
             Err(err) => return (false, err),
         };
+        // A new life gets a new read connection too: whatever broke one may have broken both.
+        self.reader = None;
+        match self.connect.connect_reads().await {
+            Ok(reader) => self.reader = Some(reader),
+            Err(err) => return (false, err),
+        }
         // The connection object must be polled for the client to work; it also yields the
         // notifications. It runs beside this loop and hands notifications over a channel.
         let (notifications_tx, mut notifications) = mpsc::channel(NOTIFICATION_BUFFER);
@@ -402,11 +430,19 @@ impl Listener {
         }
     }
 
+    /// The read connection of this life.
+    fn reader(&mut self) -> Result<&mut sqlx::PgConnection, ConnectionEnded> {
+        // listen_once opens it before any read; None would be a bug, reported as a lost
+        // connection so the task reconnects rather than panics.
+        self.reader.as_mut().ok_or(ConnectionEnded::Closed)
+    }
+
     /// Publishes every change in the changelog after the last published seq, a bounded page at
     /// a time; re-bases (and resets subscribers) if retention removed changes it still needed.
     async fn catch_up(&mut self, cause: ReadCause) -> Result<(), ConnectionEnded> {
         loop {
-            let page = changelog::after(&self.pool, self.last_seq).await?;
+            let after = self.last_seq;
+            let page = changelog::after(self.reader()?, after).await?;
             self.status
                 .send_modify(|status| status.changelog_reads += 1);
             if self.last_seq > page.pruned_through
@@ -415,14 +451,14 @@ impl Listener {
             {
                 // The change published last is gone or another one: a rewound history that
                 // has already grown past our position.
-                let position = changelog::position(&self.pool, 0).await?;
+                let position = changelog::position(self.reader()?, 0).await?;
                 let latest = position.latest;
                 self.rebase(position, ResetCause::Rewound { latest })
                     .await?;
                 continue;
             }
             if page.pruned_through > self.last_seq {
-                let position = changelog::position(&self.pool, 0).await?;
+                let position = changelog::position(self.reader()?, 0).await?;
                 self.rebase(
                     position,
                     ResetCause::Pruned {
@@ -450,7 +486,8 @@ impl Listener {
     /// Checks that the database's history still continues from the last published change;
     /// if not, re-bases on its newest seq and resets every subscription.
     async fn check_history(&mut self) -> Result<(), ConnectionEnded> {
-        let position = changelog::position(&self.pool, self.last_seq).await?;
+        let since = self.last_seq;
+        let position = changelog::position(self.reader()?, since).await?;
         let anchor_gone = self.last_seq > position.pruned_through
             && self
                 .anchor

@@ -260,7 +260,6 @@ impl Start {
             connect,
             config.listener,
             distributor.clone(),
-            pools.background.clone(),
             position,
             metrics.clone(),
         );

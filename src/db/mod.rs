@@ -43,10 +43,11 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// with or without a ping just before it.
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
-/// Connections of the background pool: the listener's catch-up and history checks, the
-/// retention task and the presence task. Each of the three runs one query at a time, so with one
-/// connection each none ever waits for another, and no client can reach this pool.
-pub const BACKGROUND_CONNECTIONS: u32 = 3;
+/// Connections of the background pool: the retention task and the presence task (and the
+/// start-up position read). Each runs one query at a time, so with one connection each neither
+/// ever waits for the other, and no client can reach this pool. The listener reads the changelog
+/// on a connection of its own (`listener`).
+pub const BACKGROUND_CONNECTIONS: u32 = 2;
 
 /// Failures talking to the database outside a request.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +99,7 @@ pub struct Pools {
     pub rest: PgPool,
     /// Clients' replays and snapshots, behind a bounded queue.
     pub history: HistoryReader,
-    /// The listener's changelog reads and retention ([`BACKGROUND_CONNECTIONS`]).
+    /// Retention and presence ([`BACKGROUND_CONNECTIONS`]).
     pub background: PgPool,
 }
 

@@ -1,5 +1,5 @@
-//! The LISTEN connection comes back by itself after it is killed, and nothing written in the
-//! meantime is lost.
+//! The LISTEN connection, and the connection the listener reads the changelog on, come back by
+//! themselves after either is killed, and nothing written in the meantime is lost.
 
 use std::time::Duration;
 
@@ -34,6 +34,38 @@ async fn changes_flow_again_after_the_listen_backend_is_terminated_and_none_are_
     assert_eq!(
         stats["sessions"], 1,
         "the WebSocket session survived: {stats}"
+    );
+}
+
+#[tokio::test]
+async fn changes_flow_again_after_the_listeners_read_connection_is_terminated() {
+    let app = spawn_app().await;
+    let id = app.create_product(product("Reread")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client.subscribe(&[id]).await;
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'rowcast-listener-reads' AND datname = current_database()",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        terminated, 1,
+        "the listener reads on a connection of its own"
+    );
+    // Its notification arrives on the live LISTEN connection; the read fails on the dead one,
+    // and the listener starts a new life with both connections.
+    app.patch_product(id, json!({"unitsAvailable": 200})).await;
+    assert_eq!(client.next_change().await["product"]["unitsAvailable"], 200);
+    app.patch_product(id, json!({"unitsAvailable": 201})).await;
+    assert_eq!(client.next_change().await["product"]["unitsAvailable"], 201);
+    let stats = app.stats().await;
+    assert!(
+        stats["listener"]["reconnects"].as_u64() >= Some(1),
+        "the failed read started a new life: {stats}"
     );
 }
 
