@@ -5,7 +5,7 @@
 # side by side at the issue's target sizes, writes results/<scenario>.{json,svg}, and stops
 # every server it started.
 #
-# Usage: bench/run.sh fanout|steady|conns|churn|hostile|writes [scenario args]
+# Usage: bench/run.sh fanout|steady|conns|churn|hostile|puts|writes [scenario args]
 #   With scenario args, they replace the default (target-size) ones below.
 # Environment:
 #   PG_URL        Postgres server for rowcast, the baseline and `writes`
@@ -14,6 +14,8 @@
 #   ROWCAST_BIN   rowcast binary to start (default ../target/release/rowcast; built if missing,
 #                 and the run warns — and says so in its note — if a source file is newer)
 #   NO_BASELINE=1 skip the Node.js baseline
+#   ROWCAST_DB_PARAMS  appended to rowcast's DATABASE_URL, e.g. '?sslmode=disable' (libpq's default,
+#                 `prefer`, encrypts to a server with ssl=on; the Node baseline's `pg` never does)
 #   TLS=1         serve and measure every server over TLS (https/wss): a throw-away CA and a
 #                 127.0.0.1/localhost certificate from gen-cert.sh (in a temporary dir), rowcast on
 #                 --tls-listen 127.0.0.1:18443, Node on https://127.0.0.1:18070, the floor with
@@ -25,7 +27,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 cd "$here"
-scenario="${1:?usage: run.sh fanout|steady|conns|churn|hostile|writes [args]}"
+scenario="${1:?usage: run.sh fanout|steady|conns|churn|hostile|puts|writes [args]}"
 shift
 pg="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
 bench="${CARGO_TARGET_DIR:-$here/target}/release/rowcast-bench"
@@ -85,7 +87,7 @@ else
   ensure_db rowcast_bench
   rowcast_tls=()
   [[ -n "$tls" ]] && rowcast_tls=(--tls-listen 127.0.0.1:18443 --tls-cert "$tlsdir/server.pem" --tls-key "$tlsdir/server.key")
-  DATABASE_URL="$pg/rowcast_bench" "$rowcast_bin" --listen 127.0.0.1:18080 "${rowcast_tls[@]}" \
+  DATABASE_URL="$pg/rowcast_bench${ROWCAST_DB_PARAMS:-}" "$rowcast_bin" --listen 127.0.0.1:18080 "${rowcast_tls[@]}" \
     >"$here/results/rowcast-$scenario.log" 2>&1 &
   pids+=($!)
   if [[ -n "$tls" ]]; then
@@ -115,6 +117,7 @@ case "$scenario" in
   conns)  args=(conns --connections 10000) ;;
   churn)  args=(churn --rounds 5 --round-secs 6 --ids 1024 --concurrency 64) ;;
   hostile) args=(hostile) ;; # its defaults are the full size: 2000 honest clients, every attack
+  puts)   args=(puts --connections 4 --products 256 --secs 10 --rounds 3) ;;
   *) echo "unknown scenario $scenario" >&2; exit 64 ;;
 esac
 [[ $# -gt 0 ]] && args=("$scenario" "$@")

@@ -95,6 +95,8 @@ enum Scenario {
     /// Honest clients (as in steady) + a REST reader through a quiet phase, then one phase per
     /// attack: do hostile clients slow down or starve honest ones?
     Hostile(scenario::hostile::HostileArgs),
+    /// C keep-alive connections PUT back to back: server CPU per PUT (user/system), round trip.
+    Puts(scenario::puts::PutsArgs),
 }
 
 impl Scenario {
@@ -106,6 +108,7 @@ impl Scenario {
             Self::Churn(_) => "churn",
             Self::Writes(_) => "writes",
             Self::Hostile(_) => "hostile",
+            Self::Puts(_) => "puts",
         }
     }
 }
@@ -245,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 Scenario::Conns(a) => scenario::conns::run(&target, a, &common).await,
                 Scenario::Churn(a) => scenario::churn::run(&target, a, &common).await,
                 Scenario::Hostile(a) => scenario::hostile::run(&target, a, &common).await,
+                Scenario::Puts(a) => scenario::puts::run(&target, a, &common).await,
                 Scenario::Writes(_) => unreachable!("handled above"),
             };
             let out = out.unwrap_or_else(|e| Outcome {
@@ -361,6 +365,14 @@ fn chart_for(scenario: &Scenario, series: Vec<Series>) -> Chart {
             "churn: connect + subscribe(1024) + unsubscribe + close",
             "round",
             "ops/s",
+            false,
+            false,
+            None,
+        ),
+        "puts" => (
+            "puts: REST PUTs per second, back to back over keep-alive connections",
+            "round",
+            "PUTs/s",
             false,
             false,
             None,

@@ -10,6 +10,7 @@ pub mod conns;
 pub mod fanout;
 pub mod honest;
 pub mod hostile;
+pub mod puts;
 pub mod steady;
 pub mod writes;
 
