@@ -100,15 +100,7 @@ async fn three_instances_behind_nginx_one_killed_under_load_every_client_gets_ea
     // Kill the instance that holds the most of them.
     let mut sessions = Vec::new();
     for &port in &ports {
-        let stats: Value = http
-            .get(format!("http://127.0.0.1:{port}/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        sessions.push(stats["sessions"].as_u64().unwrap());
+        sessions.push(sessions_of(&http, port).await);
     }
     assert_eq!(
         sessions.iter().sum::<u64>(),
@@ -216,6 +208,7 @@ async fn three_instances_behind_nginx_one_killed_under_load_every_client_gets_ea
     );
 }
 
+/// The WebSocket sessions one instance holds, asked of it directly (not through the proxy).
 async fn sessions_of(http: &reqwest::Client, port: u16) -> u64 {
     let stats: Value = http
         .get(format!("http://127.0.0.1:{port}/stats"))
