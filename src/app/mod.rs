@@ -51,9 +51,11 @@ use crate::tls::{ServerTls, SighupReload};
 
 /// What the handlers share: handles and pools, each cheap to clone (reference counts). One
 /// value for the whole router; each handler extracts only the part it uses (`State<PgPool>`,
-/// `State<SessionState>`, …) through the `FromRef` impls below, so no module below `app` needs
-/// to know this type.
-#[derive(Debug, Clone)]
+/// `State<SessionState>`, …) through `FromRef` — derived for each field's type (the pool for REST
+/// and `/readyz`; the distributor, listener, history, views, transport, TLS and metrics handles
+/// for `/stats`, `/readyz` and `/metrics`), written out below for the composite views of the
+/// WebSocket and event-stream handlers — so no module below `app` needs to know this type.
+#[derive(Debug, Clone, FromRef)]
 pub struct AppState {
     /// The REST pool (REST handlers and `/readyz`).
     pool: PgPool,
@@ -81,61 +83,6 @@ pub struct AppState {
     heartbeat: Heartbeat,
     /// When authenticated event streams end to renew their credential (`Access`).
     stream_rotation: Option<std::time::Duration>,
-}
-
-/// `/stats` and `/metrics`.
-impl FromRef<AppState> for ViewsCache {
-    fn from_ref(state: &AppState) -> Self {
-        state.views.clone()
-    }
-}
-
-/// The REST handlers and `/readyz`.
-impl FromRef<AppState> for PgPool {
-    fn from_ref(state: &AppState) -> Self {
-        state.pool.clone()
-    }
-}
-
-/// `/stats` and `/metrics`.
-impl FromRef<AppState> for HistoryReader {
-    fn from_ref(state: &AppState) -> Self {
-        state.history.clone()
-    }
-}
-
-/// `/stats` and `/metrics`.
-impl FromRef<AppState> for DistributorHandle<Frame> {
-    fn from_ref(state: &AppState) -> Self {
-        state.distributor.clone()
-    }
-}
-
-/// `/stats`, `/readyz` and `/metrics`.
-impl FromRef<AppState> for ListenerWatch {
-    fn from_ref(state: &AppState) -> Self {
-        state.listener.clone()
-    }
-}
-
-/// `/stats`.
-impl FromRef<AppState> for TlsWatch {
-    fn from_ref(state: &AppState) -> Self {
-        state.tls.clone()
-    }
-}
-
-impl FromRef<AppState> for TransportStats {
-    fn from_ref(state: &AppState) -> Self {
-        state.transport.clone()
-    }
-}
-
-/// `/stats` and `/metrics`.
-impl FromRef<AppState> for Metrics {
-    fn from_ref(state: &AppState) -> Self {
-        state.metrics.clone()
-    }
 }
 
 /// The WebSocket upgrade handler's view.
