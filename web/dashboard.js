@@ -73,11 +73,19 @@ function onChange(change) {
     rows.set(id, tr);
     $("rows").append(tr);
     $("empty").hidden = true;
+    labelPage();
   }
   tr.classList.toggle("deleted", change.action === "DELETE");
   render(tr, change.product);
   tr.dataset.seq = change.seq;
   flash(tr);
+}
+
+// The range of ids the table shows: rows inserted live join the page, so the label follows the
+// rows, not the page as it was loaded.
+function labelPage() {
+  const ids = [...rows.keys()];
+  $("page").textContent = ids.length ? `ids ${Math.min(...ids)}–${Math.max(...ids)}` : "";
 }
 
 async function loadPage() {
@@ -87,7 +95,6 @@ async function loadPage() {
   nextAfter = response.headers.get("link") ? products[products.length - 1].productId : null;
   $("next").disabled = nextAfter === null;
   $("prev").disabled = pageStarts.length < 2;
-  $("page").textContent = products.length ? `ids ${products[0].productId}–${products[products.length - 1].productId}` : "";
   client.unsubscribe(subscribed);
   rows.clear();
   const body = $("rows");
@@ -100,6 +107,7 @@ async function loadPage() {
     body.append(tr);
   }
   $("empty").hidden = products.length > 0;
+  labelPage();
   // The visible ids, plus the next few on the last page so new products show up live.
   subscribed = products.map((p) => p.productId);
   if (nextAfter === null) {

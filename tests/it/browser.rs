@@ -227,6 +227,23 @@ async fn dashboard_shows_edits_from_another_tab_and_resumes_after_a_restart() {
     }
     // Let the snapshot subscribes settle.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        watcher
+            .eval("return document.getElementById('page').textContent;")
+            .await,
+        "ids 1–5"
+    );
+
+    // A product created elsewhere joins the page, and the page's label follows its rows.
+    create(&http, &base, "Forge").await;
+    watcher
+        .wait_for(
+            "return document.querySelectorAll('#rows tr').length === 6 \
+             && document.getElementById('page').textContent === 'ids 1–6';",
+            "the new product's row appears and the label covers it",
+            LIMIT,
+        )
+        .await;
 
     // Edit product 2 through the other tab's form.
     editor
