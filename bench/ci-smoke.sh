@@ -96,7 +96,8 @@ fi
 # The embedded cluster listens only on its Unix socket, in the data dir.
 db_url="postgres:///postgres?host=$data_dir&port=5432&user=postgres&sslmode=disable"
 echo "── ci-smoke: smoke against rowcast (pid $rowcast_pid, $addr, embedded cluster in $data_dir)"
-SMOKE_OUT="$tmp/rowcast" BENCH_DATABASE_URL="$db_url" SMOKE_REQUIRE_WRITES=1 \
+# The embedded cluster runs wal_level=logical: `writes` measures the replication source too.
+SMOKE_OUT="$tmp/rowcast" BENCH_DATABASE_URL="$db_url" SMOKE_REQUIRE_WRITES=1 SMOKE_ROWCAST_BIN="$bin" \
   "$here/smoke.sh" "http://$addr" "$rowcast_pid" || failed+=(rowcast)
 
 if [[ ${#failed[@]} -gt 0 ]]; then

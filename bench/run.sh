@@ -77,7 +77,11 @@ wait_http() { for _ in $(seq 100); do curl -sf "${curl_tls[@]}" "$1/stats" >/dev
 if [[ "$scenario" == writes ]]; then
   wargs=(--writers 1,4,16 --secs 3 --warmup-secs 1 --repeats 3)
   [[ $# -gt 0 ]] && wargs=("$@")
-  exec "$bench" "${out[@]}" writes --database-url "$pg/postgres" --migrations-dir "$repo/migrations" "${wargs[@]}"
+  # With a rowcast binary, `writes` adds the replication source when the server runs
+  # wal_level=logical (else it says why it left it out).
+  [[ -x "$rowcast_bin" ]] || (cd "$repo" && cargo build --release --quiet)
+  exec "$bench" "${out[@]}" writes --database-url "$pg/postgres" --migrations-dir "$repo/migrations" \
+    --rowcast-bin "$rowcast_bin" "${wargs[@]}"
 fi
 
 targets=()

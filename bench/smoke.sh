@@ -13,6 +13,7 @@
 #                       `writes` is skipped, and says so, when that Postgres is not reachable)
 #   SMOKE_REQUIRE_WRITES=1  an unreachable BENCH_DATABASE_URL fails the smoke instead of skipping `writes`
 #   SMOKE_SKIP_WRITES=1     skip `writes` (e.g. when another pass runs it)
+#   SMOKE_ROWCAST_BIN       a rowcast binary: `writes` adds its `replication` variant (needs wal_level=logical)
 #   SMOKE_OUT           where result files go (default: a fresh temporary directory)
 # bench/ci-smoke.sh runs this against a floor-server and a rowcast on its embedded default,
 # with no system PostgreSQL needed.
@@ -71,7 +72,8 @@ if [[ -n "${SMOKE_SKIP_WRITES:-}" ]]; then
 elif pg_isready -q -d "$db_url" 2>/dev/null || psql "$db_url" -Atc 'select 1' >/dev/null 2>&1; then
   echo "── smoke: writes"
   if ! timeout 120 "$bench" --quiet --out-dir "$out" --tag smoke writes --database-url "$db_url" \
-      --writers 1,2 --secs 1 --warmup-secs 0 --repeats 1 --rows 64 --migrations-dir "$repo/migrations"; then
+      --writers 1,2 --secs 1 --warmup-secs 0 --repeats 1 --rows 64 --migrations-dir "$repo/migrations" \
+      ${SMOKE_ROWCAST_BIN:+--rowcast-bin "$SMOKE_ROWCAST_BIN"}; then
     failed+=(writes)
   fi
 elif [[ -n "${SMOKE_REQUIRE_WRITES:-}" ]]; then

@@ -13,6 +13,7 @@ pub mod hostile;
 pub mod puts;
 pub mod steady;
 pub mod writes;
+mod writes_replication;
 
 use crate::procstat::{self, MachineCpu, ProcSample};
 use crate::record::{ConnRecord, Shared, SharedRecord};

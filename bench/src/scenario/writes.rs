@@ -22,11 +22,15 @@
 //! correctness counter of this scenario). Only triggers whose function calls NOTIFY are
 //! switched; any other trigger of rowcast's schema stays on in all variants.
 //!
+//! With `--rowcast-bin`, a fifth variant, `replication`: rowcast with `--source replication` on
+//! a second scratch database (see `writes_replication`).
+//!
 //! Beside commits/s each cell reports the CPU of the writers' own backends per measured
 //! commit (`/proc/<backend pid>/stat`, local Postgres only): where the trigger body runs.
 //! The listener's backend and the WAL writer are not in it.
 
 use super::Outcome;
+use super::writes_replication::Replication;
 use crate::svg::Series;
 use anyhow::{Context, bail};
 use serde_json::json;
@@ -74,6 +78,10 @@ pub struct WritesArgs {
     /// `unordered` variant.
     #[arg(long, default_value = "0002")]
     pub unordered_through: String,
+    /// A rowcast binary: adds the `replication` variant (rowcast `--source replication` on a
+    /// second scratch database; needs `wal_level=logical`).
+    #[arg(long)]
+    pub rowcast_bin: Option<PathBuf>,
 }
 
 const BASELINE_SCHEMA: &str = include_str!("../../sql/baseline_schema.sql");
@@ -81,7 +89,8 @@ const BASELINE_SCHEMA: &str = include_str!("../../sql/baseline_schema.sql");
 const UNORDERED_SCHEMA: &str = "bench_unordered";
 
 /// One seeded `products` table and how to load it.
-struct Table {
+#[derive(Debug, Default)]
+pub(super) struct Table {
     /// Qualified name (for VACUUM).
     name: String,
     /// `search_path` the writers set (None: the connection's default); the trigger bodies
@@ -142,23 +151,55 @@ pub async fn run(args: &WritesArgs) -> anyhow::Result<Outcome> {
         .await?;
     let mut cfg = admin_cfg.clone();
     cfg.dbname(&db);
-    let result = run_in(&cfg, args, &mut out).await;
-    // Always drop the scratch database, also after a failure.
+    let (mut replication, replication_source) = match &args.rowcast_bin {
+        None => (None, "not measured (no --rowcast-bin)".to_owned()),
+        Some(bin) => {
+            match Replication::prepare(&admin, &admin_cfg, &format!("{db}_repl"), bin, args).await {
+                Ok(Ok(r)) => (
+                    Some(r),
+                    format!("rowcast {} --source replication", bin.display()),
+                ),
+                Ok(Err(reason)) => (None, reason),
+                Err(e) => {
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                        .await;
+                    return Err(e.context("prepare the replication variant"));
+                }
+            }
+        }
+    };
+    let result = run_in(&cfg, args, &mut replication, &replication_source, &mut out).await;
+    // Always drop the scratch databases, also after a failure.
+    let removed = match replication {
+        Some(r) => r.remove(&admin).await,
+        None => Ok(()),
+    };
     let dropped = admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .await;
     result?;
+    removed?;
     dropped?;
     Ok(out)
 }
 
-async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::Result<()> {
+async fn run_in(
+    cfg: &Config,
+    args: &WritesArgs,
+    replication: &mut Option<Replication>,
+    replication_source: &str,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
     let client = connect(cfg).await?;
     let schema = prepare(&client, args).await?;
     let listener = Listener::start(cfg, &schema.channels).await?;
-    let variants = schema.variants();
+    let mut variants = schema.variants();
+    if replication.is_some() {
+        variants.push("replication");
+    }
     out.summary.push(format!(
-        "variants: {} (rowcast = all migrations; unordered: {}); server: {}",
+        "variants: {} (rowcast = all migrations, the notify trigger; unordered: {}; replication: {replication_source}); server: {}",
         variants.join(", "),
         schema.unordered_source,
         schema.server
@@ -174,21 +215,57 @@ async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::R
         {
             let variant = &variants[vi];
             set_variant(&client, &schema, variant).await?;
-            let table = schema.table(variant);
-            client
-                .batch_execute(&format!("VACUUM {}", table.name))
-                .await?;
+            let replica = match replication.as_mut() {
+                Some(r) if *variant == "replication" => {
+                    r.start().await?;
+                    r.vacuum().await?;
+                    Some(r)
+                }
+                _ => None,
+            };
+            let (table, cell_cfg) = match &replica {
+                Some(r) => (&r.table, &r.cfg),
+                None => (schema.table(variant), cfg),
+            };
+            if replica.is_none() {
+                client
+                    .batch_execute(&format!("VACUUM {}", table.name))
+                    .await?;
+            }
             let before = listener.count.load(Ordering::Acquire);
+            let rows_before = match &replica {
+                Some(r) => r.changelog_rows().await?,
+                None => 0,
+            };
             let machine = crate::procstat::MachineCpu::now();
             let pg0 = crate::procstat::cpu_of_comm("postgres");
             let (commits, measured, secs, errors, backend_cpu) =
-                run_cell(cfg, table, w, args).await?;
+                run_cell(cell_cfg, table, w, args).await?;
             // The writers' own backends over the measured window (None: Postgres not local).
             let backend_us = backend_cpu.map(|c| c * 1e6 / measured.max(1) as f64);
             let busy = machine.busy_since(&crate::procstat::MachineCpu::now()) * 100.0;
             let pg_cpu = (crate::procstat::cpu_of_comm("postgres") - pg0).max(0.0);
+            // The reader writes one changelog row per commit: all of them, once caught up.
+            let caught_up = match replica {
+                Some(r) => {
+                    let (rows, waited) = r.wait_for_rows(rows_before + commits).await?;
+                    r.stop().await;
+                    let written = rows - rows_before;
+                    if written != commits {
+                        out.failures.push(format!(
+                            "replication × {w}: {commits} commits but {written} changelog rows"
+                        ));
+                    }
+                    Some((written, waited))
+                }
+                None => None,
+            };
             // Notifications are delivered after commit; give the listener a moment.
-            let want = if *variant == "none" { 0 } else { commits };
+            let want = if matches!(*variant, "none" | "replication") {
+                0
+            } else {
+                commits
+            };
             let deadline = Instant::now() + Duration::from_secs(5);
             while listener.count.load(Ordering::Acquire) - before < want
                 && Instant::now() < deadline
@@ -209,13 +286,18 @@ async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::R
                     .push(format!("{variant} × {w}: {errors} failed updates"));
             }
             out.summary.push(format!(
-                "{variant:>9} × {w:>2} writers (round {}): {rate:>8.0} commits/s ({commits} commits, {notes} notifications, writer backends {} µs CPU/commit, machine {busy:.0}% busy)",
+                "{variant:>11} × {w:>2} writers (round {}): {rate:>8.0} commits/s ({commits} commits, {}, writer backends {} µs CPU/commit, machine {busy:.0}% busy)",
                 rep + 1,
+                caught_up.map_or_else(
+                    || format!("{notes} notifications"),
+                    |(rows, waited)| format!("{rows} changelog rows, reader caught up {waited:.2} s after")
+                ),
                 backend_us.map_or("?".to_owned(), |u| format!("{u:.0}"))
             ));
             cells.push(json!({
                 "variant": variant, "writers": w, "round": rep + 1, "commits_per_s": rate, "measured_commits": measured,
                 "measured_s": secs, "total_commits": commits, "notifications": notes, "errors": errors,
+                "changelog_rows": caught_up.map(|c| c.0), "reader_caught_up_after_s": caught_up.map(|c| c.1),
                 "machine_busy_pct": busy, "postgres_cpu_s": pg_cpu,
                 "postgres_cpu_us_per_commit": pg_cpu * 1e6 / commits.max(1) as f64,
                 "writer_backends_cpu_s": backend_cpu,
@@ -261,6 +343,15 @@ async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::R
                 u / bare
             );
         }
+        if let Some(repl) = of("replication") {
+            r["replication_vs_none"] = json!(repl / none);
+            r["replication_vs_rowcast"] = json!(repl / rowcast);
+            line += &format!(
+                "; replication {repl:.0}: replication/none {:.3}, replication/rowcast {:.3}",
+                repl / none,
+                repl / rowcast
+            );
+        }
         out.summary.push(line);
         ratios.push(r);
     }
@@ -282,6 +373,7 @@ async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::R
         "server": schema.server,
         "channels": schema.channels,
         "synchronous_commit": args.synchronous_commit,
+        "replication_source": replication_source,
         "rows": schema.main.ids.len(),
         "secs_per_cell": args.secs,
         "repeats": args.repeats,
@@ -291,7 +383,7 @@ async fn run_in(cfg: &Config, args: &WritesArgs, out: &mut Outcome) -> anyhow::R
     Ok(())
 }
 
-async fn connect(cfg: &Config) -> anyhow::Result<Client> {
+pub(super) async fn connect(cfg: &Config) -> anyhow::Result<Client> {
     let (client, conn) = cfg.connect(NoTls).await?;
     tokio::spawn(async move {
         // Ends when the client drops or the server goes away; the next query reports it.
@@ -460,7 +552,7 @@ async fn apply(client: &Client, files: &[PathBuf]) -> anyhow::Result<()> {
 
 /// Finds the `products` table of the current `search_path`, its NOTIFY triggers (left
 /// disabled) and an integer column to bump, and seeds `--rows` rows.
-async fn inspect_and_seed(
+pub(super) async fn inspect_and_seed(
     client: &Client,
     args: &WritesArgs,
     schema: Option<&str>,
