@@ -449,67 +449,63 @@ pub struct Batch {
 
 /// Writes a batch in one transaction — the changes with fresh seqs in order, the gap, the
 /// applied position — and sends ONE notification for it. Returns the last seq written, if any.
+///
+/// Without a gap (every batch but a TRUNCATE's or a new slot's) that is one statement, typed so
+/// that parse, bind and execute go in one round trip: a change's latency from commit to clients
+/// includes this write, and each round trip on a busy machine costs a scheduling delay.
 pub async fn write_batch(
     db: &mut Client,
     batch: &Batch,
 ) -> Result<Option<Seq>, ReplicationDbError> {
+    if !batch.gap {
+        return Ok(changes_and_position(&*db, batch).await?);
+    }
     let tx = db.transaction().await?;
-    let count = i64::try_from(batch.changes.len()).unwrap_or(i64::MAX);
-    let mut seqs = tx
-        .query(
-            "SELECT nextval('product_change_seq') FROM generate_series(1, $1::bigint)",
-            &[&count],
+    changes_and_position(&tx, batch).await?;
+    // The horizon moves past a fresh seq: every listener re-bases and resets its subscribers.
+    let horizon: i64 = tx
+        .query_one(
+            "UPDATE changelog_horizon
+             SET pruned_through = greatest(pruned_through, nextval('product_change_seq'))
+             RETURNING pruned_through",
+            &[],
         )
         .await?
-        .iter()
-        .map(|row| row.try_get::<_, i64>(0))
-        .collect::<Result<Vec<_>, _>>()?;
-    // Only this session takes numbers while the reader leads (the triggers are off); sorted all
-    // the same, so the batch's order never depends on how the server evaluated the series.
-    seqs.sort_unstable();
-    if !batch.changes.is_empty() {
-        let c = BatchColumns::of(&batch.changes);
-        tx.execute(
+        .try_get(0)?;
+    tx.execute(
+        "SELECT pg_notify('product_change', json_build_object('seq', $1::bigint)::text)",
+        &[&horizon],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Seq::try_from(horizon).ok())
+}
+
+/// `sql/replication_write_batch.sql`: the changes, the position and the notification.
+async fn changes_and_position(
+    db: &impl tokio_postgres::GenericClient,
+    batch: &Batch,
+) -> Result<Option<Seq>, tokio_postgres::Error> {
+    use tokio_postgres::types::Type;
+    let c = BatchColumns::of(&batch.changes);
+    let lsn = format_lsn(batch.lsn);
+    let row = db
+        .query_typed_one(
             include_str!("../../sql/replication_write_batch.sql"),
             &[
-                &seqs,
-                &c.product_id,
-                &c.action,
-                &c.manufacturer,
-                &c.price_per_unit,
-                &c.units_available,
-                &c.product_name,
-                &c.committed_at_micros,
+                (&c.product_id, Type::INT8_ARRAY),
+                (&c.action, Type::TEXT_ARRAY),
+                (&c.manufacturer, Type::TEXT_ARRAY),
+                (&c.price_per_unit, Type::TEXT_ARRAY),
+                (&c.units_available, Type::INT4_ARRAY),
+                (&c.product_name, Type::TEXT_ARRAY),
+                (&c.committed_at_micros, Type::INT8_ARRAY),
+                (&lsn, Type::TEXT),
+                (&batch.armed, Type::BOOL),
             ],
         )
         .await?;
-    }
-    let mut last = seqs.last().copied();
-    if batch.gap {
-        let horizon: i64 = tx
-            .query_one(
-                "UPDATE changelog_horizon
-                 SET pruned_through = greatest(pruned_through, nextval('product_change_seq'))
-                 RETURNING pruned_through",
-                &[],
-            )
-            .await?
-            .try_get(0)?;
-        last = Some(horizon);
-    }
-    tx.execute(
-        "UPDATE changelog_source SET applied_lsn = $1::text::pg_lsn, armed = $2",
-        &[&format_lsn(batch.lsn), &batch.armed],
-    )
-    .await?;
-    if let Some(seq) = last {
-        tx.execute(
-            "SELECT pg_notify('product_change', json_build_object('seq', $1::bigint)::text)",
-            &[&seq],
-        )
-        .await?;
-    }
-    tx.commit().await?;
+    let last: Option<i64> = row.try_get(0)?;
     Ok(last.and_then(|seq| Seq::try_from(seq).ok()))
 }
 
