@@ -2,8 +2,8 @@
 //! second scratch database run by rowcast with `--source replication` — no trigger in the
 //! writers' transactions; rowcast's elected reader decodes the WAL and writes the changelog in
 //! batches. rowcast runs only during this variant's cells (stopped with SIGTERM after each, so
-//! its walsender decodes nothing while the other variants are measured; a cell's warm-up covers
-//! the reader's start and its skip over the WAL written meanwhile). Its correctness counter:
+//! its walsender decodes nothing while the other variants are measured); before a cell starts,
+//! its walsender has read past the WAL the other variants wrote meanwhile. Its correctness counter:
 //! changelog rows = commits once the reader has caught up (and how long that took).
 //!
 //! Needs `wal_level = logical` and a role that may create replication slots; otherwise the
@@ -119,12 +119,38 @@ impl Replication {
                 .await?
                 .get(0);
             if ready && streaming > 0 {
-                return Ok(());
+                break;
             }
             if Instant::now() > deadline {
                 bail!("rowcast --source replication not streaming within {START_LIMIT:?}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The WAL the other variants wrote since the last replication cell must not be read
+        // inside this one: wait until the walsender has gone past all of it.
+        let now: String = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
+        loop {
+            let past: Option<bool> = self
+                .client
+                .query_opt(
+                    "SELECT s.sent_lsn >= $1::text::pg_lsn FROM pg_replication_slots r \
+                     JOIN pg_stat_replication s ON s.pid = r.active_pid \
+                     WHERE r.database = current_database()",
+                    &[&now],
+                )
+                .await?
+                .and_then(|row| row.get(0));
+            if past == Some(true) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the replication stream did not reach {now} within {START_LIMIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
