@@ -141,16 +141,7 @@ pub async fn run(args: &WritesArgs) -> anyhow::Result<Outcome> {
         .await
         .context("connect to --database-url")?;
     let db = format!("rowcast_bench_writes_{}", std::process::id());
-    // Separate statements: DROP/CREATE DATABASE refuse to run inside the implicit
-    // transaction of a multi-statement simple query.
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
-    let mut cfg = admin_cfg.clone();
-    cfg.dbname(&db);
+    let cfg = fresh_database(&admin, &admin_cfg, &db).await?;
     let (mut replication, replication_source) = match &args.rowcast_bin {
         None => (None, "not measured (no --rowcast-bin)".to_owned()),
         Some(bin) => {
@@ -381,6 +372,25 @@ async fn run_in(
         "ratios": ratios,
     });
     Ok(())
+}
+
+/// Creates `db` anew (dropping a leftover of that name) and returns `admin_cfg` pointed at it.
+pub(super) async fn fresh_database(
+    admin: &Client,
+    admin_cfg: &Config,
+    db: &str,
+) -> anyhow::Result<Config> {
+    // Separate statements: DROP/CREATE DATABASE refuse to run inside the implicit
+    // transaction of a multi-statement simple query.
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await?;
+    let mut cfg = admin_cfg.clone();
+    cfg.dbname(db);
+    Ok(cfg)
 }
 
 pub(super) async fn connect(cfg: &Config) -> anyhow::Result<Client> {

@@ -9,7 +9,7 @@
 //! Needs `wal_level = logical` and a role that may create replication slots; otherwise the
 //! variant is left out and the report says why.
 
-use super::writes::{Table, WritesArgs, connect, inspect_and_seed};
+use super::writes::{Table, WritesArgs, connect, fresh_database, inspect_and_seed};
 use crate::rest::Rest;
 use crate::target::Target;
 use anyhow::{Context, bail};
@@ -52,14 +52,7 @@ impl Replication {
                 "not measured (wal_level is {wal_level}; the replication variant needs logical)"
             )));
         }
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
-            .await?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {db}"))
-            .await?;
-        let mut cfg = admin_cfg.clone();
-        cfg.dbname(db);
+        let cfg = fresh_database(admin, admin_cfg, db).await?;
         let url = database_url(&cfg)?;
         let mut this = Self {
             client: connect(&cfg).await?,
