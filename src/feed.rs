@@ -37,6 +37,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+use crate::db::changelog::Scope;
 use crate::db::{HistoryError, HistoryReader};
 use crate::distributor::{Budget, Delivery, OutboxReceiver};
 use crate::metrics::{Metrics, StartKind};
@@ -170,21 +171,16 @@ impl Feed {
         let Some(replay) = &mut self.replay else {
             return Ok(());
         };
-        let page = match (replay.all, replay.conflated_from) {
-            (true, None) => self.history.all_range(replay.after, replay.upto).await?,
-            (true, Some(start)) => {
+        let scope = if replay.all {
+            Scope::All
+        } else {
+            Scope::Products(&replay.products)
+        };
+        let page = match replay.conflated_from {
+            None => self.history.range(scope, replay.after, replay.upto).await?,
+            Some(start) => {
                 self.history
-                    .latest_all((start, replay.upto), replay.after)
-                    .await?
-            }
-            (false, None) => {
-                self.history
-                    .for_products(&replay.products, replay.after, replay.upto)
-                    .await?
-            }
-            (false, Some(start)) => {
-                self.history
-                    .latest_per_product(&replay.products, (start, replay.upto), replay.after)
+                    .latest(scope, (start, replay.upto), replay.after)
                     .await?
             }
         };

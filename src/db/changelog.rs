@@ -172,16 +172,30 @@ pub async fn after(db: impl PgExecutor<'_>, after: Seq) -> Result<Page, Changelo
     decode_page(&rows)
 }
 
-/// One page of changes to `products` with `after < seq <= upto`, in seq order.
-pub async fn for_products(
+/// Which products a replay reads: some by id, or every product (a subscribe-all). The two read
+/// through separate statements, so that neither plan has to serve both shapes.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// These products only.
+    Products(&'a [ProductId]),
+    /// Every product.
+    All,
+}
+
+/// One page of changes in `scope` with `after < seq <= upto`, in seq order.
+pub async fn range(
     db: impl PgExecutor<'_>,
-    products: &[ProductId],
+    scope: Scope<'_>,
     after: Seq,
     upto: Seq,
 ) -> Result<Page, ChangelogError> {
-    let ids: Vec<i64> = products.iter().map(|id| id.get()).collect();
-    let rows = sqlx::query(include_str!("../../sql/changelog_for_products.sql"))
-        .bind(ids)
+    let query = match scope {
+        Scope::Products(products) => {
+            sqlx::query(include_str!("../../sql/changelog_for_products.sql")).bind(ids_of(products))
+        }
+        Scope::All => sqlx::query(include_str!("../../sql/changelog_all_range.sql")),
+    };
+    let rows = query
         .bind(to_param(after))
         .bind(to_param(upto))
         .bind(PAGE_ROWS)
@@ -191,17 +205,22 @@ pub async fn for_products(
     decode_page(&rows)
 }
 
-/// One page of the newest change of each of `products` in `range` (exclusive start, inclusive
-/// end) that comes after `cursor`, in seq order: a conflated replay.
-pub async fn latest_per_product(
+/// One page of the newest change of each product in `scope` in `range` (exclusive start,
+/// inclusive end) that comes after `cursor`, in seq order: a conflated replay.
+pub async fn latest(
     db: impl PgExecutor<'_>,
-    products: &[ProductId],
+    scope: Scope<'_>,
     range: (Seq, Seq),
     cursor: Seq,
 ) -> Result<Page, ChangelogError> {
-    let ids: Vec<i64> = products.iter().map(|id| id.get()).collect();
-    let rows = sqlx::query(include_str!("../../sql/changelog_latest_per_product.sql"))
-        .bind(ids)
+    let query = match scope {
+        Scope::Products(products) => {
+            sqlx::query(include_str!("../../sql/changelog_latest_per_product.sql"))
+                .bind(ids_of(products))
+        }
+        Scope::All => sqlx::query(include_str!("../../sql/changelog_latest_all.sql")),
+    };
+    let rows = query
         .bind(to_param(range.0))
         .bind(to_param(range.1))
         .bind(to_param(cursor))
@@ -212,39 +231,8 @@ pub async fn latest_per_product(
     decode_page(&rows)
 }
 
-/// One page of changes to any product with `after < seq <= upto`, in seq order (a
-/// subscribe-all's replay).
-pub async fn all_range(
-    db: impl PgExecutor<'_>,
-    after: Seq,
-    upto: Seq,
-) -> Result<Page, ChangelogError> {
-    let rows = sqlx::query(include_str!("../../sql/changelog_all_range.sql"))
-        .bind(to_param(after))
-        .bind(to_param(upto))
-        .bind(PAGE_ROWS)
-        .bind(PAGE_BYTES)
-        .fetch_all(db)
-        .await?;
-    decode_page(&rows)
-}
-
-/// One page of the newest change of each product in `range` after `cursor`, in seq order (a
-/// subscribe-all's conflated replay).
-pub async fn latest_all(
-    db: impl PgExecutor<'_>,
-    range: (Seq, Seq),
-    cursor: Seq,
-) -> Result<Page, ChangelogError> {
-    let rows = sqlx::query(include_str!("../../sql/changelog_latest_all.sql"))
-        .bind(to_param(range.0))
-        .bind(to_param(range.1))
-        .bind(to_param(cursor))
-        .bind(PAGE_ROWS)
-        .bind(PAGE_BYTES)
-        .fetch_all(db)
-        .await?;
-    decode_page(&rows)
+fn ids_of(products: &[ProductId]) -> Vec<i64> {
+    products.iter().map(|id| id.get()).collect()
 }
 
 /// Changes with seq at or below this may have been pruned.

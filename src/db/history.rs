@@ -21,7 +21,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::Postgres;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::changelog::{self, ChangelogError, Page, Position, Snapshot};
+use super::changelog::{self, ChangelogError, Page, Position, Scope, Snapshot};
 use crate::product::{ProductId, Seq};
 
 /// Why a history read was refused without touching the database.
@@ -155,44 +155,32 @@ impl HistoryReader {
         Ok(changelog::position(&mut *slot.connection, seq).await?)
     }
 
-    /// One page of changes to `products` with `after < seq <= upto`.
-    pub async fn for_products(
+    /// One page of changes in `scope` with `after < seq <= upto`.
+    pub async fn range(
         &self,
-        products: &[ProductId],
+        scope: Scope<'_>,
         after: Seq,
         upto: Seq,
     ) -> Result<Page, HistoryError> {
         let mut slot = self.slot().await?;
-        Ok(changelog::for_products(&mut *slot.connection, products, after, upto).await?)
+        Ok(changelog::range(&mut *slot.connection, scope, after, upto).await?)
     }
 
-    /// One page of the newest change of each of `products` in `range` after `cursor`.
-    pub async fn latest_per_product(
+    /// One page of the newest change of each product in `scope` in `range` after `cursor`.
+    pub async fn latest(
         &self,
-        products: &[ProductId],
+        scope: Scope<'_>,
         range: (Seq, Seq),
         cursor: Seq,
     ) -> Result<Page, HistoryError> {
         let mut slot = self.slot().await?;
-        Ok(changelog::latest_per_product(&mut *slot.connection, products, range, cursor).await?)
+        Ok(changelog::latest(&mut *slot.connection, scope, range, cursor).await?)
     }
 
     /// The current rows of `products` and the seq they reflect.
     pub async fn snapshot(&self, products: &[ProductId]) -> Result<Snapshot, HistoryError> {
         let mut slot = self.slot().await?;
         Ok(changelog::snapshot(&mut *slot.connection, products).await?)
-    }
-
-    /// One page of changes to any product with `after < seq <= upto`.
-    pub async fn all_range(&self, after: Seq, upto: Seq) -> Result<Page, HistoryError> {
-        let mut slot = self.slot().await?;
-        Ok(changelog::all_range(&mut *slot.connection, after, upto).await?)
-    }
-
-    /// One page of the newest change of each product in `range` after `cursor`.
-    pub async fn latest_all(&self, range: (Seq, Seq), cursor: Seq) -> Result<Page, HistoryError> {
-        let mut slot = self.slot().await?;
-        Ok(changelog::latest_all(&mut *slot.connection, range, cursor).await?)
     }
 
     /// Every current row and the seq they reflect.

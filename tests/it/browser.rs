@@ -21,7 +21,7 @@ use tokio::process::Child;
 
 use crate::support::process::{free_port, rowcast, wait_until_serving};
 use crate::support::webdriver::{Browser, skip_without_chromedriver};
-use crate::support::{TestDatabase, get_json, product};
+use crate::support::{TestDatabase, get_json, post_product, product};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -86,19 +86,6 @@ async fn patch(http: &reqwest::Client, base: &str, id: i64, units: i64) {
     assert_eq!(response.status(), 200);
 }
 
-async fn create(http: &reqwest::Client, base: &str, name: &str) -> i64 {
-    let response = http
-        .post(format!("{base}/products"))
-        .json(&product(name))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    response.json::<Value>().await.unwrap()["productId"]
-        .as_i64()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn rowcast_js_sees_every_change_once_in_order_across_a_server_restart() {
     if skip_without_chromedriver() {
@@ -108,8 +95,8 @@ async fn rowcast_js_sees_every_change_once_in_order_across_a_server_restart() {
     let port = server.port;
     let base = server.base();
     let http = reqwest::Client::new();
-    let a = create(&http, &base, "Alpha").await;
-    let b = create(&http, &base, "Beta").await;
+    let a = post_product(&http, &base, "Alpha").await;
+    let b = post_product(&http, &base, "Beta").await;
 
     let browser = Browser::start().await;
     browser.goto(&format!("{base}/healthz")).await;
@@ -211,7 +198,7 @@ async fn dashboard_shows_edits_from_another_tab_and_resumes_after_a_restart() {
     let base = server.base();
     let http = reqwest::Client::new();
     for name in ["Anvil", "Bellows", "Chisel", "Drill press", "Escapement"] {
-        create(&http, &base, name).await;
+        post_product(&http, &base, name).await;
     }
     let watcher = Browser::start().await;
     let editor = Browser::start().await;
@@ -235,7 +222,7 @@ async fn dashboard_shows_edits_from_another_tab_and_resumes_after_a_restart() {
     );
 
     // A product created elsewhere joins the page, and the page's label follows its rows.
-    create(&http, &base, "Forge").await;
+    post_product(&http, &base, "Forge").await;
     watcher
         .wait_for(
             "return document.querySelectorAll('#rows tr').length === 6 \
@@ -464,7 +451,7 @@ async fn an_event_source_opened_with_a_ticket_reconnects_by_itself_under_auth_re
         .default_headers(headers)
         .build()
         .unwrap();
-    let id = create(&http, &base, "Ticketed").await;
+    let id = post_product(&http, &base, "Ticketed").await;
     // What a backend holding the token does for its page.
     let ticket: Value = http
         .post(format!("{base}/ws-ticket"))

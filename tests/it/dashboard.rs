@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::support::process::{free_port, rowcast, wait_until_serving};
 use crate::support::webdriver::{Browser, skip_without_chromedriver};
 use crate::support::ws::ARRIVAL;
-use crate::support::{TestDatabase, product};
+use crate::support::{TestDatabase, post_product, product};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -40,13 +40,7 @@ async fn the_dashboard_logs_changes_plots_their_rate_and_counts_watchers() {
     let http = reqwest::Client::new();
     wait_until_serving(&mut child, &http, &format!("{base}/readyz")).await;
     for name in ["Anvil", "Bellows", "Chisel"] {
-        let response = http
-            .post(format!("{base}/products"))
-            .json(&product(name))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        post_product(&http, &base, name).await;
     }
 
     let first = Browser::start().await;

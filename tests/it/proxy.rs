@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::support::nginx::Nginx;
 use crate::support::process::{free_port, rowcast, wait_until_serving};
 use crate::support::webdriver::{Browser, skip_without_chromedriver};
-use crate::support::{TestDatabase, product};
+use crate::support::{TestDatabase, post_product, product};
 
 const INSTANCES: usize = 3;
 const CLIENTS: usize = 12;
@@ -50,15 +50,7 @@ async fn three_instances_behind_nginx_one_killed_under_load_every_client_gets_ea
 
     let mut products = Vec::new();
     for i in 0..PRODUCTS {
-        let created = http
-            .post(format!("{}/products", nginx.base))
-            .json(&product(&format!("proxied {i}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201);
-        let body: Value = created.json().await.unwrap();
-        products.push(body["productId"].as_i64().unwrap());
+        products.push(post_product(&http, &nginx.base, &format!("proxied {i}")).await);
     }
 
     let browser = Browser::start().await;

@@ -519,6 +519,21 @@ pub async fn products_in_table(
 }
 
 /// A valid product body with the given name.
+/// Creates a product through the REST API at `base` (a server of any kind: a child process, a
+/// proxy); returns its id.
+pub async fn post_product(http: &reqwest::Client, base: &str, name: &str) -> i64 {
+    let response = http
+        .post(format!("{base}/products"))
+        .json(&product(name))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.unwrap()["productId"]
+        .as_i64()
+        .unwrap()
+}
+
 pub fn product(name: &str) -> Value {
     json!({"manufacturer": "Acme", "pricePerUnit": "9.99", "unitsAvailable": 10, "productName": name})
 }
