@@ -22,6 +22,7 @@
 
 use std::time::Duration;
 
+use crate::db::RestPool;
 use axum::extract::{FromRef, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -29,7 +30,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use sqlx::PgPool;
 use tokio::time::Instant;
 
 use utoipa::ToSchema;
@@ -199,7 +199,7 @@ pub(crate) async fn stats(
 pub fn readiness_router<S>() -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
-    PgPool: FromRef<S>,
+    RestPool: FromRef<S>,
     ListenerWatch: FromRef<S>,
 {
     Router::new().route("/readyz", get(readyz))
@@ -223,7 +223,7 @@ pub(crate) struct Readiness {
         (status = 503, description = "Not ready; `reasons` names each failed check", body = Readiness),
     ))]
 pub(crate) async fn readyz(
-    State(pool): State<PgPool>,
+    State(pool): State<RestPool>,
     State(listener): State<ListenerWatch>,
 ) -> Response {
     let mut reasons = Vec::new();
@@ -263,10 +263,13 @@ pub(crate) async fn readyz(
 }
 
 /// Versions of the migrations recorded as applied successfully.
-async fn applied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-        .fetch_all(pool)
-        .await
+async fn applied_migrations(pool: &RestPool) -> Result<Vec<i64>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let applied = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(&mut *conn)
+        .await?;
+    conn.settle();
+    Ok(applied)
 }
 
 /// `GET /metrics`.

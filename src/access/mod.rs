@@ -46,10 +46,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use sqlx::PgPool;
 use subtle::ConstantTimeEq as _;
 
 use crate::config::{AccessSettings, Origin, Secret, split_host_port};
+use crate::db::RestPool;
 use stream::StreamCredentials;
 use tickets::Tickets;
 
@@ -148,7 +148,7 @@ struct Inner {
 impl Access {
     /// Builds the policy; reads the token file if one is given. Tickets are kept through
     /// `pool` (the REST pool: one short query per ticket).
-    pub fn from_settings(settings: &AccessSettings, pool: PgPool) -> Result<Self, AccessError> {
+    pub fn from_settings(settings: &AccessSettings, pool: RestPool) -> Result<Self, AccessError> {
         let token = match (&settings.api_token, &settings.api_token_file) {
             (Some(token), _) => Some(token.clone()),
             (None, Some(path)) => {
@@ -445,13 +445,14 @@ mod tests {
     }
 
     /// A pool that never connects: these tests do not touch tickets (tests/it/access.rs does).
-    fn lazy_pool() -> PgPool {
-        // No idle timeout nor lifetime: no maintenance task, so no runtime is needed.
-        sqlx::postgres::PgPoolOptions::new()
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
-            .unwrap()
+    fn lazy_pool() -> RestPool {
+        // deadpool opens connections only when asked for one.
+        RestPool::new(
+            "postgres://nobody@127.0.0.1:1/none".parse().unwrap(),
+            1,
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap()
     }
 
     fn request(authority_header: &str, origin: Option<&str>) -> Request {

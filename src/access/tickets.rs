@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use crate::db::RestPool;
 use base64::Engine as _;
-use sqlx::PgPool;
 
 use super::{Denied, sha256};
 use crate::db;
@@ -25,11 +25,11 @@ const MAX_OUTSTANDING_TICKETS: i64 = 10_000;
 #[derive(Debug, Clone)]
 pub(super) struct Tickets {
     pub(super) ttl: Duration,
-    pool: PgPool,
+    pool: RestPool,
 }
 
 impl Tickets {
-    pub(super) fn new(ttl: Duration, pool: PgPool) -> Self {
+    pub(super) fn new(ttl: Duration, pool: RestPool) -> Self {
         Self { ttl, pool }
     }
 

@@ -8,20 +8,20 @@ mod json;
 pub(crate) mod products;
 pub mod schema;
 
+use crate::db::RestPool;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::get;
-use sqlx::PgPool;
 
 pub use error::ApiError;
 pub use json::ApiJson;
 
 /// The `/products` routes, with JSON errors for 404 and 405 and the body size limit. The
-/// handlers take only the pool (`State<PgPool>`), from whatever state the app holds.
+/// handlers take only the pool (`State<RestPool>`), from whatever state the app holds.
 pub fn router<S>(max_body_bytes: usize) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
-    PgPool: FromRef<S>,
+    RestPool: FromRef<S>,
 {
     Router::new()
         .route("/products", get(products::list).post(products::create))

@@ -2,13 +2,13 @@
 //! Each carries its OpenAPI description (`#[utoipa::path]`), next to the code it describes;
 //! `openapi` collects them into `/openapi.json`.
 
+use crate::db::RestPool;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
-use sqlx::PgPool;
 
 use super::error::ApiError;
 use super::json::ApiJson;
@@ -57,7 +57,7 @@ fn parse_id(raw: &str) -> Result<ProductId, ApiError> {
         (status = 400, description = "Bad query parameter (`invalid_query`)", body = ErrorBody),
     ))]
 pub(crate) async fn list(
-    State(pool): State<PgPool>,
+    State(pool): State<RestPool>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::BadRequest {
@@ -104,7 +104,7 @@ pub(crate) async fn list(
         (status = 404, description = "No such product", body = ErrorBody),
     ))]
 pub(crate) async fn get(
-    State(pool): State<PgPool>,
+    State(pool): State<RestPool>,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
@@ -123,7 +123,7 @@ pub(crate) async fn get(
         (status = 422, description = "A field breaks a rule; the message names it", body = ErrorBody),
     ))]
 pub(crate) async fn create(
-    State(pool): State<PgPool>,
+    State(pool): State<RestPool>,
     ApiJson(input): ApiJson<ProductInput>,
 ) -> Result<Response, ApiError> {
     let new = NewProduct::parse(input)?;
@@ -148,7 +148,7 @@ pub(crate) async fn create(
         (status = 422, description = "A field breaks a rule, or `productId` differs from the path", body = ErrorBody),
     ))]
 pub(crate) async fn replace(
-    State(pool): State<PgPool>,
+    State(pool): State<RestPool>,
     Path(raw): Path<String>,
     ApiJson(input): ApiJson<ProductInput>,
 ) -> Result<Response, ApiError> {
@@ -176,7 +176,7 @@ pub(crate) async fn replace(
         (status = 422, description = "A field breaks a rule (`null` is refused)", body = ErrorBody),
     ))]
 pub(crate) async fn patch(
-    State(pool): State<PgPool>,
+    State(pool): State<RestPool>,
     Path(raw): Path<String>,
     ApiJson(document): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
@@ -198,7 +198,7 @@ pub(crate) async fn patch(
         (status = 404, description = "No such product", body = ErrorBody),
     ))]
 pub(crate) async fn delete(
-    State(pool): State<PgPool>,
+    State(pool): State<RestPool>,
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;

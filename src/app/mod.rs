@@ -17,7 +17,6 @@ use axum::extract::FromRef;
 use axum::middleware::from_fn_with_state;
 use axum::routing::{any, get};
 use rowcast_embedded_postgres::EmbeddedPostgres;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
@@ -31,7 +30,7 @@ use crate::acme::{Renewal, TlsWatch};
 use crate::api;
 use crate::config::{Budgets, Config, Heartbeat, Limits, Source, TlsSettings};
 use crate::db::replication::ReplicationNames;
-use crate::db::{self, HistoryReader, PgTarget, PoolSizes, Pools, changelog};
+use crate::db::{self, HistoryReader, PgTarget, PoolSizes, Pools, RestPool, changelog};
 use crate::distributor::DistributorHandle;
 use crate::hardening;
 use crate::health::{self, ViewsCache};
@@ -50,7 +49,7 @@ use crate::sse::{self, SseState};
 use crate::tls::{ServerTls, SighupReload};
 
 /// What the handlers share: handles and pools, each cheap to clone (reference counts). One
-/// value for the whole router; each handler extracts only the part it uses (`State<PgPool>`,
+/// value for the whole router; each handler extracts only the part it uses (`State<RestPool>`,
 /// `State<SessionState>`, …) through `FromRef` — derived for each field's type (the pool for REST
 /// and `/readyz`; the distributor, listener, history, views, transport, TLS and metrics handles
 /// for `/stats`, `/readyz` and `/metrics`), written out below for the composite views of the
@@ -58,7 +57,7 @@ use crate::tls::{ServerTls, SighupReload};
 #[derive(Debug, Clone, FromRef)]
 pub struct AppState {
     /// The REST pool (REST handlers and `/readyz`).
-    pool: PgPool,
+    pool: RestPool,
     /// Where replays and snapshots are read: the history pool behind its queue.
     history: HistoryReader,
     /// Where subscriptions live.
@@ -382,7 +381,7 @@ impl App {
             },
         )
         .await?;
-        db::migrate(&pools.rest).await?;
+        db::migrate_rest(&pools.rest).await?;
         let tcp = bind(config.listen).await?;
         let (https, background) = Https::bind(&config.tls).await?.unzip();
         let redirect_to = match &https {
@@ -400,12 +399,12 @@ impl App {
         // server and creates the publication now, so a missing privilege stops the start.
         let reader = match config.source.source {
             Source::Notify => {
-                db::replication::ensure_notify_mode(&pools.rest).await?;
+                db::replication::ensure_notify_mode(&pools.background).await?;
                 None
             }
             Source::Replication => {
                 let names = replication_names(&config, &target)?;
-                db::replication::check_wal_level(&pools.rest).await?;
+                db::replication::check_wal_level(&pools.background).await?;
                 let session = db::replication::session(&target, "rowcast").await?;
                 db::replication::ensure_publication(&session.client, &names)
                     .await
@@ -462,11 +461,6 @@ impl App {
     /// SHA-256 fingerprint of the certificate served now, when TLS is configured.
     pub fn tls_fingerprint(&self) -> Option<String> {
         self.https.as_ref().map(|https| https.tls.fingerprint())
-    }
-
-    /// The REST pool (tests use it to write behind the API's back, like any other writer).
-    pub fn pool(&self) -> &PgPool {
-        &self.pools.rest
     }
 
     /// Serves until the shutdown is triggered, then closes sessions (1001), waits up to the

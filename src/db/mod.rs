@@ -16,6 +16,7 @@ pub mod history;
 pub mod presence;
 pub mod products;
 pub mod replication;
+pub mod rest;
 pub mod target;
 pub mod tickets;
 pub mod tls;
@@ -26,6 +27,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, PgPool};
 
 pub use history::{Busy, HistoryError, HistoryReader, HistoryStats};
+pub use rest::{Lease, RestPool};
 pub use target::PgTarget;
 
 /// The migrations in `migrations/`, embedded at build time (`build.rs` reruns on changes).
@@ -35,13 +37,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// takes milliseconds, so 5 s of waiting means the pool is stuck; failing then beats queueing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A pooled connection used this recently is handed out as it is; one idle for longer is pinged
-/// first. sqlx's default pings on every acquire: a full round trip that doubled the database
-/// work of every REST write and every changelog read. What the ping is for — a connection
-/// that died while idle (a PostgreSQL restart, a failover, a proxy's idle timeout) — only
-/// happens to idle connections; one in steady use that breaks fails its query either way,
-/// with or without a ping just before it.
-const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+// The sqlx pools (history, background) ping a connection before handing it out only when it has
+// been idle this long, as the REST pool does: sqlx's default pings on every acquire, a full round
+// trip that doubled the database work of every statement.
+use rest::PING_WHEN_IDLE_FOR;
 
 /// Connections of the background pool: the retention task and the presence task (and the
 /// start-up position read). Each runs one query at a time, so with one connection each neither
@@ -95,8 +94,9 @@ pub struct PoolSizes {
 /// `pg_stat_activity` shows which kind of work holds a connection.
 #[derive(Debug, Clone)]
 pub struct Pools {
-    /// REST requests and `/readyz` (which answers "can this instance serve REST").
-    pub rest: PgPool,
+    /// REST requests, WebSocket tickets and `/readyz` (which answers "can this instance serve
+    /// REST").
+    pub rest: RestPool,
     /// Clients' replays and snapshots, behind a bounded queue.
     pub history: HistoryReader,
     /// Retention and presence ([`BACKGROUND_CONNECTIONS`]).
@@ -106,7 +106,7 @@ pub struct Pools {
 impl Pools {
     /// Opens every pool; fails fast if the database cannot be reached.
     pub async fn connect(target: &PgTarget, sizes: PoolSizes) -> Result<Self, DbError> {
-        let rest = open(target, "rowcast", sizes.rest, ACQUIRE_TIMEOUT).await?;
+        let rest = open_rest(target, sizes.rest).await?;
         let history = open(
             target,
             "rowcast-history",
@@ -145,6 +145,33 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
     open(&target, "rowcast", max_connections, ACQUIRE_TIMEOUT).await
 }
 
+/// Opens the REST pool and one connection of it, so that an unreachable database fails the
+/// start as the other pools do.
+async fn open_rest(target: &PgTarget, max_connections: u32) -> Result<RestPool, DbError> {
+    let pool = RestPool::new(
+        target.pool_options().application_name("rowcast"),
+        max_connections,
+        ACQUIRE_TIMEOUT,
+    )
+    .map_err(DbError::Connect)?;
+    let lease = pool
+        .acquire()
+        .await
+        .map_err(|err| connect_failure(target, err))?;
+    lease.settle();
+    Ok(pool)
+}
+
+fn connect_failure(target: &PgTarget, err: sqlx::Error) -> DbError {
+    match target.describe_tls_failure(&err) {
+        Some(message) => DbError::Tls {
+            message,
+            source: err,
+        },
+        None => DbError::Connect(err),
+    }
+}
+
 async fn open(
     target: &PgTarget,
     application_name: &str,
@@ -166,18 +193,20 @@ async fn open(
         })
         .connect_with(target.pool_options().application_name(application_name))
         .await
-        .map_err(|err| match target.describe_tls_failure(&err) {
-            Some(message) => DbError::Tls {
-                message,
-                source: err,
-            },
-            None => DbError::Connect(err),
-        })
+        .map_err(|err| connect_failure(target, err))
 }
 
 /// Applies pending migrations (idempotent; safe with several instances starting at once, since
 /// sqlx takes an advisory lock).
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// [`migrate`] on a connection of the REST pool.
+pub async fn migrate_rest(pool: &RestPool) -> Result<(), DbError> {
+    let mut lease = pool.acquire().await.map_err(DbError::Connect)?;
+    MIGRATOR.run(&mut *lease).await?;
+    lease.settle();
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! something to a client (no such row, duplicate id) to [`StoreError`]; everything else is
 //! `StoreError::Database`, which the API reports as a 500 without details.
 
-use sqlx::PgPool;
+use sqlx::Connection as _;
+
+use super::RestPool;
 
 use crate::product::{NewProduct, Product, ProductId, ProductPatch};
 
@@ -71,36 +73,38 @@ fn is_duplicate_key(err: &sqlx::Error) -> bool {
 }
 
 /// Products with id > `after`, ascending, at most `limit`.
-pub async fn list(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Product>, StoreError> {
-    sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_list.sql"))
+pub async fn list(pool: &RestPool, after: i64, limit: i64) -> Result<Vec<Product>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let rows = sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_list.sql"))
         .bind(after)
         .bind(limit)
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(ProductRow::into_product)
-        .collect()
+        .fetch_all(&mut *conn)
+        .await?;
+    conn.settle();
+    rows.into_iter().map(ProductRow::into_product).collect()
 }
 
 /// One product.
-pub async fn get(pool: &PgPool, id: ProductId) -> Result<Product, StoreError> {
-    sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_get.sql"))
+pub async fn get(pool: &RestPool, id: ProductId) -> Result<Product, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let row = sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_get.sql"))
         .bind(id.get())
-        .fetch_optional(pool)
-        .await?
-        .ok_or(StoreError::NotFound(id))?
-        .into_product()
+        .fetch_optional(&mut *conn)
+        .await?;
+    conn.settle();
+    row.ok_or(StoreError::NotFound(id))?.into_product()
 }
 
 /// Creates a product, with the client's id if it chose one.
-pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Product, StoreError> {
+pub async fn insert(pool: &RestPool, new: &NewProduct) -> Result<Product, StoreError> {
     match new.product_id {
         Some(id) => insert_with_id(pool, id, new).await,
         None => insert_generated(pool, new).await,
     }
 }
 
-async fn insert_generated(pool: &PgPool, new: &NewProduct) -> Result<Product, StoreError> {
+async fn insert_generated(pool: &RestPool, new: &NewProduct) -> Result<Product, StoreError> {
+    let mut conn = pool.acquire().await?;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -109,10 +113,13 @@ async fn insert_generated(pool: &PgPool, new: &NewProduct) -> Result<Product, St
             .bind(&new.price_per_unit)
             .bind(new.units_available)
             .bind(&new.product_name)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await;
         match result {
-            Ok(row) => return row.into_product(),
+            Ok(row) => {
+                conn.settle();
+                return row.into_product();
+            }
             Err(err) if is_duplicate_key(&err) && attempt < INSERT_ATTEMPTS => continue,
             Err(err) if is_sequence_exhausted(&err) => return Err(StoreError::IdsExhausted),
             Err(err) => return Err(err.into()),
@@ -121,11 +128,12 @@ async fn insert_generated(pool: &PgPool, new: &NewProduct) -> Result<Product, St
 }
 
 async fn insert_with_id(
-    pool: &PgPool,
+    pool: &RestPool,
     id: ProductId,
     new: &NewProduct,
 ) -> Result<Product, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
     let row =
         sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_insert_with_id.sql"))
             .bind(id.get())
@@ -147,51 +155,56 @@ async fn insert_with_id(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    conn.settle();
     row.into_product()
 }
 
 /// Replaces every field of an existing product.
 pub async fn replace(
-    pool: &PgPool,
+    pool: &RestPool,
     id: ProductId,
     new: &NewProduct,
 ) -> Result<Product, StoreError> {
-    sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_replace.sql"))
+    let mut conn = pool.acquire().await?;
+    let row = sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_replace.sql"))
         .bind(id.get())
         .bind(&new.manufacturer)
         .bind(&new.price_per_unit)
         .bind(new.units_available)
         .bind(&new.product_name)
-        .fetch_optional(pool)
-        .await?
-        .ok_or(StoreError::NotFound(id))?
-        .into_product()
+        .fetch_optional(&mut *conn)
+        .await?;
+    conn.settle();
+    row.ok_or(StoreError::NotFound(id))?.into_product()
 }
 
 /// Changes the given fields of an existing product.
 pub async fn patch(
-    pool: &PgPool,
+    pool: &RestPool,
     id: ProductId,
     patch: &ProductPatch,
 ) -> Result<Product, StoreError> {
-    sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_patch.sql"))
+    let mut conn = pool.acquire().await?;
+    let row = sqlx::query_as::<_, ProductRow>(include_str!("../../sql/products_patch.sql"))
         .bind(id.get())
         .bind(patch.manufacturer.as_deref())
         .bind(patch.price_per_unit.as_deref())
         .bind(patch.units_available)
         .bind(patch.product_name.as_deref())
-        .fetch_optional(pool)
-        .await?
-        .ok_or(StoreError::NotFound(id))?
-        .into_product()
+        .fetch_optional(&mut *conn)
+        .await?;
+    conn.settle();
+    row.ok_or(StoreError::NotFound(id))?.into_product()
 }
 
 /// Deletes a product.
-pub async fn delete(pool: &PgPool, id: ProductId) -> Result<(), StoreError> {
+pub async fn delete(pool: &RestPool, id: ProductId) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?;
     let result = sqlx::query(include_str!("../../sql/products_delete.sql"))
         .bind(id.get())
-        .execute(pool)
+        .execute(&mut *conn)
         .await?;
+    conn.settle();
     if result.rows_affected() == 0 {
         return Err(StoreError::NotFound(id));
     }

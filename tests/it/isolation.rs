@@ -314,3 +314,64 @@ async fn rest_connections_that_died_while_idle_are_replaced_not_handed_to_reques
         "every request after the idle connections died gets a live one"
     );
 }
+
+/// A request abandoned while its statement runs leaves the connection owing a reply; the REST
+/// pool's next user of that connection (the only one here) must get its own answer, not the
+/// abandoned one's, and nothing may fail.
+#[tokio::test]
+async fn a_rest_request_abandoned_mid_statement_does_not_spoil_its_connection() {
+    let app = spawn_app_with(&["--db-max-connections", "1"]).await;
+    let id = app.create_product(product("Abandoned")).await["productId"]
+        .as_i64()
+        .unwrap();
+    let url = format!("{}/products/{id}", app.base_url);
+    let body = |units: i64| json!({"manufacturer": "Acme", "pricePerUnit": "1EUR", "unitsAvailable": units, "productName": "Abandoned"});
+
+    // The row is locked, so the PUT's UPDATE waits inside PostgreSQL until the test lets go.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM products WHERE product_id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let abandoned = tokio::spawn({
+        let (http, url, body) = (app.http.clone(), url.clone(), body(111));
+        async move { http.put(url).json(&body).send().await }
+    });
+    wait_until(
+        ARRIVAL,
+        "the PUT's UPDATE waits for the row lock",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'rowcast' AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+                == 1
+        },
+    )
+    .await;
+    // The client gives up: its connection closes and the server drops the request mid-statement.
+    abandoned.abort();
+    let _ = abandoned.await;
+    lock.rollback().await.unwrap();
+
+    for units in [7, 8, 9] {
+        let put = app.http.put(&url).json(&body(units)).send().await.unwrap();
+        assert_eq!(put.status(), 200);
+        let put: Value = put.json().await.unwrap();
+        assert_eq!(put["unitsAvailable"], units, "the PUT got its own answer");
+        let get: Value = app
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(get["unitsAvailable"], units, "the GET got its own answer");
+    }
+}
