@@ -10,6 +10,7 @@
 //! need not.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
@@ -48,14 +49,44 @@ use crate::shutdown::Shutdown;
 use crate::sse::{self, SseState};
 use crate::tls::{ServerTls, SighupReload};
 
-/// What the handlers share: handles and pools, each cheap to clone (reference counts). One
-/// value for the whole router; each handler extracts only the part it uses (`State<RestPool>`,
-/// `State<SessionState>`, …) through `FromRef` — derived for each field's type (the pool for REST
-/// and `/readyz`; the distributor, listener, history, views, transport, TLS and metrics handles
-/// for `/stats`, `/readyz` and `/metrics`), written out below for the composite views of the
-/// WebSocket and event-stream handlers — so no module below `app` needs to know this type.
-#[derive(Debug, Clone, FromRef)]
-pub struct AppState {
+/// What the handlers share, behind one reference count: axum clones the router's state for every
+/// request, and cloning a dozen handles each time was rowcast's costliest user-space frame under
+/// REST writes (`bench/results/puts-flame.svg`). One value for the whole router; each handler
+/// extracts only the part it uses (`State<RestPool>`, `State<SessionState>`, …) through `FromRef`
+/// — one impl per field's type below (the pool for REST and `/readyz`; the distributor, listener,
+/// history, views, transport, TLS and metrics handles for `/stats`, `/readyz` and `/metrics`), and
+/// the composite views of the WebSocket and event-stream handlers — so no module below `app` needs
+/// to know this type.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// Declares [`Shared`] and, for each field's type, its extraction on its own
+/// (`State<RestPool>`, …).
+macro_rules! shared_state {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty,)*) => {
+        /// The fields of [`AppState`].
+        #[derive(Debug)]
+        pub struct Shared {
+            $($(#[$doc])* $field: $ty,)*
+        }
+
+        $(impl FromRef<AppState> for $ty {
+            fn from_ref(state: &AppState) -> Self {
+                state.$field.clone()
+            }
+        })*
+    };
+}
+
+shared_state! {
     /// The REST pool (REST handlers and `/readyz`).
     pool: RestPool,
     /// Where replays and snapshots are read: the history pool behind its queue.
@@ -259,7 +290,7 @@ impl Start {
                     .instrument(tracing::info_span!("tls_reload")),
             );
         }
-        AppState {
+        AppState(Arc::new(Shared {
             pool: pools.rest,
             history: pools.history,
             distributor,
@@ -273,7 +304,7 @@ impl Start {
             budgets: config.budgets,
             heartbeat: config.heartbeat,
             stream_rotation: access.stream_rotation(),
-        }
+        }))
     }
 }
 
