@@ -29,7 +29,7 @@ pub use commands::{migrate_only, replication_drop};
 use crate::access::{self, Access, AllowedHosts};
 use crate::acme::{Renewal, TlsWatch};
 use crate::api;
-use crate::config::{Budgets, Config, Heartbeat, Limits, Source, TlsSettings};
+use crate::config::{Budgets, Config, Heartbeat, Limits, ReplicationCommit, Source, TlsSettings};
 use crate::db::replication::ReplicationNames;
 use crate::db::{self, HistoryReader, PgTarget, PoolSizes, Pools, RestPool, changelog};
 use crate::distributor::DistributorHandle;
@@ -251,9 +251,15 @@ impl Start {
         );
         if let Some((target, names)) = reader {
             shutdown.spawn(
-                Reader::new(target, names, config.listener, &metrics)
-                    .run(shutdown.clone())
-                    .instrument(tracing::info_span!("replication_reader")),
+                Reader::new(
+                    target,
+                    names,
+                    config.listener,
+                    config.source.replication_commit,
+                    &metrics,
+                )
+                .run(shutdown.clone())
+                .instrument(tracing::info_span!("replication_reader")),
             );
         }
         shutdown.spawn(
@@ -430,6 +436,12 @@ impl App {
         // server and creates the publication now, so a missing privilege stops the start.
         let reader = match config.source.source {
             Source::Notify => {
+                if config.source.replication_commit == ReplicationCommit::Async {
+                    tracing::warn!(
+                        "--replication-commit async has no effect with --source notify: \
+                         the trigger's changelog rows commit with the writer's transaction"
+                    );
+                }
                 db::replication::ensure_notify_mode(&pools.background).await?;
                 None
             }

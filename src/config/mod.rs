@@ -22,7 +22,7 @@ pub use changelog::{
     DEFAULT_CHANGELOG_RETENTION,
 };
 pub use presence::PresenceSettings;
-pub use source::{Source, SourceSettings};
+pub use source::{ReplicationCommit, Source, SourceSettings};
 pub use values::{HostName, IpPrefix, Origin, Secret, split_host_port};
 
 /// Loopback only: a fresh install must not expose an unauthenticated write API to the network.

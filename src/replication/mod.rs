@@ -31,6 +31,7 @@
 //! of delivery (the listener and distributor are untouched by the source).
 
 mod decoder;
+mod durable;
 pub mod pgoutput;
 
 use std::time::Duration;
@@ -40,12 +41,13 @@ use metrics::Gauge;
 use pgwire_replication::{Lsn, ReplicationClient};
 use tokio_postgres::Client;
 
-use crate::config::ListenerSettings;
+use crate::config::{ListenerSettings, ReplicationCommit};
 use crate::db::PgTarget;
 use crate::db::replication::{self as sql, Batch, ReplicationDbError, ReplicationNames};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use decoder::Decoder;
+use durable::DurableConfirm;
 
 /// First retry delay after a failure; doubles up to `--listener-max-backoff`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
@@ -53,6 +55,10 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 /// short, so a quiet stream's slot advances within a second (pg_recvlogical's 10 s would keep
 /// that much more WAL and make the slot look stuck on dashboards).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// With `--replication-commit async`, how often the reader asks how far the WAL is flushed
+/// while a confirmation waits for it (the WAL writer flushes within 3 × `wal_writer_delay`,
+/// 600 ms by default, usually far sooner).
+const FLUSH_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// Events buffered between the stream's socket and this task.
 const STREAM_BUFFER: usize = 4096;
 
@@ -88,6 +94,7 @@ pub struct Reader {
     target: PgTarget,
     names: ReplicationNames,
     settings: ListenerSettings,
+    commit: ReplicationCommit,
     gauges: Gauges,
 }
 
@@ -97,12 +104,14 @@ impl Reader {
         target: PgTarget,
         names: ReplicationNames,
         settings: ListenerSettings,
+        commit: ReplicationCommit,
         metrics: &Metrics,
     ) -> Self {
         Self {
             target,
             names,
             settings,
+            commit,
             gauges: Gauges {
                 leader: metrics.gauge("rowcast_replication_leader", &[]),
                 lag_bytes: metrics.gauge("rowcast_replication_slot_lag_bytes", &[]),
@@ -176,6 +185,13 @@ impl Reader {
         let mut decoder = Decoder::new(start.armed, start.applied_lsn);
         let mut health = tokio::time::interval(self.settings.health_interval);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let unflushed = self.commit == ReplicationCommit::Async;
+        if unflushed {
+            sql::commit_without_waiting_for_flush(conn).await?;
+        }
+        let mut durable = DurableConfirm::default();
+        let mut flush_probe = tokio::time::interval(FLUSH_PROBE_INTERVAL);
+        flush_probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = client.recv() => {
@@ -190,8 +206,21 @@ impl Reader {
                     if decoder.ready_to_write() {
                         sql::write_batch(conn, &decoder.batch).await?;
                         decoder.written();
+                        if unflushed {
+                            let wal = sql::wal_positions(conn).await?;
+                            durable.written(wal.insert);
+                            if let Some(lsn) = durable.flushed(wal.flush) {
+                                client.update_applied_lsn(Lsn(lsn));
+                            }
+                        }
                     }
-                    if let Some(lsn) = decoder.confirm.take() {
+                    if let Some(lsn) = decoder.confirm.take().and_then(|lsn| durable.offer(lsn)) {
+                        client.update_applied_lsn(Lsn(lsn));
+                    }
+                }
+                _ = flush_probe.tick(), if durable.waiting() => {
+                    let wal = sql::wal_positions(conn).await?;
+                    if let Some(lsn) = durable.flushed(wal.flush) {
                         client.update_applied_lsn(Lsn(lsn));
                     }
                 }

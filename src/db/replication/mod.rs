@@ -1,6 +1,6 @@
 //! The SQL side of `--source replication`: publication and slot, the switch between the row
 //! trigger and the reader (migration 0007 says why it is one commit), the reader's batched
-//! changelog writes and the slot's health. The stream itself belongs to the top-level `replication` module.
+//! changelog writes (`batch`) and the slot's health. The stream itself belongs to the top-level `replication` module.
 //!
 //! Names: the publication and the slot share one name ([`ReplicationNames`]), by default
 //! `rowcast_<database>`: slots are per cluster, so the database's name keeps two deployments
@@ -11,7 +11,11 @@ use tokio_postgres::Client;
 
 use super::PgTarget;
 
-use crate::product::Seq;
+mod batch;
+
+pub use batch::{
+    Batch, WalPositions, commit_without_waiting_for_flush, wal_positions, write_batch,
+};
 
 /// Advisory lock key of the elected reader: `(1919906675, 2)`, beside the trigger's commit
 /// lock `(1919906675, 1)` (migration 0003). Held by the reader's session for as long as it
@@ -61,6 +65,9 @@ pub enum ReplicationDbError {
          `rowcast replication drop` to go back to notify"
     )]
     InReplicationMode,
+    /// The server answered a WAL position that is not one.
+    #[error("the server reported an unreadable WAL position '{0}'")]
+    Lsn(String),
 }
 
 /// The publication's and the slot's name.
@@ -321,7 +328,7 @@ pub async fn slot_state(
 ) -> Result<Option<SlotState>, ReplicationDbError> {
     let Some(row) = db
         .query_opt(
-            include_str!("../../sql/replication_slot_state.sql"),
+            include_str!("../../../sql/replication_slot_state.sql"),
             &[&names.slot()],
         )
         .await?
@@ -383,7 +390,7 @@ pub async fn switch_on(db: &mut Client) -> Result<bool, ReplicationDbError> {
     switch(
         db,
         true,
-        include_str!("../../sql/replication_switch_on.sql"),
+        include_str!("../../../sql/replication_switch_on.sql"),
     )
     .await
 }
@@ -394,7 +401,7 @@ pub async fn switch_off(db: &mut Client) -> Result<bool, ReplicationDbError> {
     switch(
         db,
         false,
-        include_str!("../../sql/replication_switch_off.sql"),
+        include_str!("../../../sql/replication_switch_off.sql"),
     )
     .await
 }
@@ -431,117 +438,6 @@ pub async fn drop_publication(
     ))
     .await?;
     Ok(())
-}
-
-/// What one batch of the reader writes.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// Changes in commit order.
-    pub changes: Vec<RowChange>,
-    /// A gap to announce after the changes (a TRUNCATE, or a new slot after a lost one): the
-    /// horizon moves past a fresh seq, so subscribers are reset.
-    pub gap: bool,
-    /// The reader is armed after this batch.
-    pub armed: bool,
-    /// The end of the batch's last transaction.
-    pub lsn: u64,
-}
-
-/// Writes a batch in one transaction — the changes with fresh seqs in order, the gap, the
-/// applied position — and sends ONE notification for it. Returns the last seq written, if any.
-///
-/// Without a gap (every batch but a TRUNCATE's or a new slot's) that is one statement, typed so
-/// that parse, bind and execute go in one round trip: a change's latency from commit to clients
-/// includes this write, and each round trip on a busy machine costs a scheduling delay.
-pub async fn write_batch(
-    db: &mut Client,
-    batch: &Batch,
-) -> Result<Option<Seq>, ReplicationDbError> {
-    if !batch.gap {
-        return Ok(changes_and_position(&*db, batch).await?);
-    }
-    let tx = db.transaction().await?;
-    changes_and_position(&tx, batch).await?;
-    // The horizon moves past a fresh seq: every listener re-bases and resets its subscribers.
-    let horizon: i64 = tx
-        .query_one(
-            "UPDATE changelog_horizon
-             SET pruned_through = greatest(pruned_through, nextval('product_change_seq'))
-             RETURNING pruned_through",
-            &[],
-        )
-        .await?
-        .try_get(0)?;
-    tx.execute(
-        "SELECT pg_notify('product_change', json_build_object('seq', $1::bigint)::text)",
-        &[&horizon],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(Seq::try_from(horizon).ok())
-}
-
-/// `sql/replication_write_batch.sql`: the changes, the position and the notification.
-async fn changes_and_position(
-    db: &impl tokio_postgres::GenericClient,
-    batch: &Batch,
-) -> Result<Option<Seq>, tokio_postgres::Error> {
-    use tokio_postgres::types::Type;
-    let c = BatchColumns::of(&batch.changes);
-    let lsn = format_lsn(batch.lsn);
-    let row = db
-        .query_typed_one(
-            include_str!("../../sql/replication_write_batch.sql"),
-            &[
-                (&c.product_id, Type::INT8_ARRAY),
-                (&c.action, Type::TEXT_ARRAY),
-                (&c.manufacturer, Type::TEXT_ARRAY),
-                (&c.price_per_unit, Type::TEXT_ARRAY),
-                (&c.units_available, Type::INT4_ARRAY),
-                (&c.product_name, Type::TEXT_ARRAY),
-                (&c.committed_at_micros, Type::INT8_ARRAY),
-                (&lsn, Type::TEXT),
-                (&batch.armed, Type::BOOL),
-            ],
-        )
-        .await?;
-    let last: Option<i64> = row.try_get(0)?;
-    Ok(last.and_then(|seq| Seq::try_from(seq).ok()))
-}
-
-/// A batch as one array per field (the query's `unnest` parameters).
-struct BatchColumns {
-    product_id: Vec<i64>,
-    action: Vec<&'static str>,
-    manufacturer: Vec<String>,
-    price_per_unit: Vec<String>,
-    units_available: Vec<i32>,
-    product_name: Vec<String>,
-    committed_at_micros: Vec<i64>,
-}
-
-impl BatchColumns {
-    fn of(changes: &[RowChange]) -> Self {
-        let mut columns = Self {
-            product_id: Vec::with_capacity(changes.len()),
-            action: Vec::with_capacity(changes.len()),
-            manufacturer: Vec::with_capacity(changes.len()),
-            price_per_unit: Vec::with_capacity(changes.len()),
-            units_available: Vec::with_capacity(changes.len()),
-            product_name: Vec::with_capacity(changes.len()),
-            committed_at_micros: Vec::with_capacity(changes.len()),
-        };
-        for change in changes {
-            columns.product_id.push(change.product_id);
-            columns.action.push(change.action);
-            columns.manufacturer.push(change.manufacturer.clone());
-            columns.price_per_unit.push(change.price_per_unit.clone());
-            columns.units_available.push(change.units_available);
-            columns.product_name.push(change.product_name.clone());
-            columns.committed_at_micros.push(change.committed_at_micros);
-        }
-        columns
-    }
 }
 
 #[cfg(test)]
