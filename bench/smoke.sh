@@ -13,7 +13,7 @@
 #                       `writes` is skipped, and says so, when that Postgres is not reachable)
 #   SMOKE_REQUIRE_WRITES=1  an unreachable BENCH_DATABASE_URL fails the smoke instead of skipping `writes`
 #   SMOKE_SKIP_WRITES=1     skip `writes` (e.g. when another pass runs it)
-#   SMOKE_ROWCAST_BIN       a rowcast binary: `writes` adds its `replication` variant (needs wal_level=logical)
+#   SMOKE_ROWCAST_BIN       a rowcast binary: `writes` adds its `replication` and `replication-async` variants (needs wal_level=logical)
 #   SMOKE_OUT           where result files go (default: a fresh temporary directory)
 # bench/ci-smoke.sh runs this against a floor-server and a rowcast on its embedded default,
 # with no system PostgreSQL needed.

@@ -22,8 +22,9 @@
 //! correctness counter of this scenario). Only triggers whose function calls NOTIFY are
 //! switched; any other trigger of rowcast's schema stays on in all variants.
 //!
-//! With `--rowcast-bin`, a fifth variant, `replication`: rowcast with `--source replication` on
-//! a second scratch database (see `writes_replication`).
+//! With `--rowcast-bin`, two more variants on a second scratch database (see
+//! `writes_replication`): `replication`, rowcast with `--source replication`, and
+//! `replication-async`, the same with `--replication-commit async`.
 //!
 //! Beside commits/s each cell reports the CPU of the writers' own backends per measured
 //! commit (`/proc/<backend pid>/stat`, local Postgres only): where the trigger body runs.
@@ -175,6 +176,15 @@ pub async fn run(args: &WritesArgs) -> anyhow::Result<Outcome> {
     Ok(out)
 }
 
+/// rowcast's `--replication-commit` for a replication variant.
+fn replication_commit(variant: &str) -> &'static str {
+    if variant == "replication-async" {
+        "async"
+    } else {
+        "sync"
+    }
+}
+
 async fn run_in(
     cfg: &Config,
     args: &WritesArgs,
@@ -187,7 +197,7 @@ async fn run_in(
     let listener = Listener::start(cfg, &schema.channels).await?;
     let mut variants = schema.variants();
     if replication.is_some() {
-        variants.push("replication");
+        variants.extend(["replication", "replication-async"]);
     }
     out.summary.push(format!(
         "variants: {} (rowcast = all migrations, the notify trigger; unordered: {}; replication: {replication_source}); server: {}",
@@ -207,8 +217,8 @@ async fn run_in(
             let variant = &variants[vi];
             set_variant(&client, &schema, variant).await?;
             let replica = match replication.as_mut() {
-                Some(r) if *variant == "replication" => {
-                    r.start().await?;
+                Some(r) if variant.starts_with("replication") => {
+                    r.start(replication_commit(variant)).await?;
                     r.vacuum().await?;
                     Some(r)
                 }
@@ -252,7 +262,7 @@ async fn run_in(
                 None => None,
             };
             // Notifications are delivered after commit; give the listener a moment.
-            let want = if matches!(*variant, "none" | "replication") {
+            let want = if *variant == "none" || variant.starts_with("replication") {
                 0
             } else {
                 commits
@@ -341,6 +351,13 @@ async fn run_in(
                 "; replication {repl:.0}: replication/none {:.3}, replication/rowcast {:.3}",
                 repl / none,
                 repl / rowcast
+            );
+        }
+        if let Some(repl) = of("replication-async") {
+            r["replication_async_vs_none"] = json!(repl / none);
+            line += &format!(
+                "; replication-async {repl:.0}: replication-async/none {:.3}",
+                repl / none
             );
         }
         out.summary.push(line);

@@ -1,5 +1,6 @@
-//! The `replication` variant of `writes` (with `--rowcast-bin`): the same UPDATE load on a
-//! second scratch database run by rowcast with `--source replication` — no trigger in the
+//! The `replication` and `replication-async` variants of `writes` (with `--rowcast-bin`): the
+//! same UPDATE load on a second scratch database run by rowcast with `--source replication`
+//! (and `--replication-commit sync` or `async`) — no trigger in the
 //! writers' transactions; rowcast's elected reader decodes the WAL and writes the changelog in
 //! batches. rowcast runs only during this variant's cells (stopped with SIGTERM after each, so
 //! its walsender decodes nothing while the other variants are measured); before a cell starts,
@@ -63,7 +64,7 @@ impl Replication {
             bin: bin.to_owned(),
             rowcast: None,
         };
-        this.start().await?;
+        this.start("sync").await?;
         this.table = inspect_and_seed(&this.client, args, None)
             .await
             .context("seed the replication database")?;
@@ -71,14 +72,16 @@ impl Replication {
         Ok(Ok(this))
     }
 
-    /// Starts rowcast with `--source replication` and waits until its reader streams.
-    pub(super) async fn start(&mut self) -> anyhow::Result<()> {
+    /// Starts rowcast with `--source replication --replication-commit <commit>` and waits until
+    /// its reader streams.
+    pub(super) async fn start(&mut self, commit: &str) -> anyhow::Result<()> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let child = Command::new(&self.bin)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--source", "replication"])
+            .args(["--replication-commit", commit])
             .env("DATABASE_URL", &self.url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
