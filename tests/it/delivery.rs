@@ -232,11 +232,17 @@ async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_wr
         .await
         .unwrap();
     let mut seen = position;
+    // Each product's last change applied, to say which one a mismatch ends with.
+    let mut last_change: BTreeMap<i64, (u64, String)> = BTreeMap::new();
     while seen < u64::try_from(last).unwrap() {
         let change = client.next_change().await;
         let (id, seq) = key(&change);
         assert!(seq > seen, "increasing seq after the snapshot");
         seen = seq;
+        last_change.insert(
+            id,
+            (seq, change["action"].as_str().unwrap_or("?").to_owned()),
+        );
         if change["action"] == "DELETE" {
             state.remove(&id);
         } else {
@@ -244,7 +250,23 @@ async fn snapshot_plus_stream_equals_the_final_table_for_a_client_joining_mid_wr
         }
     }
     let table = products_in_table(&app.pool, &ids).await;
-    assert_eq!(state, table);
+    let differing: Vec<String> = ids
+        .iter()
+        .filter(|id| state.get(id) != table.get(id))
+        .map(|id| {
+            format!(
+                "product {id}: client {:?}, table {:?}, last change applied {:?}",
+                state.get(id).map(|p| &p["unitsAvailable"]),
+                table.get(id).map(|p| &p["unitsAvailable"]),
+                last_change.get(id)
+            )
+        })
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "snapshot at seq {position} plus changes through {last} differs from the table:\n{}",
+        differing.join("\n")
+    );
 }
 
 async fn a_product_with_a_100_kb_name_is_written_and_delivered_in_full(source: Source) {
