@@ -2,7 +2,9 @@
 -- fresh seqs in commit order for the changes ($1 … $7, one array per field, in commit order; $7
 -- commit times in microseconds since 2000-01-01 UTC, as the stream gives them), the applied
 -- position ($8, an LSN as text; $9 armed), and one notification naming the batch's last seq.
--- Returns that seq (NULL for a batch without changes, which notifies nothing). The JSON is built
+-- Returns that seq (NULL for a batch without changes, which notifies nothing) and the server's WAL
+-- insert and flush positions (`--replication-commit async`: read after the previous batch's
+-- commit, the insert position bounds that commit's record). The JSON is built
 -- exactly as the row trigger builds it (migration 0005), so both sources store the same
 -- representation. Only the leading reader takes seqs while the triggers are off; the i-th change
 -- gets the i-th smallest of the numbers taken, however the server evaluated the series.
@@ -40,6 +42,8 @@ position AS (
 SELECT batch.last,
        CASE WHEN batch.last IS NOT NULL
             THEN pg_notify('product_change', json_build_object('seq', batch.last)::text)
-       END AS notified
+       END AS notified,
+       pg_current_wal_insert_lsn()::text AS insert_lsn,
+       pg_current_wal_flush_lsn()::text AS flush_lsn
 FROM (SELECT max(seq) AS last FROM inserted) AS batch,
      (SELECT count(*) FROM position) AS moved

@@ -43,7 +43,9 @@ use tokio_postgres::Client;
 
 use crate::config::{ListenerSettings, ReplicationCommit};
 use crate::db::PgTarget;
-use crate::db::replication::{self as sql, Batch, ReplicationDbError, ReplicationNames};
+use crate::db::replication::{
+    self as sql, Batch, BatchWriter, ReplicationDbError, ReplicationNames,
+};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use decoder::Decoder;
@@ -165,14 +167,20 @@ impl Reader {
         }
         self.gauges.leader.set(1.0);
         tracing::info!(slot = self.names.slot(), "leading the replication reader");
-        match prepare(&mut session.client, &self.names, &self.gauges).await {
-            Ok(start) => self.stream(&mut session.client, start).await,
+        let writer = BatchWriter::prepare(&session.client).await?;
+        match prepare(&mut session.client, &writer, &self.names, &self.gauges).await {
+            Ok(start) => self.stream(&mut session.client, &writer, start).await,
             Err(err) => Err(err),
         }
         // Dropping the session closes its connection, and the server releases the lock at once.
     }
 
-    async fn stream(&self, conn: &mut Client, start: Start) -> Result<(), ReaderError> {
+    async fn stream(
+        &self,
+        conn: &mut Client,
+        writer: &BatchWriter,
+        start: Start,
+    ) -> Result<(), ReaderError> {
         let config = self
             .target
             .replication_config(self.names.slot(), self.names.publication())
@@ -204,11 +212,13 @@ impl Reader {
                         }
                     }
                     if decoder.ready_to_write() {
-                        sql::write_batch(conn, &decoder.batch).await?;
+                        let wal = writer.write(conn, &decoder.batch).await?;
                         decoder.written();
                         if unflushed {
-                            let wal = sql::wal_positions(conn).await?;
-                            durable.written(wal.insert);
+                            // Read by this batch's statement: after the previous commit, before
+                            // this one.
+                            durable.bounded(wal.insert);
+                            durable.committed();
                             if let Some(lsn) = durable.flushed(wal.flush) {
                                 client.update_applied_lsn(Lsn(lsn));
                             }
@@ -220,6 +230,7 @@ impl Reader {
                 }
                 _ = flush_probe.tick(), if durable.waiting() => {
                     let wal = sql::wal_positions(conn).await?;
+                    durable.bounded(wal.insert);
                     if let Some(lsn) = durable.flushed(wal.flush) {
                         client.update_applied_lsn(Lsn(lsn));
                     }
@@ -247,6 +258,7 @@ struct Start {
 /// switch is replaced and announced as a gap.
 async fn prepare(
     conn: &mut Client,
+    writer: &BatchWriter,
     names: &ReplicationNames,
     gauges: &Gauges,
 ) -> Result<Start, ReaderError> {
@@ -272,16 +284,17 @@ async fn prepare(
             let slot = sql::slot_state(conn, names)
                 .await?
                 .ok_or(ReaderError::SlotLost)?;
-            sql::write_batch(
-                conn,
-                &Batch {
-                    gap: true,
-                    armed: true,
-                    lsn: slot.confirmed_flush_lsn.unwrap_or(0),
-                    ..Batch::default()
-                },
-            )
-            .await?;
+            writer
+                .write(
+                    conn,
+                    &Batch {
+                        gap: true,
+                        armed: true,
+                        lsn: slot.confirmed_flush_lsn.unwrap_or(0),
+                        ..Batch::default()
+                    },
+                )
+                .await?;
         }
     }
     if sql::switch_on(conn).await? {

@@ -134,7 +134,12 @@ async fn a_subscribe_all_resumes_on_another_instance_without_a_gap() {
     let mut client = WsClient::connect(&first.ws_url).await;
     let start = subscribe_all(&mut client, json!({})).await;
     random_writes(&first.pool, 2, 20).await;
-    let seen = read_changes(&mut client, 10).await;
+    first.create_product(product("d")).await;
+    // Random updates and deletes of absent ids change nothing, so the count varies per run:
+    // read what was committed (at least the creation above), not a fixed number.
+    let committed = all_committed(&first.pool, start).await;
+    let seen = read_changes(&mut client, committed.len()).await;
+    assert_eq!(seen, committed);
     let last = seen.last().unwrap().1;
     client.close().await;
 
@@ -149,7 +154,6 @@ async fn a_subscribe_all_resumes_on_another_instance_without_a_gap() {
     let committed = all_committed(&first.pool, last).await;
     assert_eq!(read_changes(&mut resumed, committed.len()).await, committed);
     resumed.expect_silence(Duration::from_millis(300)).await;
-    assert_eq!(all_committed(&first.pool, start).await[..10], seen[..]);
 }
 
 #[tokio::test]
