@@ -11,9 +11,13 @@
 //!
 //! Liveness: a heartbeat each `--presence-expiry`/5 keeps this instance's row in
 //! `presence_instances`; readers count only instances whose heartbeat has not expired, and each
-//! heartbeat deletes expired instances with their counts. So when an instance dies, its
-//! watchers leave every total within the expiry, plus one tick and [`MIN_GAP`] before clients
-//! hear of it. On shutdown the task deletes its instance at once.
+//! heartbeat deletes expired instances with their counts. Each instance also holds a liveness
+//! lock on a session of its own (migration 0009), which PostgreSQL releases when the process
+//! dies, so each heartbeat also deletes the instances whose lock is free: a killed or crashed
+//! instance's watchers leave the totals within one heartbeat (and a restarted instance sweeps
+//! its predecessor before its first count), not at the expiry, which remains for instances that
+//! hang with their sessions open. Clients hear of it a tick and at most [`MIN_GAP`] later. On
+//! shutdown the task deletes its instance at once.
 //!
 //! A failed query is logged and retried at the next tick; after one, all counts are written
 //! again, so nothing a failure lost stays lost. Latency from a subscribe on one instance to a
@@ -26,10 +30,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio::time::Instant;
 
 use crate::config::PresenceSettings;
-use crate::db::presence as queries;
+use crate::db::presence::{self as queries, LivenessLock};
 use crate::distributor::{DistributorHandle, PresenceChanges};
 use crate::product::ProductId;
 use crate::protocol::{self, Frame};
@@ -71,26 +76,23 @@ struct Presence {
     /// succeeds (a database outage would otherwise log four warnings a second).
     failing: bool,
     next_heartbeat: Instant,
+    /// Where the liveness lock's session connects.
+    lock_options: PgConnectOptions,
+    /// The liveness lock, while its session lives.
+    lock: Option<LivenessLock>,
+    /// Taking the lock failed last time (logged once until it succeeds).
+    lock_failing: bool,
 }
 
 /// Runs presence for this instance until shutdown, then removes its counts.
 pub async fn run(
     pool: PgPool,
+    lock_options: PgConnectOptions,
     distributor: DistributorHandle<Frame>,
     settings: PresenceSettings,
     shutdown: Shutdown,
 ) {
-    let mut presence = Presence {
-        instance: rand::random::<i64>(),
-        local: HashMap::new(),
-        unwritten: HashMap::new(),
-        rewrite: true,
-        sent: HashMap::new(),
-        due: HashSet::new(),
-        watched: Vec::new(),
-        failing: false,
-        next_heartbeat: Instant::now(),
-    };
+    let mut presence = Presence::new(rand::random::<i64>(), lock_options);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -109,9 +111,56 @@ pub async fn run(
     if let Err(err) = queries::leave(&pool, presence.instance).await {
         tracing::warn!(cause = %err, "could not remove this instance's presence counts; they expire");
     }
+    if let Some(lock) = presence.lock.take() {
+        lock.release().await;
+    }
 }
 
 impl Presence {
+    fn new(instance: i64, lock_options: PgConnectOptions) -> Self {
+        Self {
+            instance,
+            local: HashMap::new(),
+            unwritten: HashMap::new(),
+            // Nothing of this instance is in the tables yet.
+            rewrite: true,
+            sent: HashMap::new(),
+            due: HashSet::new(),
+            watched: Vec::new(),
+            failing: false,
+            next_heartbeat: Instant::now(),
+            lock_options,
+            lock: None,
+            lock_failing: false,
+        }
+    }
+
+    /// Keeps the liveness lock's session open, opening a new one if it ended. Without it, only
+    /// the expiry tells others this instance died, as before migration 0009.
+    async fn hold_lock(&mut self) {
+        if let Some(lock) = &mut self.lock {
+            if lock.check().await.is_ok() {
+                return;
+            }
+            self.lock = None;
+        }
+        match LivenessLock::take(&self.lock_options).await {
+            Ok(lock) => {
+                self.lock = Some(lock);
+                self.lock_failing = false;
+            }
+            Err(err) if !self.lock_failing => {
+                self.lock_failing = true;
+                tracing::warn!(
+                    cause = %err,
+                    "presence: no liveness lock; if this instance dies its watchers count until \
+                     --presence-expiry"
+                );
+            }
+            Err(err) => tracing::debug!(cause = %err, "presence: still no liveness lock"),
+        }
+    }
+
     /// One tick: heartbeat if due, write local changes, read sums, and return the messages due.
     async fn step(
         &mut self,
@@ -173,8 +222,10 @@ impl Presence {
         let now = Instant::now();
         let mut everything = self.rewrite;
         if now >= self.next_heartbeat || self.rewrite {
-            everything |= queries::heartbeat(pool, self.instance, settings.expiry).await?;
-            queries::expire(pool).await?;
+            self.hold_lock().await;
+            let key = self.lock.as_ref().map(LivenessLock::key);
+            everything |= queries::heartbeat(pool, self.instance, settings.expiry, key).await?;
+            queries::expire(pool, self.instance).await?;
             self.next_heartbeat = now + settings.heartbeat();
         }
         if !everything && self.unwritten.is_empty() {
@@ -243,17 +294,7 @@ mod tests {
     }
 
     fn presence() -> Presence {
-        Presence {
-            instance: 1,
-            local: HashMap::new(),
-            unwritten: HashMap::new(),
-            rewrite: false,
-            sent: HashMap::new(),
-            due: HashSet::new(),
-            watched: Vec::new(),
-            failing: false,
-            next_heartbeat: Instant::now(),
-        }
+        Presence::new(1, PgConnectOptions::new())
     }
 
     fn products(messages: &[(ProductId, Frame)]) -> Vec<i64> {

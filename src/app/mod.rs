@@ -273,6 +273,7 @@ impl Start {
         shutdown.spawn(
             presence::run(
                 pools.background.clone(),
+                pools.presence_session.clone(),
                 distributor.clone(),
                 config.presence,
                 shutdown.clone(),

@@ -23,7 +23,7 @@ pub mod tls;
 
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgPool};
 
 pub use history::{Busy, HistoryError, HistoryReader, HistoryStats};
@@ -101,6 +101,9 @@ pub struct Pools {
     pub history: HistoryReader,
     /// Retention and presence ([`BACKGROUND_CONNECTIONS`]).
     pub background: PgPool,
+    /// Where presence opens the one session that holds its liveness lock (no pool: the
+    /// session must live as long as the instance).
+    pub presence_session: PgConnectOptions,
 }
 
 impl Pools {
@@ -125,6 +128,7 @@ impl Pools {
             rest,
             history: HistoryReader::new(history, sizes.history, sizes.history_queue),
             background,
+            presence_session: target.pool_options().application_name("rowcast-presence"),
         })
     }
 

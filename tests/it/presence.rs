@@ -1,6 +1,7 @@
 //! Presence: watcher counts summed over every instance on one database, sent only to the
 //! clients that asked, within 2 s of a change in membership; a killed instance's watchers leave
-//! the count within the stated expiry.
+//! the count at the next heartbeat (a restart never counts its clients twice), a frozen one's
+//! within the stated expiry.
 
 use std::time::{Duration, Instant};
 
@@ -93,61 +94,122 @@ async fn watcher_counts_add_up_over_two_instances_and_follow_membership_within_t
     quiet.expect_silence(Duration::from_millis(500)).await;
 }
 
-#[tokio::test]
-async fn a_killed_instances_watchers_leave_the_count_within_the_expiry() {
-    let flags = ["--presence-expiry", EXPIRY];
-    let survivor = spawn_app_with(&flags).await;
+/// A second rowcast process on `database_url` with `flags`, serving on the port returned.
+async fn spawn_process(database_url: &str, flags: &[&str]) -> (tokio::process::Child, u16) {
     let port = free_port();
     let mut child = rowcast(port)
-        .env("DATABASE_URL", &survivor.database_url)
+        .env("DATABASE_URL", database_url)
         .args(flags)
         .spawn()
         .unwrap();
-    let http = reqwest::Client::new();
     wait_until_serving(
         &mut child,
-        &http,
+        &reqwest::Client::new(),
         &format!("http://127.0.0.1:{port}/healthz"),
     )
     .await;
+    (child, port)
+}
 
+/// Two clients on `port` subscribed to product `product` (without presence).
+async fn two_watchers_on(port: u16, product: i64) -> Vec<WsClient> {
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut client = WsClient::connect(&format!("ws://127.0.0.1:{port}/websocket")).await;
+        client.subscribe(&[product]).await;
+        clients.push(client);
+    }
+    clients
+}
+
+async fn live_instances(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM presence_instances")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_and_restarted_instances_clients_are_not_counted_twice() {
+    // A long expiry (heartbeats every 4 s): only the dead instance's released liveness lock can
+    // take its watchers out of the count this soon.
+    let flags = ["--presence-expiry", "20s"];
+    let survivor = spawn_app_with(&flags).await;
+    let (mut child, port) = spawn_process(&survivor.database_url, &flags).await;
     let mut watcher = WsClient::connect(&survivor.ws_url).await;
     watch(&mut watcher, &[7]).await;
     expect_watchers(&mut watcher, 7, 1, WITHIN).await;
-    let mut doomed = Vec::new();
-    for _ in 0..2 {
-        let mut client = WsClient::connect(&format!("ws://127.0.0.1:{port}/websocket")).await;
-        client.subscribe(&[7]).await;
-        doomed.push(client);
-    }
+    let doomed = two_watchers_on(port, 7).await;
     expect_watchers(&mut watcher, 7, 3, WITHIN).await;
 
-    // No goodbye: its rows stay until they expire.
+    // No goodbye; a supervisor starts it again and its clients reconnect there.
     send_signal(&child, Signal::SIGKILL);
-    let killed = Instant::now();
     child.wait().await.unwrap();
+    drop(doomed);
+    let (mut restarted, port) = spawn_process(&survivor.database_url, &flags).await;
+    let _back = two_watchers_on(port, 7).await;
+
+    // Told 3 again (or never told otherwise), and never the 5 of counting the dead instance's
+    // two sockets beside their reconnections.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut told = Vec::new();
+    while let Some(message) = watcher
+        .try_next_json(deadline.saturating_duration_since(Instant::now()))
+        .await
+    {
+        assert_eq!(message["type"], "presence", "{message}");
+        told.push(message["watchers"].as_u64().unwrap());
+    }
+    assert!(told.iter().all(|&n| n <= 3), "counts told: {told:?}");
+    assert!(told.last().is_none_or(|&n| n == 3), "counts told: {told:?}");
+    assert_eq!(
+        live_instances(&survivor.pool).await,
+        2,
+        "the dead instance's row is gone well before its 20 s expiry"
+    );
+    let sum: i64 = sqlx::query_scalar(
+        "SELECT sum(watchers)::bigint FROM presence_counts WHERE product_id = 7",
+    )
+    .fetch_one(&survivor.pool)
+    .await
+    .unwrap();
+    assert_eq!(sum, 3);
+    send_signal(&restarted, Signal::SIGTERM);
+    restarted.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_frozen_instances_watchers_leave_the_count_within_the_expiry() {
+    let flags = ["--presence-expiry", EXPIRY];
+    let survivor = spawn_app_with(&flags).await;
+    let (mut child, port) = spawn_process(&survivor.database_url, &flags).await;
+    let mut watcher = WsClient::connect(&survivor.ws_url).await;
+    watch(&mut watcher, &[7]).await;
+    expect_watchers(&mut watcher, 7, 1, WITHIN).await;
+    let frozen = two_watchers_on(port, 7).await;
+    expect_watchers(&mut watcher, 7, 3, WITHIN).await;
+
+    // Stopped, its sessions stay open and hold its liveness lock: only the expiry tells.
+    send_signal(&child, Signal::SIGSTOP);
+    let stopped = Instant::now();
     // The expiry, a tick, the one-second message gap, and slack for a loaded machine.
     let bound = Duration::from_secs(2) + Duration::from_millis(250) + Duration::from_secs(1);
     expect_watchers(&mut watcher, 7, 1, bound + Duration::from_secs(1)).await;
-    let took = killed.elapsed();
+    let took = stopped.elapsed();
     assert!(
         took >= Duration::from_secs(1),
         "expired too early: {took:?}"
     );
-    // The next heartbeat of the survivor (five per expiry) deletes the dead instance's rows.
+    // The next heartbeat of the survivor (five per expiry) deletes the frozen instance's rows.
     wait_until(
         Duration::from_secs(2),
-        "the dead instance's rows are deleted",
-        || async {
-            let instances: i64 = sqlx::query_scalar("SELECT count(*) FROM presence_instances")
-                .fetch_one(&survivor.pool)
-                .await
-                .unwrap();
-            instances == 1
-        },
+        "the frozen instance's rows are deleted",
+        || async { live_instances(&survivor.pool).await == 1 },
     )
     .await;
-    drop(doomed);
+    send_signal(&child, Signal::SIGKILL);
+    child.wait().await.unwrap();
+    drop(frozen);
 }
 
 #[tokio::test]

@@ -1,0 +1,12 @@
+-- Presence liveness without waiting for the expiry (migration 0008): an instance that dies with
+-- its process — a crash, a kill, an out-of-memory kill, a supervisor's restart — used to count
+-- its watchers until its heartbeat expired, so a restarted instance's reconnecting clients were
+-- counted twice meanwhile. Each instance now holds a session advisory lock
+-- (1919907696, lock_key) on a connection of its own for as long as it runs; PostgreSQL releases
+-- it the moment that session ends. Any instance's heartbeat deletes the rows of instances whose
+-- lock it can take (sql/presence_expire.sql). The expiry stays for instances that stop without
+-- their sessions ending (a frozen process, a network partition).
+--
+-- NULL: the instance holds no lock (its lock session is down, or it runs an older rowcast), so
+-- only its expiry applies.
+ALTER TABLE presence_instances ADD COLUMN lock_key integer;
