@@ -12,7 +12,11 @@
 # For `replication` it also checks that the reader wrote one changelog row per commit, and how
 # long after the load it had caught up.
 #
-# Usage: bench/writes-sources.sh   (ROWCAST=target/debug/rowcast SECS=10 WRITERS="1 4 16" SYNC=on)
+# Under each cell, where its CPU went: microseconds per commit by process role (the writers'
+# backends, the reader's session, the walsender, the listener's sessions, rowcast's process).
+#
+# Usage: bench/writes-sources.sh   (ROWCAST=target/debug/rowcast SECS=10 WRITERS="1 4 16" SYNC=on;
+# SECS >= 3)
 # SYNC=off sets synchronous_commit=off: no WAL flush in the commit, so the CPU cost shows.
 set -euo pipefail
 
@@ -44,6 +48,36 @@ as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start -o \
 url() { echo "postgres:///$1?host=$DIR&user=postgres"; }
 sql() { as_pg "$BIN/psql" -h "$DIR" -U postgres -d "$1" -Atqc "$2"; }
 
+# Each process's CPU ticks as `pid role ticks`: PostgreSQL's processes by application_name
+# (pgbench = the writers' backends; rowcast-replication = the reader's changelog writes;
+# rowcast-replication-stream = the walsender decoding for it; rowcast-listener(-reads) = the
+# LISTEN task's sessions) or else backend type, and rowcast's own process.
+cpu_ticks() {
+    sql "$1" "SELECT pid, replace(coalesce(nullif(application_name, ''), backend_type), ' ', '_')
+              FROM pg_stat_activity" |
+    while IFS='|' read -r pid role; do
+        ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null) && echo "$pid $role $ticks"
+    done
+    if [ -n "$READER_PID" ]; then
+        echo "$READER_PID rowcast-process $(awk '{print $14 + $15}' "/proc/$READER_PID/stat")"
+    fi
+}
+
+# `cpu µs/commit: role n · …` from the two snapshots, largest first: where one commit's CPU went.
+cpu_per_commit() {
+    awk -v tps="$1" -v secs="$(echo "$3 - $2" | bc)" -v hz="$(getconf CLK_TCK)" '
+        FNR == NR { start[$1] = $3; next }
+        ($1 in start) { used[$2] += $3 - start[$1] }
+        END {
+            for (role in used) {
+                us = used[role] * 1e6 / hz / (tps * secs)
+                if (us >= 1) printf "%.0f %s\n", us, role
+            }
+        }' "$DIR/cpu.1" "$DIR/cpu.2" |
+    sort -rn | awk '{ line = line sprintf("%s%s %s", NR > 1 ? " · " : "", $2, $1) }
+                    END { print "cpu µs/commit: " line }'
+}
+
 cat > "$DIR/update.sql" <<'SQL'
 \set id :client_id * 64 + random(1, 64)
 UPDATE products SET units_available = units_available + 1 WHERE product_id = :id;
@@ -72,8 +106,22 @@ for source in none notify replication; do
     esac
     for w in $WRITERS; do
         before=$(sql "$db" "SELECT count(*) FROM product_changes")
-        out=$(as_pg "$BIN/pgbench" -n -h "$DIR" -U postgres -c "$w" -j "$w" -T "$SECS" \
-            -f "$DIR/update.sql" "$db" 2>&1)
+        as_pg "$BIN/pgbench" -n -h "$DIR" -U postgres -c "$w" -j "$w" -T "$SECS" \
+            -f "$DIR/update.sql" "$db" >"$DIR/pgbench.out" 2>&1 &
+        bench_pid=$!
+        # CPU by process over the middle of the cell (every writer connected, nothing winds down).
+        sleep 1
+        for _ in $(seq 50); do
+            [ "$(sql "$db" "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbench'")" -ge "$w" ] && break
+            sleep 0.1
+        done
+        cpu_ticks "$db" >"$DIR/cpu.1"
+        t1=$(date +%s.%N)
+        sleep $((SECS - 2))
+        cpu_ticks "$db" >"$DIR/cpu.2"
+        t2=$(date +%s.%N)
+        wait "$bench_pid" || true
+        out=$(cat "$DIR/pgbench.out")
         tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
         done_tx=$(echo "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p')
         note=""
@@ -88,6 +136,7 @@ for source in none notify replication; do
             note="changelog rows $((now - before)) / commits $done_tx, caught up ${lag%???????}s after the load"
         fi
         printf '%-12s %8s %12s %s\n' "$source" "$w" "$tps" "$note"
+        printf '%-12s %8s %12s %s\n' "" "" "" "$(cpu_per_commit "$tps" "$t1" "$t2")"
     done
     if [ -n "$READER_PID" ]; then kill "$READER_PID"; wait "$READER_PID" 2>/dev/null || true; READER_PID=; fi
 done

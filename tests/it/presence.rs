@@ -122,6 +122,31 @@ async fn two_watchers_on(port: u16, product: i64) -> Vec<WsClient> {
     clients
 }
 
+/// Product 7 watched on two instances: the in-process `survivor`, whose `watcher` asks for
+/// counts, and a `child` process with two more sockets (`others`); the watcher was told 3.
+struct Watched {
+    survivor: crate::support::TestApp,
+    child: tokio::process::Child,
+    watcher: WsClient,
+    others: Vec<WsClient>,
+}
+
+async fn watched_on_two_instances(flags: &[&str]) -> Watched {
+    let survivor = spawn_app_with(flags).await;
+    let (child, port) = spawn_process(&survivor.database_url, flags).await;
+    let mut watcher = WsClient::connect(&survivor.ws_url).await;
+    watch(&mut watcher, &[7]).await;
+    expect_watchers(&mut watcher, 7, 1, WITHIN).await;
+    let others = two_watchers_on(port, 7).await;
+    expect_watchers(&mut watcher, 7, 3, WITHIN).await;
+    Watched {
+        survivor,
+        child,
+        watcher,
+        others,
+    }
+}
+
 async fn live_instances(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM presence_instances")
         .fetch_one(pool)
@@ -134,13 +159,12 @@ async fn a_killed_and_restarted_instances_clients_are_not_counted_twice() {
     // A long expiry (heartbeats every 4 s): only the dead instance's released liveness lock can
     // take its watchers out of the count this soon.
     let flags = ["--presence-expiry", "20s"];
-    let survivor = spawn_app_with(&flags).await;
-    let (mut child, port) = spawn_process(&survivor.database_url, &flags).await;
-    let mut watcher = WsClient::connect(&survivor.ws_url).await;
-    watch(&mut watcher, &[7]).await;
-    expect_watchers(&mut watcher, 7, 1, WITHIN).await;
-    let doomed = two_watchers_on(port, 7).await;
-    expect_watchers(&mut watcher, 7, 3, WITHIN).await;
+    let Watched {
+        survivor,
+        mut child,
+        mut watcher,
+        others: doomed,
+    } = watched_on_two_instances(&flags).await;
 
     // No goodbye; a supervisor starts it again and its clients reconnect there.
     send_signal(&child, Signal::SIGKILL);
@@ -180,14 +204,12 @@ async fn a_killed_and_restarted_instances_clients_are_not_counted_twice() {
 
 #[tokio::test]
 async fn a_frozen_instances_watchers_leave_the_count_within_the_expiry() {
-    let flags = ["--presence-expiry", EXPIRY];
-    let survivor = spawn_app_with(&flags).await;
-    let (mut child, port) = spawn_process(&survivor.database_url, &flags).await;
-    let mut watcher = WsClient::connect(&survivor.ws_url).await;
-    watch(&mut watcher, &[7]).await;
-    expect_watchers(&mut watcher, 7, 1, WITHIN).await;
-    let frozen = two_watchers_on(port, 7).await;
-    expect_watchers(&mut watcher, 7, 3, WITHIN).await;
+    let Watched {
+        survivor,
+        mut child,
+        mut watcher,
+        others: frozen,
+    } = watched_on_two_instances(&["--presence-expiry", EXPIRY]).await;
 
     // Stopped, its sessions stay open and hold its liveness lock: only the expiry tells.
     send_signal(&child, Signal::SIGSTOP);
