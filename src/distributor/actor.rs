@@ -210,8 +210,9 @@ impl<F: FrameBytes> Distributor<F> {
                         Pushed::Queued => self.stats.messages_queued += 1,
                         Pushed::Deferred => self.stats.changes_deferred += 1,
                         Pushed::Full => full.push(id),
-                        // The session ended; its Disconnect is on the way.
-                        Pushed::Closed => {}
+                        // The session ended; its Disconnect is on the way. A change written
+                        // in part is counted by the session once it finishes it.
+                        Pushed::Closed | Pushed::Started => {}
                     }
                 }
                 for id in full {
@@ -398,7 +399,7 @@ impl<F: FrameBytes> Distributor<F> {
             Pushed::Queued => self.stats.messages_queued += 1,
             Pushed::Deferred => self.stats.changes_deferred += 1,
             Pushed::Full => self.evict(id),
-            Pushed::Closed | Pushed::Written => {}
+            Pushed::Closed | Pushed::Written | Pushed::Started => {}
         }
     }
 

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::distributor::LaneGate;
+use crate::metrics::{Metrics, Transport};
 use crate::protocol::Frame;
 use crate::serve::PlainStream;
 
@@ -37,6 +38,11 @@ const GATHER: usize = 64;
 pub(super) struct SessionIo {
     stream: Stream,
     gate: Option<LaneGate<Frame>>,
+    /// Counts a tail as delivered when its last byte is written: the distributor counted
+    /// nothing for a change it wrote only in part, since the session may be evicted first.
+    metrics: Option<Metrics>,
+    /// The first pending frame is the distributor's tail.
+    tail_first: bool,
     /// Pre-built frames to write before anything else, in order: the rest of a frame the
     /// distributor wrote in part, then the session's own ([`Self::enqueue`]). Kept here, not in
     /// a future, so that a write cut short (eviction, shutdown) resumes where it stopped when
@@ -48,8 +54,8 @@ pub(super) struct SessionIo {
 
 impl SessionIo {
     /// A plain connection whose outbox can write into its socket through `gate`.
-    pub(super) fn plain(stream: PlainStream, gate: LaneGate<Frame>) -> Self {
-        Self::new(Stream::Plain(stream), Some(gate))
+    pub(super) fn plain(stream: PlainStream, gate: LaneGate<Frame>, metrics: Metrics) -> Self {
+        Self::new(Stream::Plain(stream), Some((gate, metrics)))
     }
 
     /// A connection without a direct lane.
@@ -57,10 +63,13 @@ impl SessionIo {
         Self::new(Stream::Upgraded(stream), None)
     }
 
-    fn new(stream: Stream, gate: Option<LaneGate<Frame>>) -> Self {
+    fn new(stream: Stream, lane: Option<(LaneGate<Frame>, Metrics)>) -> Self {
+        let (gate, metrics) = lane.unzip();
         Self {
             stream,
             gate,
+            metrics,
+            tail_first: false,
             pending: VecDeque::new(),
             written: 0,
         }
@@ -98,6 +107,7 @@ impl SessionIo {
             // The lane was open, so nothing of ours was pending: the tail goes first.
             self.pending.push_front(tail);
             self.written = written;
+            self.tail_first = true;
         }
     }
 
@@ -123,7 +133,12 @@ impl SessionIo {
                 let left = front.wire().len() - self.written;
                 if n >= left {
                     n -= left;
-                    self.pending.pop_front();
+                    if let Some(frame) = self.pending.pop_front()
+                        && std::mem::take(&mut self.tail_first)
+                        && let Some(metrics) = &self.metrics
+                    {
+                        metrics.delivered(Transport::WebSocket, 1, frame.wire().len());
+                    }
                     self.written = 0;
                 } else {
                     self.written += n;

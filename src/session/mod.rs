@@ -122,7 +122,11 @@ pub async fn upgrade(
                 registration
                     .outbox
                     .attach_socket(Arc::new(RawTcp::new(plain.socket)));
-                let io = SessionIo::plain(plain.stream, registration.outbox.gate());
+                let io = SessionIo::plain(
+                    plain.stream,
+                    registration.outbox.gate(),
+                    state.metrics.clone(),
+                );
                 (io, plain.read_ahead.to_vec())
             }
             Err(upgraded) => (SessionIo::upgraded(TokioIo::new(upgraded)), Vec::new()),

@@ -34,7 +34,8 @@ impl<F: FrameBytes> Distributor<F> {
                 Pushed::Queued => self.stats.messages_queued += 1,
                 Pushed::Deferred => self.stats.changes_deferred += 1,
                 Pushed::Full => full.push(id),
-                Pushed::Closed => {}
+                // Written in part: the session counts it once it finishes it.
+                Pushed::Closed | Pushed::Started => {}
             }
         }
         for id in full {
@@ -225,7 +226,7 @@ impl<F: FrameBytes> Distributor<F> {
                 }) {
                     Pushed::Queued => self.stats.messages_queued += 1,
                     Pushed::Full => full.push(id),
-                    Pushed::Deferred | Pushed::Closed | Pushed::Written => {}
+                    Pushed::Deferred | Pushed::Closed | Pushed::Written | Pushed::Started => {}
                 }
             }
         }

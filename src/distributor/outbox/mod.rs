@@ -146,9 +146,12 @@ pub(crate) enum Pushed {
     Full,
     /// Refused: the session is gone.
     Closed,
-    /// Written into the session's socket by the pushing thread (the direct lane); the session
-    /// writes what the socket did not take, if anything, before anything else.
+    /// Written whole into the session's socket by the pushing thread (the direct lane).
     Written,
+    /// Written in part by the pushing thread: the session writes the rest (its tail) before
+    /// anything else, and counts the change as delivered once its last byte is written (an
+    /// eviction may end the session first).
+    Started,
 }
 
 /// The actor's end.
@@ -216,7 +219,7 @@ impl<F: FrameBytes> OutboxSender<F> {
                         queue.lane.tail = Some((frame.clone(), written));
                         drop(queue);
                         shared.ready.notify_one();
-                        return Pushed::Written;
+                        return Pushed::Started;
                     }
                     // Full, or failed (the session finds out with its own next write): the
                     // change takes the session's path, and so does everything after it.

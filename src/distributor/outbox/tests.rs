@@ -66,7 +66,7 @@ async fn the_lane_writes_directly_until_the_socket_blocks_then_the_tail_and_queu
     assert!(gate.try_open(), "idle: the lane opens");
     assert_eq!(push_str(&tx, 2, "bbbb"), Pushed::Written);
     // 6 bytes of room left: "cccccccc" is written in part, the rest is the tail.
-    assert_eq!(push_str(&tx, 3, "cccccccc"), Pushed::Written);
+    assert_eq!(push_str(&tx, 3, "cccccccc"), Pushed::Started);
     assert_eq!(socket.taken.lock().unwrap().as_slice(), b"bbbbcccccc");
     // The lane closed: the next change is queued behind the tail, never written past it.
     assert_eq!(push_str(&tx, 4, "dd"), Pushed::Queued);
