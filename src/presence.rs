@@ -44,6 +44,10 @@ use crate::shutdown::Shutdown;
 /// every instance's clients well within the second a client may wait between counts anyway.
 pub const TICK: Duration = Duration::from_millis(250);
 
+/// How long the liveness lock's session may take to answer or to open: an unreachable
+/// database must not hold up the tick (the heartbeat that follows reports the outage).
+const LOCK_SESSION_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// At most one presence message per product per this interval (issue 16: "at most once per
 /// second per product").
 pub const MIN_GAP: Duration = Duration::from_secs(1);
@@ -139,12 +143,21 @@ impl Presence {
     /// the expiry tells others this instance died, as before migration 0009.
     async fn hold_lock(&mut self) {
         if let Some(lock) = &mut self.lock {
-            if lock.check().await.is_ok() {
+            if let Ok(Ok(())) = tokio::time::timeout(LOCK_SESSION_TIMEOUT, lock.check()).await {
                 return;
             }
             self.lock = None;
         }
-        match LivenessLock::take(&self.lock_options).await {
+        let taken =
+            tokio::time::timeout(LOCK_SESSION_TIMEOUT, LivenessLock::take(&self.lock_options))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the session did not open within 2 s",
+                    )))
+                });
+        match taken {
             Ok(lock) => {
                 self.lock = Some(lock);
                 self.lock_failing = false;
