@@ -154,7 +154,7 @@ impl Presence {
                 .unwrap_or_else(|_| {
                     Err(sqlx::Error::Io(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        "the session did not open within 2 s",
+                        format!("the session did not open within {LOCK_SESSION_TIMEOUT:?}"),
                     )))
                 });
         match taken {

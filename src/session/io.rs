@@ -33,14 +33,20 @@ enum Stream {
 /// Frames gathered into one system call.
 const GATHER: usize = 64;
 
+/// The session's side of a plain connection's direct lane.
+#[derive(Debug)]
+struct Lane {
+    gate: LaneGate<Frame>,
+    /// Counts a tail as delivered when its last byte is written: the distributor counted
+    /// nothing for a change it wrote only in part, since the session may be evicted first.
+    metrics: Metrics,
+}
+
 /// A session's byte stream; see the module doc.
 #[derive(Debug)]
 pub(super) struct SessionIo {
     stream: Stream,
-    gate: Option<LaneGate<Frame>>,
-    /// Counts a tail as delivered when its last byte is written: the distributor counted
-    /// nothing for a change it wrote only in part, since the session may be evicted first.
-    metrics: Option<Metrics>,
+    lane: Option<Lane>,
     /// The first pending frame is the distributor's tail.
     tail_first: bool,
     /// Pre-built frames to write before anything else, in order: the rest of a frame the
@@ -55,7 +61,7 @@ pub(super) struct SessionIo {
 impl SessionIo {
     /// A plain connection whose outbox can write into its socket through `gate`.
     pub(super) fn plain(stream: PlainStream, gate: LaneGate<Frame>, metrics: Metrics) -> Self {
-        Self::new(Stream::Plain(stream), Some((gate, metrics)))
+        Self::new(Stream::Plain(stream), Some(Lane { gate, metrics }))
     }
 
     /// A connection without a direct lane.
@@ -63,12 +69,10 @@ impl SessionIo {
         Self::new(Stream::Upgraded(stream), None)
     }
 
-    fn new(stream: Stream, lane: Option<(LaneGate<Frame>, Metrics)>) -> Self {
-        let (gate, metrics) = lane.unzip();
+    fn new(stream: Stream, lane: Option<Lane>) -> Self {
         Self {
             stream,
-            gate,
-            metrics,
+            lane,
             tail_first: false,
             pending: VecDeque::new(),
             written: 0,
@@ -77,7 +81,7 @@ impl SessionIo {
 
     /// True if the distributor may write into this stream's socket.
     pub(super) fn has_lane(&self) -> bool {
-        self.gate.is_some()
+        self.lane.is_some()
     }
 
     /// Queues a pre-built frame; the next flush writes it. Closes the lane.
@@ -89,7 +93,7 @@ impl SessionIo {
     /// Hands writing back to the distributor if nothing of the session's is left to write;
     /// true if the lane is open. The caller must have flushed tungstenite's buffer.
     pub(super) fn try_open_lane(&mut self) -> bool {
-        self.pending.is_empty() && self.gate.as_ref().is_some_and(LaneGate::try_open)
+        self.pending.is_empty() && self.lane.as_ref().is_some_and(|lane| lane.gate.try_open())
     }
 
     /// Frees the queue's buffer while idle.
@@ -101,8 +105,8 @@ impl SessionIo {
 
     /// Closes the lane before a write of the session's own, taking over any tail.
     fn close_lane(&mut self) {
-        if let Some(gate) = &self.gate
-            && let Some((tail, written)) = gate.close()
+        if let Some(lane) = &self.lane
+            && let Some((tail, written)) = lane.gate.close()
         {
             // The lane was open, so nothing of ours was pending: the tail goes first.
             self.pending.push_front(tail);
@@ -135,9 +139,10 @@ impl SessionIo {
                     n -= left;
                     if let Some(frame) = self.pending.pop_front()
                         && std::mem::take(&mut self.tail_first)
-                        && let Some(metrics) = &self.metrics
+                        && let Some(lane) = &self.lane
                     {
-                        metrics.delivered(Transport::WebSocket, 1, frame.wire().len());
+                        lane.metrics
+                            .delivered(Transport::WebSocket, 1, frame.wire().len());
                     }
                     self.written = 0;
                 } else {
