@@ -2,9 +2,12 @@
 -- fresh seqs in commit order for the changes ($1 … $7, one array per field, in commit order; $7
 -- commit times in microseconds since 2000-01-01 UTC, as the stream gives them), the applied
 -- position ($8, an LSN as text; $9 armed), and one notification naming the batch's last seq.
--- Returns that seq (NULL for a batch without changes, which notifies nothing) and the server's WAL
+-- Returns that seq (NULL for a batch without changes, which notifies nothing), the server's WAL
 -- insert and flush positions (`--replication-commit async`: read after the previous batch's
--- commit, the insert position bounds that commit's record). The JSON is built
+-- commit, the insert position bounds that commit's record), and the seqs and commit times
+-- given to the changes, in commit order (the leader hands its committed changes to its own
+-- listener; `committed_at` is the text the listener's changelog reads give, in the session's
+-- TimeZone and DateStyle, which the reader sets as the reads' connections do). The JSON is built
 -- exactly as the row trigger builds it (migration 0005), so both sources store the same
 -- representation. Only the leading reader takes seqs while the triggers are off; the i-th change
 -- gets the i-th smallest of the numbers taken, however the server evaluated the series.
@@ -33,7 +36,7 @@ inserted AS (
     INSERT INTO product_changes (seq, product_id, action, product, committed_at, bytes)
     SELECT seq, product_id, action, body, committed_at, octet_length(body::text)
     FROM changes
-    RETURNING seq
+    RETURNING seq, committed_at
 ),
 position AS (
     UPDATE changelog_source SET applied_lsn = $8::text::pg_lsn, armed = $9
@@ -44,6 +47,11 @@ SELECT batch.last,
             THEN pg_notify('product_change', json_build_object('seq', batch.last)::text)
        END AS notified,
        pg_current_wal_insert_lsn()::text AS insert_lsn,
-       pg_current_wal_flush_lsn()::text AS flush_lsn
-FROM (SELECT max(seq) AS last FROM inserted) AS batch,
+       pg_current_wal_flush_lsn()::text AS flush_lsn,
+       batch.seqs,
+       batch.committed_at
+FROM (SELECT max(seq) AS last,
+             array_agg(seq ORDER BY seq) AS seqs,
+             array_agg(committed_at::text ORDER BY seq) AS committed_at
+      FROM inserted) AS batch,
      (SELECT count(*) FROM position) AS moved

@@ -362,6 +362,9 @@ pub(crate) async fn metrics(
     metrics
         .counter("rowcast_changes_received_total", &[("source", "changelog")])
         .absolute(listener.changes_read_from_changelog);
+    metrics
+        .counter("rowcast_changes_received_total", &[("source", "reader")])
+        .absolute(listener.changes_handed_over);
     let history = history.stats();
     metrics
         .counter("rowcast_history_reads_refused_total", &[])

@@ -304,7 +304,8 @@ const DESCRIPTIONS: [(&str, Option<Unit>, &str); 28] = [
     (
         "rowcast_changes_received_total",
         None,
-        "Changes the listener received, by source (notification or changelog read).",
+        "Changes the listener received, by source (notification: read when notified; changelog: \
+         read at a reconnect or health tick; reader: handed over by this instance's replication reader).",
     ),
     (
         "rowcast_changes_published_total",

@@ -35,7 +35,7 @@ use crate::db::{self, HistoryReader, PgTarget, PoolSizes, Pools, RestPool, chang
 use crate::distributor::DistributorHandle;
 use crate::hardening;
 use crate::health::{self, ViewsCache};
-use crate::listener::{ConnectOptions, Listener, ListenerWatch};
+use crate::listener::{self, ConnectOptions, Listener, ListenerWatch};
 use crate::memory;
 use crate::metrics::Metrics;
 use crate::presence;
@@ -233,11 +233,19 @@ impl Start {
         );
         // This App's own registry: nothing global, so in-process instances never mix numbers.
         let metrics = Metrics::new();
+        let (handoff, inbox) = match reader {
+            Some(_) => {
+                let (sender, inbox) = listener::handoff();
+                (Some(sender), Some(inbox))
+            }
+            None => (None, None),
+        };
         let (listener, listener_status) = Listener::new(
             connect,
             config.listener,
             distributor.clone(),
             position,
+            inbox,
             metrics.clone(),
         );
         shutdown.spawn(
@@ -249,13 +257,14 @@ impl Start {
                 .run(shutdown.clone())
                 .instrument(tracing::info_span!("listener")),
         );
-        if let Some((target, names)) = reader {
+        if let Some(((target, names), handoff)) = reader.zip(handoff) {
             shutdown.spawn(
                 Reader::new(
                     target,
                     names,
                     config.listener,
                     config.source.replication_commit,
+                    handoff,
                     &metrics,
                 )
                 .run(shutdown.clone())

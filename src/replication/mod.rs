@@ -10,7 +10,9 @@
 //! each batch of transactions in one transaction — fresh seqs in commit order, the slot position
 //! it reached — and sends ONE notification for it; each instance's listener reads the
 //! changelog after its position, exactly as in notify mode. Seqs, resume, snapshots and resets
-//! are therefore the same in both modes, and identical on every instance.
+//! are therefore the same in both modes, and identical on every instance. The leader's own
+//! listener is handed each committed batch instead (`listener::HandoffSender`: the seqs and
+//! commit times the statement returned), which saves it the read.
 //!
 //! **Exactly once.** The slot is confirmed only up to what a committed batch holds (and, while
 //! nothing is pending, up to every keepalive's position, so WAL does not pile up when only
@@ -27,8 +29,9 @@
 //! switches in one commit that disables the triggers and emits a marker message; products
 //! changes decoded before the marker were recorded by the trigger and are skipped.
 //!
-//! Imports `config`, `db` (`db::replication`, `db::PgTarget`), `metrics` and `shutdown`; nothing
-//! of delivery (the listener and distributor are untouched by the source).
+//! Imports `config`, `db` (`db::replication`, `db::PgTarget`, `db::changelog`'s row type),
+//! `product`, `metrics`, `shutdown`, and `listener`'s hand-off, its one way downstream (the
+//! distributor is untouched by the source).
 
 mod decoder;
 mod durable;
@@ -43,10 +46,13 @@ use tokio_postgres::Client;
 
 use crate::config::{ListenerSettings, ReplicationCommit};
 use crate::db::PgTarget;
+use crate::db::changelog::LoggedChange;
 use crate::db::replication::{
-    self as sql, Batch, BatchWriter, ReplicationDbError, ReplicationNames,
+    self as sql, Batch, BatchWriter, ReplicationDbError, ReplicationNames, RowChange, Written,
 };
+use crate::listener::{Handoff, HandoffSender};
 use crate::metrics::Metrics;
+use crate::product::{Action, Change, Product, ProductId};
 use crate::shutdown::Shutdown;
 use decoder::Decoder;
 use durable::DurableConfirm;
@@ -97,6 +103,7 @@ pub struct Reader {
     names: ReplicationNames,
     settings: ListenerSettings,
     commit: ReplicationCommit,
+    handoff: HandoffSender,
     gauges: Gauges,
 }
 
@@ -107,6 +114,7 @@ impl Reader {
         names: ReplicationNames,
         settings: ListenerSettings,
         commit: ReplicationCommit,
+        handoff: HandoffSender,
         metrics: &Metrics,
     ) -> Self {
         Self {
@@ -114,6 +122,7 @@ impl Reader {
             names,
             settings,
             commit,
+            handoff,
             gauges: Gauges {
                 leader: metrics.gauge("rowcast_replication_leader", &[]),
                 lag_bytes: metrics.gauge("rowcast_replication_slot_lag_bytes", &[]),
@@ -168,10 +177,13 @@ impl Reader {
         self.gauges.leader.set(1.0);
         tracing::info!(slot = self.names.slot(), "leading the replication reader");
         let writer = BatchWriter::prepare(&session.client).await?;
-        match prepare(&mut session.client, &writer, &self.names, &self.gauges).await {
-            Ok(start) => self.stream(&mut session.client, &writer, start).await,
-            Err(err) => Err(err),
-        }
+        let start = prepare(&mut session.client, &writer, &self.names, &self.gauges).await?;
+        self.handoff.leading(Some(writer.backend_pid()));
+        let ended = self.stream(&mut session.client, &writer, start).await;
+        // Before the session (and its pid) goes: a notification from another backend that
+        // gets the pid later must not be taken for this leader's.
+        self.handoff.leading(None);
+        ended
         // Dropping the session closes its connection, and the server releases the lock at once.
     }
 
@@ -212,7 +224,13 @@ impl Reader {
                         }
                     }
                     if decoder.ready_to_write() {
-                        let wal = writer.write(conn, &decoder.batch).await?;
+                        let written = writer.write(conn, &decoder.batch).await?;
+                        let wal = written.wal;
+                        self.handoff.send(if decoder.batch.gap {
+                            Handoff::Read
+                        } else {
+                            handed_over(std::mem::take(&mut decoder.batch.changes), written)
+                        });
                         decoder.written();
                         if unflushed {
                             // Read by this batch's statement: after the previous commit, before
@@ -245,6 +263,43 @@ impl Reader {
             }
         }
     }
+}
+
+/// A committed batch as the changelog holds it: the decoded rows with the seqs and commit times
+/// the statement gave them. Anything unexpected asks the listener to read instead.
+fn handed_over(rows: Vec<RowChange>, written: Written) -> Handoff {
+    if rows.len() != written.seqs.len() || rows.len() != written.committed_at.len() {
+        return Handoff::Read;
+    }
+    let mut changes = Vec::with_capacity(rows.len());
+    for ((row, seq), committed_at) in rows.into_iter().zip(written.seqs).zip(written.committed_at) {
+        let action = match row.action {
+            "INSERT" => Action::Insert,
+            "UPDATE" => Action::Update,
+            "DELETE" => Action::Delete,
+            _ => return Handoff::Read,
+        };
+        let (Some(product_id), Ok(seq)) = (ProductId::new(row.product_id), u64::try_from(seq))
+        else {
+            return Handoff::Read;
+        };
+        changes.push(LoggedChange {
+            change: Change {
+                seq,
+                action,
+                product: Product {
+                    product_id,
+                    manufacturer: row.manufacturer,
+                    price_per_unit: row.price_per_unit,
+                    units_available: row.units_available,
+                    product_name: row.product_name,
+                },
+            },
+            committed_at,
+            versions: 1,
+        });
+    }
+    Handoff::Committed(changes)
 }
 
 /// Where a leadership starts streaming.

@@ -398,3 +398,82 @@ async fn replication_migrate_prepares_the_slot_and_the_switch_before_any_instanc
     assert_eq!(change["product"]["productName"], "Early", "{change}");
     drop((client, app, pool));
 }
+
+/// The leading instance publishes its reader's batches as they are handed over, without reading
+/// them back — in a database whose TimeZone is not UTC, where a commit time handed over as other
+/// text than the changelog's reads give would look like a rewound history at the next health
+/// tick and reset every subscriber.
+#[tokio::test]
+async fn replication_the_leader_publishes_its_own_batches_without_reading_them_back() {
+    let app = spawn_app_with(&[
+        "--source",
+        "replication",
+        "--listener-health-interval",
+        "300ms",
+    ])
+    .await;
+    let id = app.create_product(product("Handed")).await["productId"]
+        .as_i64()
+        .unwrap();
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+             EXECUTE format('ALTER DATABASE %I SET TimeZone = %L', current_database(),
+                            'Asia/Kolkata');
+         END $$",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // The reader's next session starts in that TimeZone.
+    let leader_pid = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity
+             WHERE application_name = 'rowcast-replication' AND datname = current_database()",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+    };
+    let old = leader_pid().await.expect("the reader's session");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(old)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), "a new leading session", || async {
+        leader_pid().await.is_some_and(|pid| pid != old) && {
+            let metrics = app
+                .http
+                .get(format!("{}/metrics", app.base_url))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            metrics.contains("rowcast_replication_leader 1")
+        }
+    })
+    .await;
+    let mut client = WsClient::connect(&app.ws_url).await;
+    client.subscribe(&[id]).await;
+    let before = app.stats().await["listener"].clone();
+
+    crate::support::commit_updates_one_by_one(&app.pool, 30).await;
+    for units in 1..=30 {
+        assert_eq!(
+            client.next_change().await["product"]["unitsAvailable"],
+            units
+        );
+    }
+    // Several health ticks compare the last change's commit time with the changelog's.
+    client.expect_silence(Duration::from_secs(1)).await;
+    let after = app.stats().await["listener"].clone();
+    let grew = |field: &str| after[field].as_u64().unwrap() - before[field].as_u64().unwrap();
+    // A health tick's catch-up may read a change just before its hand-off arrives.
+    assert!(
+        grew("changesHandedOver") >= 20,
+        "changes handed over by the reader: {after}"
+    );
+    assert_eq!(after["reconnects"], before["reconnects"], "{after}");
+}

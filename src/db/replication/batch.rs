@@ -68,15 +68,37 @@ impl WalPositions {
 #[derive(Debug)]
 pub struct BatchWriter {
     statement: Statement,
+    backend_pid: i32,
+}
+
+/// What a committed batch gave its changes.
+#[derive(Debug)]
+pub struct Written {
+    /// The WAL positions read while the batch was written, before its own commit.
+    pub wal: WalPositions,
+    /// The seq given to each change, in commit order.
+    pub seqs: Vec<i64>,
+    /// Each change's commit time as text, exactly as the listener's changelog reads give it.
+    pub committed_at: Vec<String>,
 }
 
 impl BatchWriter {
     /// Prepares the statement on the reader's session. Its plan is generic: only the arrays'
     /// lengths vary between batches, so there is nothing to gain from planning per batch.
+    /// The session's TimeZone and DateStyle become those of sqlx's connections (the listener's
+    /// reads), so a commit time this statement returns is the same text a read returns.
     pub async fn prepare(db: &Client) -> Result<Self, ReplicationDbError> {
         use tokio_postgres::types::Type;
-        db.batch_execute("SET plan_cache_mode = force_generic_plan")
-            .await?;
+        db.batch_execute(
+            "SET plan_cache_mode = force_generic_plan; \
+             SET TimeZone = 'UTC'; \
+             SET DateStyle = 'ISO, MDY'",
+        )
+        .await?;
+        let backend_pid: i32 = db
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .try_get(0)?;
         let statement = db
             .prepare_typed(
                 include_str!("../../../sql/replication_write_batch.sql"),
@@ -93,12 +115,20 @@ impl BatchWriter {
                 ],
             )
             .await?;
-        Ok(Self { statement })
+        Ok(Self {
+            statement,
+            backend_pid,
+        })
+    }
+
+    /// The process id of the session's backend: the sender its notifications carry.
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
     }
 
     /// Writes a batch in one transaction — the changes with fresh seqs in order, the gap, the
-    /// applied position — and sends ONE notification for it. Returns the WAL positions read
-    /// while it was written, before its own commit.
+    /// applied position — and sends ONE notification for it. Returns what it gave the changes
+    /// and the WAL positions read while it was written, before its own commit.
     ///
     /// Without a gap (every batch but a TRUNCATE's or a new slot's) that is one statement and
     /// one round trip: a change's latency from commit to clients includes this write, and each
@@ -107,7 +137,7 @@ impl BatchWriter {
         &self,
         db: &mut Client,
         batch: &Batch,
-    ) -> Result<WalPositions, ReplicationDbError> {
+    ) -> Result<Written, ReplicationDbError> {
         if !batch.gap {
             return self.changes_and_position(&*db, batch).await;
         }
@@ -116,7 +146,7 @@ impl BatchWriter {
         // new slot's gap lost in a crash would not be decoded again.
         tx.batch_execute("SET LOCAL synchronous_commit = on")
             .await?;
-        let wal = self.changes_and_position(&tx, batch).await?;
+        let written = self.changes_and_position(&tx, batch).await?;
         // The horizon moves past a fresh seq: every listener re-bases and resets its subscribers.
         let horizon: i64 = tx
             .query_one(
@@ -133,7 +163,7 @@ impl BatchWriter {
         )
         .await?;
         tx.commit().await?;
-        Ok(wal)
+        Ok(written)
     }
 
     /// `sql/replication_write_batch.sql`: the changes, the position and the notification.
@@ -141,7 +171,7 @@ impl BatchWriter {
         &self,
         db: &impl tokio_postgres::GenericClient,
         batch: &Batch,
-    ) -> Result<WalPositions, ReplicationDbError> {
+    ) -> Result<Written, ReplicationDbError> {
         let c = BatchColumns::of(&batch.changes);
         let lsn = format_lsn(batch.lsn);
         let row = db
@@ -160,7 +190,14 @@ impl BatchWriter {
                 ],
             )
             .await?;
-        WalPositions::from_row(&row, 2)
+        // array_agg over no rows is NULL.
+        let seqs: Option<Vec<i64>> = row.try_get(4)?;
+        let committed_at: Option<Vec<String>> = row.try_get(5)?;
+        Ok(Written {
+            wal: WalPositions::from_row(&row, 2)?,
+            seqs: seqs.unwrap_or_default(),
+            committed_at: committed_at.unwrap_or_default(),
+        })
     }
 }
 

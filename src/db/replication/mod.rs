@@ -14,7 +14,7 @@ use super::PgTarget;
 mod batch;
 
 pub use batch::{
-    Batch, BatchWriter, WalPositions, commit_without_waiting_for_flush, wal_positions,
+    Batch, BatchWriter, WalPositions, Written, commit_without_waiting_for_flush, wal_positions,
 };
 
 /// Advisory lock key of the elected reader: `(1919906675, 2)`, beside the trigger's commit

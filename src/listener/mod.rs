@@ -34,7 +34,13 @@
 //! batch of notifications is read off the LISTEN socket to the moment the changes read for it
 //! have entered the distributor: notifications waiting behind others, the changelog read, and a
 //! busy distributor inbox. Changes read during the catch-up after a reconnect or at a health
-//! tick have no arrival time (`rowcast_changes_received_total{source="changelog"}` counts them).
+//! tick have no arrival time (`rowcast_changes_received_total{source="changelog"}` counts them);
+//! nor have changes handed over by the reader (`source="reader"`).
+//!
+//! **The leader's own batches are handed over, not read back.** With `--source replication`, the
+//! instance whose reader leads gets each batch's committed changes from the reader (`handoff`)
+//! and publishes them when they follow its position; the batch's notification, which names the
+//! leading session's backend as its sender, then needs no read. Every other case reads.
 //!
 //! Its changelog reads run on a connection of its own, opened beside the LISTEN connection and
 //! replaced with it, which no client can reach: a crowd of clients replaying history exhausts the
@@ -47,6 +53,9 @@
 //! tokio-postgres), `db::PgTarget` and `db::tls` (it connects from the pools' parse of the
 //! database URL, with the same TLS rules, so the two cannot disagree).
 
+mod connect;
+mod handoff;
+
 use std::pin::pin;
 use std::time::Duration;
 
@@ -55,9 +64,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, Notification};
 use tracing::Instrument;
 
+pub use connect::ConnectOptions;
+pub use handoff::{Handoff, HandoffInbox, HandoffSender, handoff};
+
 use crate::config::ListenerSettings;
-use crate::db::changelog::{self, ChangelogError};
-use crate::db::{PgTarget, tls::MakeRustlsConnect};
+use crate::db::changelog::{self, ChangelogError, LoggedChange};
 use crate::distributor::DistributorHandle;
 use crate::metrics::Metrics;
 use crate::product::{Change, ResetCause, Seq, notification_hint};
@@ -91,6 +102,8 @@ pub struct ListenerStatus {
     pub payloads_skipped: u64,
     /// Changes published from reads after a reconnect or at a health tick.
     pub changes_read_from_changelog: u64,
+    /// Changes published as this instance's replication reader handed them over (no read).
+    pub changes_handed_over: u64,
     /// The seq of the last change published.
     #[schema(value_type = u64)]
     pub last_seq: Seq,
@@ -153,75 +166,9 @@ pub struct Listener {
     /// The commit time of the change at `last_seq`, once known: with the seq it identifies
     /// that change in this database's history.
     anchor: Option<String>,
+    /// The leading replication reader's batches, when this instance runs one.
+    handoff: Option<HandoffInbox>,
     metrics: Metrics,
-}
-
-/// How the LISTEN connection connects: the parsed database URL (the pools' own [`PgTarget`],
-/// TLS included) with the listener's name, timeouts and keepalives.
-#[derive(Debug, Clone)]
-pub struct ConnectOptions {
-    config: tokio_postgres::Config,
-    tls: MakeRustlsConnect,
-    target: PgTarget,
-    /// The changelog reads' connection: the pools' options, named `rowcast-listener-reads`.
-    reads: sqlx::postgres::PgConnectOptions,
-    /// How long opening the reads' connection may take.
-    reads_timeout: Duration,
-}
-
-impl ConnectOptions {
-    /// The LISTEN connection to `target`.
-    pub fn new(target: &PgTarget, settings: &ListenerSettings) -> Self {
-        let mut config = target.listen_config();
-        config
-            .application_name("rowcast-listener")
-            .connect_timeout(settings.health_timeout)
-            .keepalives(true)
-            .keepalives_idle(settings.health_interval)
-            .keepalives_interval(Duration::from_secs(1))
-            .keepalives_retries(3);
-        Self {
-            config,
-            tls: target.connector(),
-            target: target.clone(),
-            reads: target
-                .pool_options()
-                .application_name("rowcast-listener-reads"),
-            reads_timeout: settings.health_timeout,
-        }
-    }
-
-    async fn connect_reads(&self) -> Result<sqlx::PgConnection, ConnectionEnded> {
-        use sqlx::ConnectOptions as _;
-        match tokio::time::timeout(self.reads_timeout, self.reads.connect()).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(err)) => Err(ConnectionEnded::ReadConnection(err)),
-            Err(_) => Err(ConnectionEnded::ReadConnectionTimeout(self.reads_timeout)),
-        }
-    }
-
-    async fn connect(
-        &self,
-    ) -> Result<
-        (
-            tokio_postgres::Client,
-            tokio_postgres::Connection<
-                tokio_postgres::Socket,
-                crate::db::tls::RustlsStream<tokio_postgres::Socket>,
-            >,
-        ),
-        ConnectionEnded,
-    > {
-        self.config.connect(self.tls.clone()).await.map_err(|err| {
-            match self.target.describe_tls_failure(&err) {
-                Some(message) => ConnectionEnded::Tls {
-                    message,
-                    source: err,
-                },
-                None => ConnectionEnded::Connect(err),
-            }
-        })
-    }
 }
 
 impl Listener {
@@ -232,6 +179,7 @@ impl Listener {
         settings: ListenerSettings,
         distributor: DistributorHandle<Frame>,
         last_seq: Seq,
+        handoff: Option<HandoffInbox>,
         metrics: Metrics,
     ) -> (Self, ListenerWatch) {
         let (status, receiver) = watch::channel(ListenerStatus {
@@ -247,6 +195,7 @@ impl Listener {
                 status,
                 last_seq,
                 anchor: None,
+                handoff,
                 metrics,
             },
             receiver,
@@ -375,6 +324,11 @@ impl Listener {
                         None => ConnectionEnded::Closed,
                     },
                 },
+                handoff = next_handoff(self.handoff.as_mut()) => {
+                    if let Err(err) = self.take_handoff(handoff).await {
+                        break err;
+                    }
+                }
                 _ = health.tick() => {
                     match tokio::time::timeout(self.settings.health_timeout, client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}
@@ -416,6 +370,13 @@ impl Listener {
     }
 
     fn needs_read(&self, notification: &Notification) -> bool {
+        if let Some(inbox) = &self.handoff {
+            if inbox.announced_by_reader(notification.process_id()) {
+                // Its batch comes through the hand-off (or, if that was dropped, the
+                // overflow mark makes the next hand-off read).
+                return inbox.take_overflow();
+            }
+        }
         match notification_hint(notification.payload()) {
             Some(seq) => seq > self.last_seq,
             None => {
@@ -483,6 +444,40 @@ impl Listener {
         }
     }
 
+    /// Publishes a batch the reader handed over if it follows the last published change;
+    /// reads the changelog in every other case.
+    async fn take_handoff(&mut self, handoff: Handoff) -> Result<(), ConnectionEnded> {
+        let overflowed = self
+            .handoff
+            .as_ref()
+            .is_some_and(HandoffInbox::take_overflow);
+        let changes = match handoff {
+            Handoff::Committed(changes) if !overflowed => changes,
+            _ => return self.catch_up(ReadCause::Notification).await,
+        };
+        let published = self.last_seq;
+        let fresh = changes
+            .into_iter()
+            .skip_while(|logged| logged.change.seq <= published);
+        for LoggedChange {
+            change,
+            committed_at,
+            ..
+        } in fresh
+        {
+            if change.seq != self.last_seq + 1 {
+                // Seqs are not dense (a failed batch, a crash, a gap's horizon take some): a
+                // change that does not follow may have one before it that only a read shows.
+                return self.catch_up(ReadCause::Notification).await;
+            }
+            self.publish(&change).await?;
+            self.anchor = Some(committed_at);
+            self.status
+                .send_modify(|status| status.changes_handed_over += 1);
+        }
+        Ok(())
+    }
+
     /// Checks that the database's history still continues from the last published change;
     /// if not, re-bases on its newest seq and resets every subscription.
     async fn check_history(&mut self) -> Result<(), ConnectionEnded> {
@@ -538,6 +533,14 @@ impl Listener {
             .send_modify(|status| status.last_seq = change.seq);
         self.metrics.change_dispatched();
         Ok(())
+    }
+}
+
+/// The next hand-off, or pending for ever without a reader.
+async fn next_handoff(inbox: Option<&mut HandoffInbox>) -> Handoff {
+    match inbox {
+        Some(inbox) => inbox.recv().await,
+        None => std::future::pending().await,
     }
 }
 
