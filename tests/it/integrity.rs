@@ -479,15 +479,7 @@ async fn a_catch_up_that_keeps_failing_backs_off_instead_of_storming() {
     );
     assert!(listener["failedAttempts"].as_u64() >= Some(4), "{listener}");
     assert_eq!(listener["connected"], false);
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("rowcast_listener_failed_attempts"),
         "{metrics}"

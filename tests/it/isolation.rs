@@ -146,15 +146,7 @@ async fn rest_keeps_answering_while_replays_saturate_their_pool() {
         history_stats(&app).await,
         json!({"connections": 1, "queue": 2, "waiting": 1, "reading": 1, "busyRefusals": 2}),
     );
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics
             .lines()

@@ -147,15 +147,7 @@ async fn slot_advances_while_only_other_tables_are_written(flags: &[&str]) {
         || async { confirmed_flush(&app.pool).await >= written },
     )
     .await;
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     for name in [
         "rowcast_replication_leader 1",
         "rowcast_replication_slot_lag_bytes",
@@ -442,15 +434,7 @@ async fn replication_the_leader_publishes_its_own_batches_without_reading_them_b
         .unwrap();
     wait_until(Duration::from_secs(20), "a new leading session", || async {
         leader_pid().await.is_some_and(|pid| pid != old) && {
-            let metrics = app
-                .http
-                .get(format!("{}/metrics", app.base_url))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = app.metrics_text().await;
             metrics.contains("rowcast_replication_leader 1")
         }
     })

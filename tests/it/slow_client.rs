@@ -176,15 +176,7 @@ async fn a_batch_cut_short_by_eviction_is_not_counted_as_delivered() {
             other => break other,
         }
     };
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     let delivered: f64 = metrics
         .lines()
         .find_map(|line| {

@@ -37,15 +37,7 @@ async fn stuck_sse_reader(app: &TestApp, id: i64) -> TcpStream {
 
 /// The value of the `/metrics` sample written exactly as `series` (name and labels).
 async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))

@@ -311,6 +311,18 @@ impl TestApp {
         get_json(&self.http, &format!("{}/stats", self.base_url)).await
     }
 
+    /// GET /metrics as text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Waits until the LISTEN connection is up, so that writes made next are seen.
     pub async fn wait_for_listener(&self) {
         wait_until(Duration::from_secs(10), "the LISTEN connection", || async {
