@@ -16,6 +16,8 @@ TAG=${TAG:-ab}
 BENCH=${BENCH:-${CARGO_TARGET_DIR:-bench/target}/release/rowcast-bench}
 PORT=18080
 DATA=$(mktemp -d /tmp/rowcast-steady-XXXXXX)
+# The embedded cluster runs as the postgres user when this runs as root: it must reach its directory.
+chmod 755 "$DATA"
 SERVER=
 cleanup() {
     [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
@@ -31,6 +33,8 @@ run() { # name binary [rowcast flags…]
         >"$DATA/$name.log" 2>&1 &
     SERVER=$!
     for _ in $(seq 120); do curl -sf "127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.5; done
+    curl -sf "127.0.0.1:$PORT/readyz" >/dev/null \
+        || { echo "$name: rowcast did not become ready" >&2; tail -20 "$DATA/$name.log" >&2; exit 1; }
     sleep 2
     "$BENCH" --out-dir bench/results --tag "steady-$TAG-$name-$round" steady \
         --target "rowcast=http://127.0.0.1:$PORT,pid=$SERVER" --clients 2000 --subs 10 \
