@@ -7,11 +7,14 @@
 -- * committed_at_of: the commit time of the change at seq $1 (NULL if none), so the reader can
 --   tell that the history still continues from the change it published last.
 -- With no change after $1 there is one row whose seq is NULL (the horizon is still read).
+-- Commit times are microseconds since the Unix epoch, as text: identities for the reader to
+-- compare, the same whatever the session's TimeZone and DateStyle.
 -- Rows cut by the byte budget are never detoasted: only rows that pass are cast to text.
 SELECT h.pruned_through,
-       (SELECT committed_at::text FROM product_changes WHERE seq = $1) AS committed_at_of,
+       (SELECT (extract(epoch FROM committed_at) * 1000000)::bigint::text
+        FROM product_changes WHERE seq = $1) AS committed_at_of,
        c.seq, c.action, c.product::text AS product,
-       c.committed_at::text AS committed_at, c.fetched
+       (extract(epoch FROM c.committed_at) * 1000000)::bigint::text AS committed_at, c.fetched
 FROM changelog_horizon h
 LEFT JOIN LATERAL (
     SELECT seq, action, product, committed_at, fetched

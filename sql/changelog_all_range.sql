@@ -3,7 +3,7 @@
 -- its queue left). As changelog_for_products.sql without the product filter: a separate
 -- statement, so that neither plan has to serve both shapes.
 SELECT h.pruned_through, c.seq, c.action, c.product::text AS product,
-       c.committed_at::text AS committed_at, c.fetched
+       (extract(epoch FROM c.committed_at) * 1000000)::bigint::text AS committed_at, c.fetched
 FROM changelog_horizon h
 LEFT JOIN LATERAL (
     SELECT seq, action, product, committed_at, fetched

@@ -3,7 +3,7 @@
 -- NULL-seq row as in changelog_after.sql (the horizon tells the replay whether rows it still
 -- needs may have been pruned while it was paging).
 SELECT h.pruned_through, c.seq, c.action, c.product::text AS product,
-       c.committed_at::text AS committed_at, c.fetched
+       (extract(epoch FROM c.committed_at) * 1000000)::bigint::text AS committed_at, c.fetched
 FROM changelog_horizon h
 LEFT JOIN LATERAL (
     SELECT seq, action, product, committed_at, fetched

@@ -2,7 +2,7 @@
 -- at most $4 rows and, past the first row, $5 bytes: the conflated replay of a subscribe-all
 -- whose client stopped reading. As changelog_latest_per_product.sql without the product filter.
 SELECT h.pruned_through, c.seq, c.action, c.product::text AS product,
-       c.committed_at::text AS committed_at, c.fetched, c.versions
+       (extract(epoch FROM c.committed_at) * 1000000)::bigint::text AS committed_at, c.fetched, c.versions
 FROM changelog_horizon h
 LEFT JOIN LATERAL (
     SELECT seq, action, product, committed_at, fetched, versions

@@ -3,7 +3,7 @@
 -- stopped reading. `versions` says how many changes the returned one stands for (> 1: the client
 -- is told the others were skipped). Columns otherwise as in changelog_after.sql.
 SELECT h.pruned_through, c.seq, c.action, c.product::text AS product,
-       c.committed_at::text AS committed_at, c.fetched, c.versions
+       (extract(epoch FROM c.committed_at) * 1000000)::bigint::text AS committed_at, c.fetched, c.versions
 FROM changelog_horizon h
 LEFT JOIN LATERAL (
     SELECT seq, action, product, committed_at, fetched, versions

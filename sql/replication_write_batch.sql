@@ -6,8 +6,8 @@
 -- insert and flush positions (`--replication-commit async`: read after the previous batch's
 -- commit, the insert position bounds that commit's record), and the seqs and commit times
 -- given to the changes, in commit order (the leader hands its committed changes to its own
--- listener; `committed_at` is the text the listener's changelog reads give, in the session's
--- TimeZone and DateStyle, which the reader sets as the reads' connections do). The JSON is built
+-- listener; `committed_at` as the listener's changelog reads give it: microseconds since the Unix
+-- epoch, as text, whatever the session's TimeZone and DateStyle). The JSON is built
 -- exactly as the row trigger builds it (migration 0005), so both sources store the same
 -- representation. Only the leading reader takes seqs while the triggers are off; the i-th change
 -- gets the i-th smallest of the numbers taken, however the server evaluated the series.
@@ -52,6 +52,7 @@ SELECT batch.last,
        batch.committed_at
 FROM (SELECT max(seq) AS last,
              array_agg(seq ORDER BY seq) AS seqs,
-             array_agg(committed_at::text ORDER BY seq) AS committed_at
+             array_agg((extract(epoch FROM committed_at) * 1000000)::bigint::text ORDER BY seq)
+                 AS committed_at
       FROM inserted) AS batch,
      (SELECT count(*) FROM position) AS moved

@@ -67,8 +67,9 @@ pub struct Page {
 pub struct LoggedChange {
     /// The change.
     pub change: Change,
-    /// When it was recorded (the database's clock, as text): with the seq, it identifies this
-    /// change in this database's history.
+    /// When it was recorded (the database's clock, in microseconds since the Unix epoch, as
+    /// text: the same whatever a session's TimeZone and DateStyle): with the seq, it identifies
+    /// this change in this database's history.
     pub committed_at: String,
     /// In a conflated read, how many changes of this product it stands for (1 otherwise).
     pub versions: u64,

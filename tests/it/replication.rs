@@ -392,9 +392,9 @@ async fn replication_migrate_prepares_the_slot_and_the_switch_before_any_instanc
 }
 
 /// The leading instance publishes its reader's batches as they are handed over, without reading
-/// them back — in a database whose TimeZone is not UTC, where a commit time handed over as other
-/// text than the changelog's reads give would look like a rewound history at the next health
-/// tick and reset every subscriber.
+/// them back — in a database whose TimeZone is not UTC (the reader's session is not sqlx's, which
+/// sets UTC), where a commit time handed over as other text than the changelog's reads give
+/// would look like a rewound history at the next health tick and reset every subscriber.
 #[tokio::test]
 async fn replication_the_leader_publishes_its_own_batches_without_reading_them_back() {
     let app = spawn_app_with(&[

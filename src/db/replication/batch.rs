@@ -78,23 +78,17 @@ pub struct Written {
     pub wal: WalPositions,
     /// The seq given to each change, in commit order.
     pub seqs: Vec<i64>,
-    /// Each change's commit time as text, exactly as the listener's changelog reads give it.
+    /// Each change's commit time, exactly as the listener's changelog reads give it.
     pub committed_at: Vec<String>,
 }
 
 impl BatchWriter {
     /// Prepares the statement on the reader's session. Its plan is generic: only the arrays'
     /// lengths vary between batches, so there is nothing to gain from planning per batch.
-    /// The session's TimeZone and DateStyle become those of sqlx's connections (the listener's
-    /// reads), so a commit time this statement returns is the same text a read returns.
     pub async fn prepare(db: &Client) -> Result<Self, ReplicationDbError> {
         use tokio_postgres::types::Type;
-        db.batch_execute(
-            "SET plan_cache_mode = force_generic_plan; \
-             SET TimeZone = 'UTC'; \
-             SET DateStyle = 'ISO, MDY'",
-        )
-        .await?;
+        db.batch_execute("SET plan_cache_mode = force_generic_plan")
+            .await?;
         let backend_pid: i32 = db
             .query_one("SELECT pg_backend_pid()", &[])
             .await?
