@@ -6,7 +6,8 @@
 //! REST client ─▶ api ─▶ db ─▶ Postgres ─▶ trigger (changelog row + pg_notify hint)
 //!                                   │           or, with --source replication:
 //!                                   └─ WAL ─▶ replication (elected reader: changelog rows
-//!                                             │            in batches + one hint each)
+//!                                             │            in batches + one hint each;
+//!                                             │            its own listener is handed them)
 //!                                          listener   reads the changelog when woken
 //!                                             │
 //!                                        distributor  who wants which product; outboxes
