@@ -72,6 +72,19 @@ pub enum Action {
     Delete,
 }
 
+impl Action {
+    /// The action named as the changelog and the WAL reader spell it (`INSERT`, `UPDATE`,
+    /// `DELETE`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "INSERT" => Some(Self::Insert),
+            "UPDATE" => Some(Self::Update),
+            "DELETE" => Some(Self::Delete),
+            _ => None,
+        }
+    }
+}
+
 /// A change's position in commit order: every committed change has a unique one, and a lower
 /// seq always committed (and became visible) earlier.
 pub type Seq = u64;
@@ -368,6 +381,16 @@ mod tests {
 
     fn input(value: Value) -> ProductInput {
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn action_names_are_the_ones_the_wire_format_uses() {
+        for action in [Action::Insert, Action::Update, Action::Delete] {
+            let name = serde_json::to_value(action).unwrap();
+            assert_eq!(Action::from_name(name.as_str().unwrap()), Some(action));
+        }
+        assert_eq!(Action::from_name("insert"), None);
+        assert_eq!(Action::from_name("TRUNCATE"), None);
     }
 
     fn valid() -> Value {

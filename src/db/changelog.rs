@@ -116,8 +116,8 @@ fn decode_page(rows: &[sqlx::postgres::PgRow]) -> Result<Page, ChangelogError> {
         let action: String = row.try_get("action")?;
         let product: String = row.try_get("product")?;
         let corrupt = |cause: String| ChangelogError::Corrupt { seq, cause };
-        let action: Action = serde_json::from_value(serde_json::Value::String(action))
-            .map_err(|err| corrupt(err.to_string()))?;
+        let action = Action::from_name(&action)
+            .ok_or_else(|| corrupt(format!("unknown action {action:?}")))?;
         let product: Product =
             serde_json::from_str(&product).map_err(|err| corrupt(err.to_string()))?;
         let versions = match row.try_get::<Option<i64>, _>("versions") {

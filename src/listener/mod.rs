@@ -11,7 +11,8 @@
 //!
 //! The source does not matter here: with `--source replication` the changelog is written by
 //! the elected WAL reader (`replication`), which sends one notification per batch it commits,
-//! and this task reads after its position exactly as it does behind the trigger.
+//! and this task reads after its position exactly as it does behind the trigger (on the
+//! reader's own instance, see the hand-off below).
 //!
 //! The connection is watched two ways: TCP keepalives, and a health query every
 //! `--listener-health-interval` bounded by `--listener-health-timeout`, because a hung backend

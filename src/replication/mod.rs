@@ -273,11 +273,8 @@ fn handed_over(rows: Vec<RowChange>, written: Written) -> Handoff {
     }
     let mut changes = Vec::with_capacity(rows.len());
     for ((row, seq), committed_at) in rows.into_iter().zip(written.seqs).zip(written.committed_at) {
-        let action = match row.action {
-            "INSERT" => Action::Insert,
-            "UPDATE" => Action::Update,
-            "DELETE" => Action::Delete,
-            _ => return Handoff::Read,
+        let Some(action) = Action::from_name(row.action) else {
+            return Handoff::Read;
         };
         let (Some(product_id), Ok(seq)) = (ProductId::new(row.product_id), u64::try_from(seq))
         else {
