@@ -9,12 +9,14 @@
 //! follows the last one published; anything else (a seq gap, a gap batch, a hand-off dropped
 //! because the listener fell behind) makes it read the changelog instead. The notification a
 //! batch sends is then redundant for this listener, which knows it by its sender: the backend
-//! pid of the leading session.
+//! pid of the leading session. While the reader leads, the listener does not LISTEN at all
+//! (the reader writes every change the changelog gets), so a dropped hand-off also wakes it:
+//! no notification would.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::db::changelog::LoggedChange;
 
@@ -32,12 +34,22 @@ pub enum Handoff {
     Read,
 }
 
+/// What [`HandoffInbox::next`] yields.
+#[derive(Debug)]
+pub enum FromReader {
+    /// A hand-off to take.
+    Batch(Handoff),
+    /// The reader may have started or stopped leading.
+    Leadership,
+}
+
 /// The reader's end.
 #[derive(Debug, Clone)]
 pub struct HandoffSender {
     batches: mpsc::Sender<Handoff>,
     leader_pid: Arc<watch::Sender<Option<i32>>>,
     overflowed: Arc<AtomicBool>,
+    overflow_wake: Arc<Notify>,
 }
 
 /// The listener's end.
@@ -46,6 +58,7 @@ pub struct HandoffInbox {
     batches: mpsc::Receiver<Handoff>,
     leader_pid: watch::Receiver<Option<i32>>,
     overflowed: Arc<AtomicBool>,
+    overflow_wake: Arc<Notify>,
 }
 
 /// A connected pair.
@@ -53,16 +66,19 @@ pub fn handoff() -> (HandoffSender, HandoffInbox) {
     let (batches_tx, batches) = mpsc::channel(INBOX_BATCHES);
     let (pid_tx, leader_pid) = watch::channel(None);
     let overflowed = Arc::new(AtomicBool::new(false));
+    let overflow_wake = Arc::new(Notify::new());
     (
         HandoffSender {
             batches: batches_tx,
             leader_pid: Arc::new(pid_tx),
             overflowed: overflowed.clone(),
+            overflow_wake: overflow_wake.clone(),
         },
         HandoffInbox {
             batches,
             leader_pid,
             overflowed,
+            overflow_wake,
         },
     )
 }
@@ -80,17 +96,29 @@ impl HandoffSender {
             // Set after the failed send: the inbox is full, so the listener has batches to
             // take and sees the mark when it takes the next one.
             self.overflowed.store(true, Ordering::Release);
+            // The batches before it may all be taken before the mark is looked at again.
+            self.overflow_wake.notify_one();
         }
     }
 }
 
 impl HandoffInbox {
-    /// The next hand-off; pending for ever once the reader is gone.
-    pub async fn recv(&mut self) -> Handoff {
-        match self.batches.recv().await {
-            Some(handoff) => handoff,
-            None => std::future::pending().await,
+    /// What the reader has for the listener next: a batch, a [`Handoff::Read`] once those
+    /// waiting are taken if one was dropped, or a change of leadership (which
+    /// [`Self::reader_leads`] tells). Pending for ever once the reader is gone.
+    pub async fn next(&mut self) -> FromReader {
+        tokio::select! {
+            biased;
+            Some(handoff) = self.batches.recv() => FromReader::Batch(handoff),
+            () = self.overflow_wake.notified() => FromReader::Batch(Handoff::Read),
+            Ok(()) = self.leader_pid.changed() => FromReader::Leadership,
+            else => std::future::pending().await,
         }
+    }
+
+    /// Whether this instance's reader leads now; marks that state seen.
+    pub fn reader_leads(&mut self) -> bool {
+        self.leader_pid.borrow_and_update().is_some()
     }
 
     /// Whether a notification from this backend is a batch the reader hands over itself.
@@ -120,10 +148,45 @@ mod tests {
         assert!(!inbox.take_overflow(), "the mark is taken once");
         for _ in 0..INBOX_BATCHES {
             assert!(
-                matches!(inbox.recv().await, Handoff::Read),
+                matches!(inbox.next().await, FromReader::Batch(Handoff::Read)),
                 "the dropped one is the last"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_batch_wakes_the_inbox_once_those_before_it_are_taken() {
+        let (sender, mut inbox) = handoff();
+        for _ in 0..INBOX_BATCHES {
+            sender.send(Handoff::Committed(Vec::new()));
+        }
+        sender.send(Handoff::Committed(Vec::new()));
+        for _ in 0..INBOX_BATCHES {
+            assert!(matches!(
+                inbox.next().await,
+                FromReader::Batch(Handoff::Committed(_))
+            ));
+        }
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), inbox.next()).await;
+        assert!(
+            matches!(woken, Ok(FromReader::Batch(Handoff::Read))),
+            "with no batch left, the drop still asks for a read"
+        );
+    }
+
+    #[tokio::test]
+    async fn leadership_changes_are_seen_once_each() {
+        let (sender, mut inbox) = handoff();
+        assert!(!inbox.reader_leads());
+        sender.leading(Some(7));
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(5), inbox.next()).await;
+        assert!(matches!(seen, Ok(FromReader::Leadership)));
+        assert!(inbox.reader_leads());
+        let again = tokio::time::timeout(std::time::Duration::from_millis(50), inbox.next()).await;
+        assert!(again.is_err(), "nothing new since it looked");
+        sender.leading(None);
+        assert!(matches!(inbox.next().await, FromReader::Leadership));
+        assert!(!inbox.reader_leads());
     }
 
     #[test]

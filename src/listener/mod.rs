@@ -40,8 +40,11 @@
 //!
 //! **The leader's own batches are handed over, not read back.** With `--source replication`, the
 //! instance whose reader leads gets each batch's committed changes from the reader (`handoff`)
-//! and publishes them when they follow its position; the batch's notification, which names the
-//! leading session's backend as its sender, then needs no read. Every other case reads.
+//! and publishes them when they follow its position. While its reader leads, this task does not
+//! even LISTEN (`UNLISTEN`, then a read; `LISTEN` and a read again when the leadership ends):
+//! every change comes from that reader, and its notifications would wake this connection's
+//! backend and this task once per batch for nothing. A notification that still arrives from the
+//! leading session's backend (sent before the `UNLISTEN`) needs no read. Every other case reads.
 //!
 //! Its changelog reads run on a connection of its own, opened beside the LISTEN connection and
 //! replaced with it, which no client can reach: a crowd of clients replaying history exhausts the
@@ -56,6 +59,7 @@
 
 mod connect;
 mod handoff;
+mod status;
 
 use std::pin::pin;
 use std::time::Duration;
@@ -66,7 +70,8 @@ use tokio_postgres::{AsyncMessage, Notification};
 use tracing::Instrument;
 
 pub use connect::ConnectOptions;
-pub use handoff::{Handoff, HandoffInbox, HandoffSender, handoff};
+pub use handoff::{FromReader, Handoff, HandoffInbox, HandoffSender, handoff};
+pub use status::ListenerStatus;
 
 use crate::config::ListenerSettings;
 use crate::db::changelog::{self, ChangelogError, LoggedChange};
@@ -86,33 +91,6 @@ pub type ListenerWatch = watch::Receiver<ListenerStatus>;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Notifications buffered between the connection driver and the forwarding loop.
 const NOTIFICATION_BUFFER: usize = 1024;
-
-/// What the listener reports about itself (for `/stats` and readiness).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-#[schema(as = ListenerState)]
-#[serde(rename_all = "camelCase")]
-pub struct ListenerStatus {
-    /// True while LISTEN is active on a healthy connection.
-    pub connected: bool,
-    /// Connections replaced after a failure since start.
-    pub reconnects: u64,
-    /// Changes published from reads woken by a notification.
-    pub changes_received: u64,
-    /// Notifications whose payload named no seq (garbage, or not rowcast's; each still woke
-    /// one read).
-    pub payloads_skipped: u64,
-    /// Changes published from reads after a reconnect or at a health tick.
-    pub changes_read_from_changelog: u64,
-    /// Changes published as this instance's replication reader handed them over (no read).
-    pub changes_handed_over: u64,
-    /// The seq of the last change published.
-    #[schema(value_type = u64)]
-    pub last_seq: Seq,
-    /// Consecutive failed attempts to connect and catch up (0 while healthy).
-    pub failed_attempts: u64,
-    /// Changelog page reads (each bounded by rows and bytes).
-    pub changelog_reads: u64,
-}
 
 /// What woke a changelog read, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +191,10 @@ impl Listener {
                 () = shutdown.cancelled() => return,
                 outcome = self.listen_once() => outcome,
             };
-            self.status.send_modify(|status| status.connected = false);
+            self.status.send_modify(|status| {
+                status.connected = false;
+                status.listening = false;
+            });
             let (caught_up, err) = outcome;
             if matches!(err, ConnectionEnded::DistributorGone) {
                 return;
@@ -300,8 +281,13 @@ impl Listener {
         }
         self.status.send_modify(|status| {
             status.connected = true;
+            status.listening = true;
             status.failed_attempts = 0;
         });
+        let mut listening = true;
+        if let Err(err) = self.follow_leader(&client, &mut listening).await {
+            return (false, err);
+        }
         tracing::info!(
             channel = CHANNEL,
             last_seq = self.last_seq,
@@ -315,6 +301,7 @@ impl Listener {
             tokio::select! {
                 notification = notifications.recv() => match notification {
                     Some((notification, arrived)) => {
+                        self.status.send_modify(|status| status.notifications += 1);
                         if let Err(err) = self.wake(&notification, &mut notifications).await {
                             break err;
                         }
@@ -325,8 +312,12 @@ impl Listener {
                         None => ConnectionEnded::Closed,
                     },
                 },
-                handoff = next_handoff(self.handoff.as_mut()) => {
-                    if let Err(err) = self.take_handoff(handoff).await {
+                from_reader = next_from_reader(self.handoff.as_mut()) => {
+                    let taken = match from_reader {
+                        FromReader::Batch(handoff) => self.take_handoff(handoff).await,
+                        FromReader::Leadership => self.follow_leader(&client, &mut listening).await,
+                    };
+                    if let Err(err) = taken {
                         break err;
                     }
                 }
@@ -351,6 +342,34 @@ impl Listener {
         };
         drop(abort_driver);
         (true, ended)
+    }
+
+    /// LISTENs only while this instance's replication reader does not lead. While it leads it
+    /// writes every change the changelog gets and hands each batch over, so its notifications
+    /// would wake this connection's backend and this task for nothing, once per batch. Each
+    /// switch is followed by a read: it covers whatever committed while no notification could
+    /// reach this connection (another leader's batches just before LISTEN, the trigger's last
+    /// changes just before UNLISTEN).
+    async fn follow_leader(
+        &mut self,
+        client: &tokio_postgres::Client,
+        listening: &mut bool,
+    ) -> Result<(), ConnectionEnded> {
+        let leads = self
+            .handoff
+            .as_mut()
+            .is_some_and(HandoffInbox::reader_leads);
+        if leads != *listening {
+            return Ok(());
+        }
+        let command = if leads { "UNLISTEN" } else { "LISTEN" };
+        client
+            .batch_execute(&format!("{command} {CHANNEL}"))
+            .await
+            .map_err(ConnectionEnded::Lost)?;
+        *listening = !leads;
+        self.status.send_modify(|status| status.listening = !leads);
+        self.catch_up(ReadCause::CatchUp).await
     }
 
     /// Serves one notification and every other one already waiting with at most one changelog
@@ -537,10 +556,10 @@ impl Listener {
     }
 }
 
-/// The next hand-off, or pending for ever without a reader.
-async fn next_handoff(inbox: Option<&mut HandoffInbox>) -> Handoff {
+/// What this instance's reader has for the listener next; pending for ever without a reader.
+async fn next_from_reader(inbox: Option<&mut HandoffInbox>) -> FromReader {
     match inbox {
-        Some(inbox) => inbox.recv().await,
+        Some(inbox) => inbox.next().await,
         None => std::future::pending().await,
     }
 }

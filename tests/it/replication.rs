@@ -439,6 +439,13 @@ async fn replication_the_leader_publishes_its_own_batches_without_reading_them_b
         }
     })
     .await;
+    // The leader's listener stops listening once its reader leads again.
+    wait_until(
+        Duration::from_secs(10),
+        "the listener to UNLISTEN",
+        || async { app.stats().await["listener"]["listening"] == json!(false) },
+    )
+    .await;
     let mut client = WsClient::connect(&app.ws_url).await;
     client.subscribe(&[id]).await;
     let before = app.stats().await["listener"].clone();
@@ -460,4 +467,83 @@ async fn replication_the_leader_publishes_its_own_batches_without_reading_them_b
         "changes handed over by the reader: {after}"
     );
     assert_eq!(after["reconnects"], before["reconnects"], "{after}");
+    assert_eq!(
+        grew("notifications"),
+        0,
+        "the leader's own batches no longer wake its LISTEN connection: {after}"
+    );
+}
+
+/// Whether this instance's reader leads, from its gauge.
+async fn leads(app: &crate::support::TestApp) -> bool {
+    app.metrics_text()
+        .await
+        .contains("rowcast_replication_leader 1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_an_instance_whose_reader_stops_leading_listens_again_at_once() {
+    // A long health interval on `a`: its health tick's catch-up cannot stand in for a LISTEN,
+    // and its reader, once a follower, does not try to lead again during the test.
+    let a = spawn_app_with(&[
+        "--source",
+        "replication",
+        "--listener-health-interval",
+        "60s",
+    ])
+    .await;
+    let id = a.create_product(product("Moved")).await["productId"]
+        .as_i64()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "a to lead", || leads(&a)).await;
+    let b = spawn_instance(
+        &a.database_url,
+        &[
+            "--source",
+            "replication",
+            "--listener-health-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(10),
+        "a's listener to UNLISTEN",
+        || async { a.stats().await["listener"]["listening"] == json!(false) },
+    )
+    .await;
+    let mut client = WsClient::connect(&a.ws_url).await;
+    client.subscribe(&[id]).await;
+
+    // Ending a's stream ends its leadership; b (trying every 100 ms) takes over before a's
+    // reader retries (200 ms), or the next round ends a's again.
+    wait_until(Duration::from_secs(30), "b to lead", || async {
+        if leads(&b).await {
+            return true;
+        }
+        if leads(&a).await {
+            terminate_walsender(&a.pool).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        false
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(10),
+        "a's listener to LISTEN again",
+        || async { a.stats().await["listener"]["listening"] == json!(true) },
+    )
+    .await;
+    assert_eq!(b.stats().await["listener"]["listening"], json!(false));
+
+    crate::support::commit_updates_one_by_one(&a.pool, 10).await;
+    for units in 1..=10 {
+        let change = client
+            .try_next_json(Duration::from_secs(10))
+            .await
+            .expect("b's batches reach a's client long before a's next health tick");
+        assert_eq!(change["type"], "change", "{change}");
+        assert_eq!(change["product"]["unitsAvailable"], units, "{change}");
+    }
+    assert!(!leads(&a).await, "a took the lead back");
 }
