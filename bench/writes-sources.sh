@@ -4,7 +4,10 @@
 #   none         products without any trigger and no slot (the ceiling);
 #   notify       rowcast's default: the commit-ordered changelog trigger + pg_notify;
 #   replication  --source replication: triggers off, REPLICA IDENTITY FULL, a logical slot
-#                decoded by a running rowcast whose elected reader writes the changelog.
+#                decoded by a running rowcast whose elected reader writes the changelog;
+#   decode       no rowcast at all: triggers off, REPLICA IDENTITY FULL, the same publication,
+#                and `pg_recvlogical` consuming a pgoutput slot into /dev/null — what logical
+#                decoding alone costs the writers on this machine, the ceiling for any WAL reader.
 #
 # Each cell is `pgbench` with W clients committing single-row UPDATEs of disjoint rows for SECS
 # seconds (fsync on; synchronous_commit on unless SYNC=off), on a private PostgreSQL cluster started for the
@@ -15,8 +18,8 @@
 # Under each cell, where its CPU went: microseconds per commit by process role (the writers'
 # backends, the reader's session, the walsender, the listener's sessions, rowcast's process).
 #
-# Usage: bench/writes-sources.sh   (ROWCAST=target/debug/rowcast SECS=10 WRITERS="1 4 16" SYNC=on;
-# SECS >= 3)
+# Usage: bench/writes-sources.sh   (ROWCAST=target/debug/rowcast SECS=10 WRITERS="1 4 16" SYNC=on
+# SOURCES="none notify replication decode"; SECS >= 3)
 # SYNC=off sets synchronous_commit=off: no WAL flush in the commit, so the CPU cost shows.
 set -euo pipefail
 
@@ -24,6 +27,7 @@ ROWCAST=${ROWCAST:-${CARGO_TARGET_DIR:-target}/debug/rowcast}
 SECS=${SECS:-10}
 WRITERS=${WRITERS:-"1 4 16"}
 SYNC=${SYNC:-on}
+SOURCES=${SOURCES:-"none notify replication decode"}
 ROWS=1024
 BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 [ -x "$ROWCAST" ] || { echo "no rowcast binary at $ROWCAST (cargo build first)" >&2; exit 1; }
@@ -32,6 +36,7 @@ DIR=$(mktemp -d /tmp/rowcast-writes-XXXXXX)
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 [ "$(id -u)" = 0 ] && chown postgres "$DIR"
 READER_PID=
+READER_ROLE=rowcast-process
 cleanup() {
     [ -n "$READER_PID" ] && kill "$READER_PID" 2>/dev/null && wait "$READER_PID" 2>/dev/null
     as_pg "$BIN/pg_ctl" -D "$DIR/data" -m immediate stop >/dev/null 2>&1 || true
@@ -59,7 +64,7 @@ cpu_ticks() {
         ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null) && echo "$pid $role $ticks"
     done
     if [ -n "$READER_PID" ]; then
-        echo "$READER_PID rowcast-process $(awk '{print $14 + $15}' "/proc/$READER_PID/stat")"
+        echo "$READER_PID $READER_ROLE $(awk '{print $14 + $15}' "/proc/$READER_PID/stat")"
     fi
 }
 
@@ -85,7 +90,7 @@ SQL
 chmod 644 "$DIR/update.sql"
 
 printf '%-12s %8s %12s %s\n' source writers commits/s note
-for source in none notify replication; do
+for source in $SOURCES; do
     db="bench_$source"
     sql postgres "CREATE DATABASE $db"
     "$ROWCAST" --database-url "$(url "$db")" migrate >/dev/null
@@ -93,7 +98,27 @@ for source in none notify replication; do
                SELECT n, 'Acme', '1.00', 0, 'p' || n FROM generate_series(1, $ROWS) n"
     case $source in
         none) sql "$db" "ALTER TABLE products DISABLE TRIGGER product_change, DISABLE TRIGGER product_truncate" ;;
+        decode)
+            sql "$db" "ALTER TABLE products DISABLE TRIGGER product_change, DISABLE TRIGGER product_truncate;
+                       ALTER TABLE products REPLICA IDENTITY FULL;
+                       CREATE PUBLICATION bench_decode FOR TABLE products"
+            as_pg "$BIN/pg_recvlogical" -h "$DIR" -U postgres -d "$db" -S bench_decode \
+                -P pgoutput --create-slot
+            # Status every second, as rowcast confirms: the slot's position keeps up.
+            as_pg "$BIN/pg_recvlogical" -h "$DIR" -U postgres -d "$db" -S bench_decode --start \
+                -o proto_version=1 -o publication_names=bench_decode -s 1 -F 1 -f /dev/null \
+                >"$DIR/recvlogical.log" 2>&1 &
+            sleep 0.5
+            # As root, $! is runuser's pid: the CPU and the kill are pg_recvlogical's own.
+            READER_PID=$(pgrep -n -f "pg_recvlogical .*--start") \
+                || { echo "pg_recvlogical did not start" >&2; cat "$DIR/recvlogical.log" >&2; exit 1; }
+            READER_ROLE=pg_recvlogical-process
+            for _ in $(seq 50); do
+                [ "$(sql "$db" "SELECT count(*) FROM pg_replication_slots WHERE active")" = 1 ] && break
+                sleep 0.1
+            done ;;
         replication)
+            READER_ROLE=rowcast-process
             RUST_LOG=warn "$ROWCAST" --source replication --database-url "$(url "$db")" \
                 --listen 127.0.0.1:0 >"$DIR/rowcast.log" 2>&1 &
             READER_PID=$!
@@ -139,4 +164,6 @@ for source in none notify replication; do
         printf '%-12s %8s %12s %s\n' "" "" "" "$(cpu_per_commit "$tps" "$t1" "$t2")"
     done
     if [ -n "$READER_PID" ]; then kill "$READER_PID"; wait "$READER_PID" 2>/dev/null || true; READER_PID=; fi
+    # A slot left behind would hold WAL (and decoding work) for the cells after it.
+    [ "$source" = decode ] && as_pg "$BIN/pg_recvlogical" -h "$DIR" -U postgres -d "$db" -S bench_decode --drop-slot
 done
