@@ -12,7 +12,7 @@ use sqlx::postgres::PgPoolOptions;
 
 use crate::support::faults::PrivateCluster;
 use crate::support::scenario::{self, Scenario, Writes};
-use crate::support::{WsClient, product, spawn_app_with, spawn_instance, wait_until};
+use crate::support::{TestApp, WsClient, product, spawn_app_with, spawn_instance, wait_until};
 
 const REPLICATION: [&str; 2] = ["--source", "replication"];
 
@@ -397,16 +397,7 @@ async fn replication_migrate_prepares_the_slot_and_the_switch_before_any_instanc
 /// would look like a rewound history at the next health tick and reset every subscriber.
 #[tokio::test]
 async fn replication_the_leader_publishes_its_own_batches_without_reading_them_back() {
-    let app = spawn_app_with(&[
-        "--source",
-        "replication",
-        "--listener-health-interval",
-        "300ms",
-    ])
-    .await;
-    let id = app.create_product(product("Handed")).await["productId"]
-        .as_i64()
-        .unwrap();
+    let (app, id) = leader_with_product("300ms").await;
     sqlx::raw_sql(
         "DO $$ BEGIN
              EXECUTE format('ALTER DATABASE %I SET TimeZone = %L', current_database(),
@@ -440,12 +431,7 @@ async fn replication_the_leader_publishes_its_own_batches_without_reading_them_b
     })
     .await;
     // The leader's listener stops listening once its reader leads again.
-    wait_until(
-        Duration::from_secs(10),
-        "the listener to UNLISTEN",
-        || async { app.stats().await["listener"]["listening"] == json!(false) },
-    )
-    .await;
+    wait_for_listening(&app, false).await;
     let mut client = WsClient::connect(&app.ws_url).await;
     client.subscribe(&[id]).await;
     let before = app.stats().await["listener"].clone();
@@ -474,8 +460,34 @@ async fn replication_the_leader_publishes_its_own_batches_without_reading_them_b
     );
 }
 
+/// A replication instance alone on a new database (so its reader leads), with the listener's
+/// health interval given, and one product.
+async fn leader_with_product(health_interval: &str) -> (TestApp, i64) {
+    let app = spawn_app_with(&[
+        "--source",
+        "replication",
+        "--listener-health-interval",
+        health_interval,
+    ])
+    .await;
+    let id = app.create_product(product("Led")).await["productId"]
+        .as_i64()
+        .unwrap();
+    (app, id)
+}
+
+/// Waits until the instance's listener is (or is not) LISTENing.
+async fn wait_for_listening(app: &TestApp, listening: bool) {
+    wait_until(
+        Duration::from_secs(10),
+        "the listener's LISTEN state",
+        || async { app.stats().await["listener"]["listening"] == json!(listening) },
+    )
+    .await;
+}
+
 /// Whether this instance's reader leads, from its gauge.
-async fn leads(app: &crate::support::TestApp) -> bool {
+async fn leads(app: &TestApp) -> bool {
     app.metrics_text()
         .await
         .contains("rowcast_replication_leader 1")
@@ -485,16 +497,7 @@ async fn leads(app: &crate::support::TestApp) -> bool {
 async fn replication_an_instance_whose_reader_stops_leading_listens_again_at_once() {
     // A long health interval on `a`: its health tick's catch-up cannot stand in for a LISTEN,
     // and its reader, once a follower, does not try to lead again during the test.
-    let a = spawn_app_with(&[
-        "--source",
-        "replication",
-        "--listener-health-interval",
-        "60s",
-    ])
-    .await;
-    let id = a.create_product(product("Moved")).await["productId"]
-        .as_i64()
-        .unwrap();
+    let (a, id) = leader_with_product("60s").await;
     wait_until(Duration::from_secs(10), "a to lead", || leads(&a)).await;
     let b = spawn_instance(
         &a.database_url,
@@ -506,12 +509,7 @@ async fn replication_an_instance_whose_reader_stops_leading_listens_again_at_onc
         ],
     )
     .await;
-    wait_until(
-        Duration::from_secs(10),
-        "a's listener to UNLISTEN",
-        || async { a.stats().await["listener"]["listening"] == json!(false) },
-    )
-    .await;
+    wait_for_listening(&a, false).await;
     let mut client = WsClient::connect(&a.ws_url).await;
     client.subscribe(&[id]).await;
 
@@ -528,12 +526,7 @@ async fn replication_an_instance_whose_reader_stops_leading_listens_again_at_onc
         false
     })
     .await;
-    wait_until(
-        Duration::from_secs(10),
-        "a's listener to LISTEN again",
-        || async { a.stats().await["listener"]["listening"] == json!(true) },
-    )
-    .await;
+    wait_for_listening(&a, true).await;
     assert_eq!(b.stats().await["listener"]["listening"], json!(false));
 
     crate::support::commit_updates_one_by_one(&a.pool, 10).await;
