@@ -13,6 +13,11 @@
 //! With `--tls-cert`/`--tls-key` the listener speaks TLS (tokio-rustls on ring, ALPN
 //! `http/1.1`) for REST and WebSockets alike, so `https://`/`wss://` runs have a floor too.
 //!
+//! With `--database-url` every `PUT` and `PATCH` also writes the product to PostgreSQL first
+//! (one upsert, prepared once, on one tokio-postgres connection that pipelines concurrent
+//! requests' statements): the floor for a server that answers a REST write after one database
+//! round trip, with nothing else (no pool, no validation beyond JSON, no change read back).
+//!
 //! Prints `listening on ADDR` as its first stdout line (so `rowcast-bench --floor` can
 //! start it on port 0), then runs until SIGINT/SIGTERM.
 
@@ -64,6 +69,58 @@ struct Args {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Write every PUT and PATCH to this PostgreSQL (plain text; a `products` table as rowcast's
+    /// migrations create it) before answering.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+/// The upsert a `PUT` or `PATCH` runs with `--database-url`.
+const UPSERT: &str = "INSERT INTO products \
+     (product_id, manufacturer, price_per_unit, units_available, product_name) \
+     VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (product_id) DO UPDATE SET manufacturer = excluded.manufacturer, \
+     price_per_unit = excluded.price_per_unit, units_available = excluded.units_available, \
+     product_name = excluded.product_name \
+     RETURNING product_id";
+
+/// The database a `PUT` or `PATCH` writes to, with `--database-url`.
+#[derive(Debug)]
+struct Database {
+    client: tokio_postgres::Client,
+    upsert: tokio_postgres::Statement,
+}
+
+impl Database {
+    async fn connect(url: &str) -> anyhow::Result<Self> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("floor-server: database connection: {e}");
+            }
+        });
+        let upsert = client.prepare(UPSERT).await?;
+        Ok(Self { client, upsert })
+    }
+
+    async fn put(&self, id: u64, product: &Value) -> Result<(), tokio_postgres::Error> {
+        let text = |key: &str| product[key].as_str().unwrap_or_default().to_owned();
+        let units = i32::try_from(product["unitsAvailable"].as_i64().unwrap_or(0)).unwrap_or(0);
+        let id = i64::try_from(id).unwrap_or(i64::MAX);
+        self.client
+            .query_one(
+                &self.upsert,
+                &[
+                    &id,
+                    &text("manufacturer"),
+                    &text("pricePerUnit"),
+                    &units,
+                    &text("productName"),
+                ],
+            )
+            .await
+            .map(drop)
+    }
 }
 
 /// Largest REST body or WebSocket message accepted; products are tiny.
@@ -90,6 +147,7 @@ struct HubState {
 #[derive(Debug)]
 struct Hub {
     state: Mutex<HubState>,
+    database: Option<Database>,
     next_id: AtomicU64,
     next_session: AtomicU64,
     with_seq: bool,
@@ -164,8 +222,13 @@ async fn main() -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     writeln!(out, "listening on {}", listener.local_addr()?)?;
     out.flush()?;
+    let database = match &args.database_url {
+        Some(url) => Some(Database::connect(url).await?),
+        None => None,
+    };
     let hub = Arc::new(Hub {
         state: Mutex::new(HubState::default()),
+        database,
         next_id: AtomicU64::new(1),
         next_session: AtomicU64::new(1),
         with_seq: args.seq,
@@ -278,29 +341,42 @@ async fn handle(req: Request<Incoming>, hub: Arc<Hub>, outbox: usize) -> Result<
                 },
                 Method::PUT | Method::PATCH => match body_object(req).await {
                     Ok(body) => {
-                        let mut st = hub.lock();
-                        let Some(old) = st.products.get(&id) else {
-                            return Ok(error(
-                                StatusCode::NOT_FOUND,
-                                "not_found",
-                                "no such product",
-                            ));
-                        };
-                        let mut p = if m == Method::PUT {
-                            serde_json::Map::new()
-                        } else {
-                            old.as_object().cloned().unwrap_or_default()
-                        };
-                        for (k, v) in body {
-                            // JSON merge patch: null removes (PATCH); PUT replaces whole.
-                            if v.is_null() {
-                                p.remove(&k);
+                        let p = {
+                            let st = hub.lock();
+                            let Some(old) = st.products.get(&id) else {
+                                return Ok(error(
+                                    StatusCode::NOT_FOUND,
+                                    "not_found",
+                                    "no such product",
+                                ));
+                            };
+                            let mut p = if m == Method::PUT {
+                                serde_json::Map::new()
                             } else {
-                                p.insert(k, v);
+                                old.as_object().cloned().unwrap_or_default()
+                            };
+                            for (k, v) in body {
+                                // JSON merge patch: null removes (PATCH); PUT replaces whole.
+                                if v.is_null() {
+                                    p.remove(&k);
+                                } else {
+                                    p.insert(k, v);
+                                }
                             }
+                            p.insert("productId".into(), id.into());
+                            Value::Object(p)
+                        };
+                        if let Some(database) = &hub.database
+                            && let Err(e) = database.put(id, &p).await
+                        {
+                            eprintln!("floor-server: PUT {id}: {e}");
+                            return Ok(error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "database",
+                                "the database refused the write",
+                            ));
                         }
-                        p.insert("productId".into(), id.into());
-                        let p = Value::Object(p);
+                        let mut st = hub.lock();
                         st.products.insert(id, p.clone());
                         hub.publish(&mut st, "UPDATE", &p);
                         reply(StatusCode::OK, Some(&p))
