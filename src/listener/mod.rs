@@ -284,8 +284,7 @@ impl Listener {
             status.listening = true;
             status.failed_attempts = 0;
         });
-        let mut listening = true;
-        if let Err(err) = self.follow_leader(&client, &mut listening).await {
+        if let Err(err) = self.follow_leader(&client).await {
             return (false, err);
         }
         tracing::info!(
@@ -315,7 +314,7 @@ impl Listener {
                 from_reader = next_from_reader(self.handoff.as_mut()) => {
                     let taken = match from_reader {
                         FromReader::Batch(handoff) => self.take_handoff(handoff).await,
-                        FromReader::Leadership => self.follow_leader(&client, &mut listening).await,
+                        FromReader::Leadership => self.follow_leader(&client).await,
                     };
                     if let Err(err) = taken {
                         break err;
@@ -353,13 +352,13 @@ impl Listener {
     async fn follow_leader(
         &mut self,
         client: &tokio_postgres::Client,
-        listening: &mut bool,
     ) -> Result<(), ConnectionEnded> {
         let leads = self
             .handoff
             .as_mut()
             .is_some_and(HandoffInbox::reader_leads);
-        if leads != *listening {
+        // The status is the one record of whether this connection LISTENs.
+        if leads != self.status.borrow().listening {
             return Ok(());
         }
         let command = if leads { "UNLISTEN" } else { "LISTEN" };
@@ -367,7 +366,6 @@ impl Listener {
             .batch_execute(&format!("{command} {CHANNEL}"))
             .await
             .map_err(ConnectionEnded::Lost)?;
-        *listening = !leads;
         self.status.send_modify(|status| status.listening = !leads);
         self.catch_up(ReadCause::CatchUp).await
     }
